@@ -1,0 +1,133 @@
+"""Stage 2: the Lightning system that trains the shared Llama on token sequences.
+
+The loss is next-token cross-entropy on image tokens (and EOS for codec streams) only: the
+class/BOS position is never a target and PAD is ignored. Metrics are reported per image
+(``lm/val_bits_per_image`` = summed NLL in bits over an image's tokens) so tokenizers with
+different sequence lengths and vocabularies compare on one axis.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmgen.data import SequenceBatch, SequenceLayout
+from lmgen.llama import Llama, LlamaConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """What the optimiser and schedule need (a view of ``TrainConfig``)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    class_dropout: float = 0.1
+
+
+def lr_lambda(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio`` (multiplier of ``cfg.lr``)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ARModule(L.LightningModule):
+    """Next-token training of ``Llama`` over a ``SequenceLayout``."""
+
+    def __init__(self, model_cfg: LlamaConfig, layout: SequenceLayout, optim: OptimConfig) -> None:
+        super().__init__()
+        self.model = Llama(model_cfg)
+        self.layout, self.optim = layout, optim
+        self.tokens_seen = 0  # target tokens, this process
+        self._fit_start = 0.0
+        self._val_nll_bits: list[Tensor] = []
+        self._val_tokens: list[Tensor] = []
+
+    # ---- losses -------------------------------------------------------------------------
+
+    def token_nll(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """(B, T) NLL in nats per target (0 where masked) and the (B, T) bool target mask."""
+        logits = self.model(batch.inputs)  # (B, T, V) float32
+        mask = batch.targets != self.layout.pad
+        nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none",
+                              ignore_index=self.layout.pad).view_as(batch.targets)
+        return nll * mask, mask
+
+    def drop_labels(self, inputs: Tensor) -> Tensor:
+        """Replace the class token by the null class with p = class_dropout (CFG training)."""
+        if not self.layout.class_conditional or self.optim.class_dropout <= 0:
+            return inputs
+        drop = torch.rand(inputs.shape[0], device=inputs.device) < self.optim.class_dropout
+        inputs = inputs.clone()
+        inputs[drop, 0] = self.layout.null_class
+        return inputs
+
+    # ---- Lightning hooks ----------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+        if self.logger is not None:  # logger.log_metrics is rank-zero only
+            self.logger.log_metrics({"lm/params": float(self.model.num_params()),
+                                     "lm/params_non_embedding": float(self.model.num_params(non_embedding=True))},
+                                    step=0)
+
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
+        batch = SequenceBatch(self.drop_labels(batch.inputs), batch.targets, batch.labels)
+        nll, mask = self.token_nll(batch)
+        count = mask.sum()
+        loss = nll.sum() / count.clamp(min=1)
+        self.tokens_seen += int(count) * self.trainer.world_size
+        self.log("lm/train_loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("lm/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: SequenceBatch, batch_idx: int) -> None:
+        nll, mask = self.token_nll(batch)
+        self._val_nll_bits.append(nll.sum(1).double() / math.log(2))
+        self._val_tokens.append(mask.sum(1))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_nll_bits:
+            return
+        bits = self.all_gather(torch.cat(self._val_nll_bits)).flatten()
+        tokens = self.all_gather(torch.cat(self._val_tokens)).flatten()
+        self._val_nll_bits.clear()
+        self._val_tokens.clear()
+        elapsed = max(time.perf_counter() - self._fit_start, 1e-9)
+        metrics = {
+            "lm/val_loss": float(bits.sum() * math.log(2) / tokens.sum()),  # nats per token
+            "lm/val_bits_per_image": float(bits.mean()),
+            "lm/val_bits_per_token": float(bits.sum() / tokens.sum()),
+            "lm/tokens_seen": float(self.tokens_seen),
+            "lm/flops": self.model.flops_per_token(self.layout.seq_len) * self.tokens_seen,
+            "lm/tokens_per_s": self.tokens_seen / elapsed,
+        }
+        self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+
+    def configure_optimizers(self) -> dict:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            # Matrices decay; norms and embeddings do not (LlamaGen/ELM).
+            is_embedding = "embed" in name
+            (decay if param.dim() >= 2 and not is_embedding else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=fused)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, self.optim))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch: SequenceBatch, device: torch.device,
+                                 dataloader_idx: int) -> SequenceBatch:
+        return SequenceBatch(batch.inputs.to(device), batch.targets.to(device), batch.labels.to(device))

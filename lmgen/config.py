@@ -1,0 +1,272 @@
+"""Typed configuration: dataclass schema + OmegaConf strict merge.
+
+Every default lives here. An experiment YAML holds only the deltas; the CLI adds dotlist
+overrides (``lmgen run experiments/x.yaml lm.size=mini``). The merge runs in struct mode, so
+an unknown key or a wrong type fails *before any compute* with a ``ConfigError`` that names
+the key and the valid choices.
+
+The ``tokenizer`` block is polymorphic: its schema is the ``Config`` dataclass of the
+tokenizer named by ``tokenizer.name`` in ``lmgen.tokenizers.TOKENIZERS``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+CFG_SCHEDULES = ("constant", "linear")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any compute; the message names the key."""
+
+
+def choices(*values: str) -> dict[str, Any]:
+    """Field metadata listing the valid values of a string option (checked by ``validate``)."""
+    return {"choices": tuple(values)}
+
+
+@dataclass
+class ShapesConfig:
+    """Knobs of the procedural ``shapes`` dataset (lmgen.datasets.shapes)."""
+
+    num_classes: int = 10
+    tail_alpha: float = 1.5  # Zipf exponent of class frequencies: rarest of 10 classes ≈ 1.6%
+    min_objects: int = 2
+    max_objects: int = 5
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # a key of lmgen.datasets.DATASETS
+    image_size: int = 32
+    train_size: int = 4000  # folders: 0 = every file
+    val_size: int = 500
+    seed: int = 0  # the dataset's own seed (content), separate from the run seed
+    root: Optional[str] = None  # folder datasets; use ${oc.env:VAR} rather than relative hops
+    val_fraction: float = 0.05  # folders without train/ and val/ subfolders
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    encode_batch_size: int = 256  # images per tokenizer.encode call when filling the cache
+    num_workers: int = 0  # DataLoader workers for reading images and token batches
+    fit_images: int = 2000  # train images a non-learned tokenizer fits on (palette, BPE)
+
+
+@dataclass
+class LMConfig:
+    size: str = "micro"  # a key of lmgen.llama.LLAMA_SIZES
+    class_conditional: bool = True  # position 0 holds the class token (else BOS)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4  # JPEG-LM: 3e-4
+    weight_decay: float = 0.05  # ELM/LlamaGen: 0.05, off norms and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95  # ELM: (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio
+    grad_clip: float = 1.0
+    class_dropout: float = 0.1  # ELM/LlamaGen: 10% label dropout for classifier-free guidance
+    val_every: int = 250  # steps between validations (and one at the end)
+    val_batches: int = 0  # 0 = the whole val split
+    log_every: int = 10
+    # auto: bf16-mixed where bf16 matmuls are fast (CUDA, or a CPU with AMX/AVX512-BF16),
+    # else 32-true — on an AVX2-only CPU bf16 matmuls are ~40x slower than fp32.
+    precision: str = field(default="auto", metadata=choices(*PRECISIONS))
+    accelerator: str = field(default="auto", metadata=choices("auto", "cpu", "gpu", "cuda", "mps"))
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = field(default="auto", metadata=choices("auto", "ddp", "fsdp", "ddp_spawn"))
+    checkpoint: bool = True  # write last.ckpt under $LMGEN_HOME/checkpoints/<run_id>
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 64  # 0 = skip sampling
+    batch_size: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    cfg_scale: float = 1.0  # 1.0 = no classifier-free guidance
+    cfg_schedule: str = field(default="constant", metadata=choices(*CFG_SCHEDULES))
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite under $LMGEN_HOME
+    experiment: Optional[str] = None  # None: the experiment's `name`
+    run_name: Optional[str] = None  # None: "<tokenizer>-<lm.size>-s<seed>"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: Any = None  # filled with TOKENIZERS[name].Config by load_config
+    lm: LMConfig = field(default_factory=LMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+DEFAULT_TOKENIZER = "pixels"
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults ← YAML deltas at ``path`` ← dotlist ``overrides``, strictly.
+
+    Returns a read-only struct ``DictConfig``. Raises ``ConfigError`` naming the offending
+    key (with valid keys or choices) for unknown keys, wrong types and invalid choices.
+    """
+    from lmgen.tokenizers import TOKENIZERS
+
+    layers = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    try:
+        layers.append(OmegaConf.from_dotlist([_quote_sexagesimal(o) for o in overrides]))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad override in {list(overrides)}: {err}") from None
+    loose = OmegaConf.merge(*layers) if layers else OmegaConf.create()
+    name = OmegaConf.select(loose, "tokenizer.name", default=DEFAULT_TOKENIZER)
+    if name not in TOKENIZERS:
+        raise ConfigError(_choice_message("tokenizer.name", name, TOKENIZERS))
+    schema = OmegaConf.structured(ExperimentConfig(tokenizer=TOKENIZERS[name].Config()))
+    try:
+        cfg = OmegaConf.merge(schema, *layers)
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(err)) from None
+    except ValidationError as err:
+        raise ConfigError(_type_message(err)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{err.full_key or '?'}: {err.msg}") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _quote_sexagesimal(override: str) -> str:
+    """``k=4:2:0`` → ``k="4:2:0"``: YAML 1.1 would read 4:2:0 as the base-60 integer 15120."""
+    key, sep, value = override.partition("=")
+    if sep and re.fullmatch(r"\d+(:\d+)+", value.strip()):
+        return f'{key}="{value.strip()}"'
+    return override
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check registry names and string choices; raises ``ConfigError`` naming the key."""
+    from lmgen.datasets import DATASETS
+    from lmgen.llama import LLAMA_SIZES
+
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(_choice_message("data.name", cfg.data.name, DATASETS))
+    if cfg.lm.size not in LLAMA_SIZES:
+        raise ConfigError(_choice_message("lm.size", cfg.lm.size, LLAMA_SIZES))
+    for key, value, valid in _choice_fields(cfg):
+        if value not in valid:
+            raise ConfigError(_choice_message(key, value, valid))
+    positive = ("data.image_size", "data.train_size", "data.encode_batch_size", "train.max_steps",
+                "train.batch_size", "train.val_every", "train.log_every", "sample.batch_size")
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if cfg.data.name != "shapes" and not cfg.data.root:
+        raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}")
+    if not 0.0 <= cfg.train.class_dropout < 1.0:
+        raise ConfigError(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
+    if not 0.0 < cfg.sample.top_p <= 1.0:
+        raise ConfigError(f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}")
+    _check_tokenizer(cfg)
+
+
+def _check_tokenizer(cfg: DictConfig) -> None:
+    """Construct the tokenizer (cheap) so its own checks fail now, keyed ``tokenizer.<field>``."""
+    from lmgen.tokenizers import build_tokenizer
+
+    try:
+        build_tokenizer(cfg.tokenizer, cfg.data.image_size)
+    except (ValueError, RuntimeError) as err:
+        message = str(err).replace(f"{cfg.tokenizer.name}.", "tokenizer.", 1)
+        raise ConfigError(message if message.startswith("tokenizer.") else f"tokenizer: {message}") from None
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def config_hash(*parts: Any) -> str:
+    """Short stable hash of configs/fingerprints (DictConfig, dataclass, dict or str)."""
+    norm = [to_dict(p) if isinstance(p, DictConfig) else p for p in parts]
+    blob = json.dumps(norm, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1} (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def _choice_fields(cfg: DictConfig) -> list[tuple[str, Any, tuple[str, ...]]]:
+    """(key, value, valid) for every dataclass field declaring ``choices`` metadata."""
+    found = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if schema is None or not is_dataclass(schema):
+            return
+        for f in fields(schema):
+            value = node[f.name]
+            if "choices" in f.metadata:
+                found.append((f"{prefix}{f.name}", value, f.metadata["choices"]))
+            if isinstance(value, DictConfig):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(cfg, "")
+    return found
+
+
+def _choice_message(key: str, value: Any, valid: Any) -> str:
+    names = sorted(map(str, valid))
+    hint = difflib.get_close_matches(str(value), names, n=1)
+    did = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"{key}: {value!r} is not a valid choice{did}; valid choices: {', '.join(names)}"
+
+
+def _unknown_key_message(err: ConfigKeyError) -> str:
+    full_key = err.full_key or str(err.key)
+    parent, _, leaf = full_key.rpartition(".")
+    valid: list[str] = []
+    schema = getattr(err, "object_type", None)
+    if schema is not None and is_dataclass(schema):
+        valid = [f.name for f in fields(schema)]
+    hint = difflib.get_close_matches(leaf, valid, n=1)
+    did = f" (did you mean {(parent + '.' if parent else '') + hint[0]!r}?)" if hint else ""
+    where = f"under {parent!r}" if parent else "at the top level"
+    return f"unknown config key {full_key!r}{did}; valid keys {where}: {', '.join(valid)}"
+
+
+def _type_message(err: ValidationError) -> str:
+    first_line = str(err.msg).splitlines()[0]
+    return f"{err.full_key}: {first_line}"

@@ -1,0 +1,265 @@
+"""Sequence layout, token cache and the LM's DataModule.
+
+Datasets themselves live in ``lmgen.datasets`` (one module per dataset family). This module
+turns a (dataset, tokenizer) pair into LM training sequences:
+
+1. ``TokenCache``: every image of a split is encoded once into memory-mapped ``.npy`` shards
+   under ``<cache_root>/<key>/``, where ``key`` hashes everything that determines the
+   tokens (dataset fingerprint + tokenizer config + fitted tokenizer state). Reruns and
+   sweeps over LM sizes reuse it. The directory appears atomically (temp dir + rename).
+2. ``SequenceLayout``: where the special tokens live — past the tokenizer's vocabulary —
+   and how an image's ids become ``[cond, t_1 … t_n, (EOS), PAD …]``.
+3. ``TokenDataModule``: Lightning loaders yielding ``SequenceBatch``es trimmed to the
+   longest item of each batch.
+
+Nothing here branches on a tokenizer's name: only ``vocab_size``, ``max_tokens`` and
+``variable_length`` matter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lmgen.datasets import iter_batches
+from lmgen.tokenizers.base import ImageTokenizer
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the on-disk layout changes
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Token ids of one LM sequence.
+
+    ``[0, vocab_size)`` are the tokenizer's ids; then BOS, EOS, PAD, one id per class and a
+    null class (the "no label" token used by classifier-free guidance and label dropout).
+    Position 0 holds the class token (class-conditional) or BOS (unconditional); codec
+    streams (``variable_length``) end with EOS and are right-padded with PAD; fixed grids
+    have neither.
+    """
+
+    vocab_size: int
+    max_tokens: int
+    num_classes: int
+    variable_length: bool
+    class_conditional: bool = True
+
+    @property
+    def bos(self) -> int:
+        return self.vocab_size
+
+    @property
+    def eos(self) -> int:
+        return self.vocab_size + 1
+
+    @property
+    def pad(self) -> int:
+        return self.vocab_size + 2
+
+    @property
+    def class_offset(self) -> int:
+        return self.vocab_size + 3
+
+    @property
+    def null_class(self) -> int:
+        return self.class_offset + self.num_classes
+
+    @property
+    def total_vocab(self) -> int:
+        """Embedding/head size of the LM: image ids + specials."""
+        return self.null_class + 1
+
+    @property
+    def seq_len(self) -> int:
+        """Longest sequence, cond token included."""
+        return 1 + self.max_tokens + int(self.variable_length)
+
+    def cond_tokens(self, labels: Tensor | None, batch_size: int) -> Tensor:
+        """(B, 1) int64: class tokens, or BOS for an unconditional model or ``labels=None``."""
+        if not self.class_conditional or labels is None:
+            return torch.full((batch_size, 1), self.bos, dtype=torch.int64)
+        return (labels.to(torch.int64) + self.class_offset).view(-1, 1)
+
+    def null_tokens(self, batch_size: int) -> Tensor:
+        """(B, 1) int64: the unconditional prompt used for CFG rows."""
+        fill = self.null_class if self.class_conditional else self.bos
+        return torch.full((batch_size, 1), fill, dtype=torch.int64)
+
+    def sequences(self, ids: Tensor, lengths: Tensor, labels: Tensor | None) -> Tensor:
+        """(B, L) image ids + (B,) lengths → (B, 1 + L + eos) full sequences (PAD past the end)."""
+        batch, width = ids.shape
+        extra = int(self.variable_length)
+        seq = torch.full((batch, 1 + width + extra), self.pad, dtype=torch.int64)
+        seq[:, :1] = self.cond_tokens(labels, batch)
+        pos = torch.arange(width).view(1, -1)
+        inside = pos < lengths.view(-1, 1)
+        seq[:, 1 : 1 + width] = torch.where(inside, ids, torch.full_like(ids, self.pad))
+        if self.variable_length:
+            seq[torch.arange(batch), 1 + lengths] = self.eos
+        return seq
+
+    def allowed(self) -> Tensor:
+        """(total_vocab,) bool: ids the sampler may emit (image ids, and EOS for streams)."""
+        mask = torch.zeros(self.total_vocab, dtype=torch.bool)
+        mask[: self.vocab_size] = True
+        mask[self.eos] = self.variable_length
+        return mask
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """One LM batch.
+
+    inputs/targets: (B, T) int64, ``targets[:, t]`` is the id after ``inputs[:, t]``; targets
+    equal PAD where there is nothing to predict. labels: (B,) int64 class indices.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+class TokenCache(Dataset):
+    """Memory-mapped token ids of one split: item i → (ids (max_tokens,) int64, length, label)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        self._ids = [np.load(self.path / name, mmap_mode="r") for name in self.meta["shards"]]
+        self.lengths = torch.from_numpy(np.load(self.path / "lengths.npy"))
+        self.labels = torch.from_numpy(np.load(self.path / "labels.npy"))
+        self.indices = torch.from_numpy(np.load(self.path / "indices.npy"))
+        self._starts = np.cumsum([0] + [len(a) for a in self._ids])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        row = self._ids[shard][i - self._starts[shard]]
+        return torch.from_numpy(row.astype(np.int64)), int(self.lengths[i]), int(self.labels[i])
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable images left out when the cache was written."""
+        return int(self.meta["skipped"])
+
+    @classmethod
+    def build_or_load(cls, root: Path, key: str, dataset, tokenizer: ImageTokenizer,
+                      batch_size: int = 256, num_workers: int = 0, shard_size: int = 65536) -> TokenCache:
+        """Load the cache at ``root/key`` or encode ``dataset`` into it first (atomically)."""
+        final = Path(root) / key
+        if (final / "meta.json").is_file():
+            log.info("token cache hit: %s", final)
+            return cls(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+        try:
+            _write_cache(tmp, dataset, tokenizer, batch_size, num_workers, shard_size)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process finished the same cache first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("token cache written: %s", final)
+        return cls(final)
+
+
+def _write_cache(path: Path, dataset, tokenizer: ImageTokenizer, batch_size: int,
+                 num_workers: int, shard_size: int) -> None:
+    """Encode every readable image of ``dataset`` into shards under ``path``."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+    shards: list[str] = []
+    lengths, labels, indices = [], [], []
+    buffer: list[np.ndarray] = []
+    too_long = 0
+    batches = iter_batches(dataset, batch_size, num_workers=num_workers)
+    for batch in batches:
+        tokens = tokenizer.encode(batch.images)
+        keep = tokens.lengths <= tokenizer.max_tokens
+        too_long += int((~keep).sum())
+        ids = torch.zeros(len(tokens), tokenizer.max_tokens, dtype=torch.int64)
+        width = min(tokens.ids.shape[1], tokenizer.max_tokens)
+        ids[:, :width] = tokens.ids[:, :width]
+        buffer.append(ids[keep].numpy().astype(dtype))
+        lengths.append(tokens.lengths[keep].numpy())
+        labels.append(batch.labels[keep].numpy())
+        indices.append(batch.indices[keep].numpy())
+        if sum(len(b) for b in buffer) >= shard_size:
+            shards.append(_write_shard(path, len(shards), buffer))
+            buffer = []
+    if buffer:
+        shards.append(_write_shard(path, len(shards), buffer))
+    count = int(sum(len(x) for x in lengths))
+    if count == 0:
+        raise ValueError(f"dataset has no usable items ({batches.skipped} unreadable of {len(dataset)})")
+    if too_long:
+        log.warning("%d streams longer than max_tokens=%d were left out", too_long, tokenizer.max_tokens)
+    np.save(path / "lengths.npy", np.concatenate(lengths).astype(np.int64))
+    np.save(path / "labels.npy", np.concatenate(labels).astype(np.int64))
+    np.save(path / "indices.npy", np.concatenate(indices).astype(np.int64))
+    meta = {"format": CACHE_FORMAT, "shards": shards, "count": count, "skipped": batches.skipped,
+            "too_long": too_long, "vocab_size": tokenizer.vocab_size, "max_tokens": tokenizer.max_tokens}
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _write_shard(path: Path, number: int, rows: list[np.ndarray]) -> str:
+    name = f"ids-{number:05d}.npy"
+    np.save(path / name, np.concatenate(rows))
+    return name
+
+
+class SequenceCollator:
+    """(ids, length, label) items → ``SequenceBatch`` trimmed to the batch's longest stream."""
+
+    def __init__(self, layout: SequenceLayout) -> None:
+        self.layout = layout
+
+    def __call__(self, items: list[tuple[Tensor, int, int]]) -> SequenceBatch:
+        lengths = torch.tensor([length for _, length, _ in items], dtype=torch.int64)
+        width = int(lengths.max())
+        ids = torch.stack([ids[:width] for ids, _, _ in items])
+        labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
+        seq = self.layout.sequences(ids, lengths, labels)
+        return SequenceBatch(inputs=seq[:, :-1], targets=seq[:, 1:], labels=labels)
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Train/val loaders over two token caches."""
+
+    def __init__(self, train: TokenCache, val: TokenCache, layout: SequenceLayout,
+                 batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        self.train, self.val, self.layout = train, val, layout
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    def _loader(self, cache: TokenCache, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(cache, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle and
+                          len(cache) >= self.batch_size, num_workers=self.num_workers,
+                          collate_fn=SequenceCollator(self.layout), generator=generator,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)

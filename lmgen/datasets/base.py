@@ -1,0 +1,173 @@
+"""What every image dataset provides, and batching that survives unreadable files.
+
+Datasets yield ``(image, label)`` with ``image`` uint8 (3, H, W) in [0, 255], or ``None``
+for an item that cannot be read (folder datasets only). ``iter_batches`` walks a dataset in
+index order through a torch ``DataLoader``, drops such items and counts them, so a corrupt
+JPEG costs one image, never a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+Item = tuple[Tensor, int] | None
+_MISSING = object()
+
+
+@runtime_checkable
+class ImageDataset(Protocol):
+    """The interface shared by every entry of ``lmgen.datasets.DATASETS``.
+
+    - ``dataset[i]``: ``(uint8 (3, H, W), label)`` or ``None`` if the file is unreadable.
+    - ``class_counts()``: int64 (num_classes,), items per class, known without decoding.
+    - ``labels()``: int64 (N,), every item's label, cheap.
+    - ``attributes(i)``: JSON-serialisable per-item metadata for analysis.
+    - ``fingerprint()``: short hash of everything that determines the split's content.
+    """
+
+    num_classes: int
+    class_names: list[str]
+    image_size: int
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Item: ...
+    def class_counts(self) -> Tensor: ...
+    def labels(self) -> Tensor: ...
+    def attributes(self, index: int) -> dict[str, Any]: ...
+    def fingerprint(self) -> str: ...
+
+
+def config_value(cfg: Any, name: str, default: Any = _MISSING) -> Any:
+    """``cfg.name`` for a dataclass, OmegaConf node or mapping; ``default`` if absent."""
+    if cfg is None:
+        value = _MISSING
+    elif isinstance(cfg, Mapping):
+        value = cfg.get(name, _MISSING)
+    else:
+        value = getattr(cfg, name, _MISSING)
+    if value is _MISSING:
+        if default is _MISSING:
+            raise ValueError(f"dataset config has no field {name!r}")
+        return default
+    return value
+
+
+def short_hash(payload: Any) -> str:
+    """16 hex chars of SHA-256 over the canonical JSON of ``payload`` (stable across runs)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """A batch of readable items.
+
+    images: (B, 3, H, W) uint8 in [0, 255]; labels: (B,) int64; indices: (B,) int64, the
+    dataset index of each image; skipped: number of unreadable items dropped from this batch.
+    """
+
+    images: Tensor
+    labels: Tensor
+    indices: Tensor
+    skipped: int
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def collate_images(items: Sequence[tuple[int, Item]]) -> ImageBatch:
+    """Collate ``(index, item)`` pairs, dropping and counting ``None`` items.
+
+    A batch whose items are all unreadable has ``images`` of shape (0, 3, 0, 0).
+    """
+    good = [(i, item) for i, item in items if item is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        empty = torch.empty(0, dtype=torch.int64)
+        return ImageBatch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), empty, empty.clone(), skipped)
+    return ImageBatch(
+        images=torch.stack([item[0] for _, item in good]),
+        labels=torch.tensor([item[1] for _, item in good], dtype=torch.int64),
+        indices=torch.tensor([i for i, _ in good], dtype=torch.int64),
+        skipped=skipped,
+    )
+
+
+class _Indexed(Dataset):
+    """Yields ``(index, dataset[index])`` so batches know which items they hold."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Item]:
+        return index, self.dataset[index]
+
+
+class ImageBatchIterator(Iterator[ImageBatch]):
+    """Iterates ``ImageBatch``es of a dataset in index order; counts what was dropped.
+
+    After (or during) a pass, ``skipped`` is the number of unreadable items dropped and
+    ``seen`` the number of items visited. Re-iterating starts a new pass and resets both.
+    Batches that lost every item are not yielded (only counted).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.loader = DataLoader(
+            _Indexed(dataset),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_images,
+        )
+        self.skipped = 0
+        self.seen = 0
+        self._it: Iterator[ImageBatch] | None = None
+        self._done = False
+
+    def __iter__(self) -> ImageBatchIterator:
+        self.skipped, self.seen, self._done = 0, 0, False
+        self._it = iter(self.loader)
+        return self
+
+    def __next__(self) -> ImageBatch:
+        if self._it is None:
+            iter(self)
+        assert self._it is not None
+        while not self._done:
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._done = True
+                if self.skipped:
+                    log.warning("skipped %d unreadable of %d items", self.skipped, self.seen)
+                break
+            self.skipped += batch.skipped
+            self.seen += len(batch) + batch.skipped
+            if len(batch):
+                return batch
+        raise StopIteration
+
+
+def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> ImageBatchIterator:
+    """Batches of ``dataset`` in index order; unreadable items are dropped and counted.
+
+    The returned iterator exposes ``.skipped`` (and ``.seen``) once iterated; each
+    unreadable file is logged with its path by the dataset itself.
+    """
+    return ImageBatchIterator(dataset, batch_size, num_workers)

@@ -1,0 +1,226 @@
+"""``imagefolder``: an ImageNet-style tree of labelled images on disk.
+
+Layout: ``root/<class_name>/**/*.{jpg,jpeg,png,bmp,webp,...}`` (extensions case-insensitive,
+hidden files and folders ignored); classes are the sorted subfolder names. Splits:
+
+- if ``root/train`` and ``root/val`` both exist, they are the split roots (classes = sorted
+  union of their subfolders, so labels agree across splits);
+- otherwise each class is split deterministically by a hash of the file's path relative to
+  ``root``: the ``round(val_fraction * n)`` files of a class with the smallest hash form val.
+  The split does not depend on the seed; adding files can move a few files across the
+  boundary, so freeze a benchmark with explicit ``train/`` and ``val/`` folders.
+
+``max_items > 0`` keeps the first ``max_items`` files of a fixed hash-shuffled order (again
+seed-independent), listed in path order. Items are opened with Pillow, converted to RGB,
+centre-cropped to a square and resized with bicubic (antialiased) filtering. A file that
+cannot be decoded (corrupt, truncated, empty) yields ``None`` and one logged warning with
+its path; it still counts in ``class_counts`` (which comes from the listing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from lmgen.datasets.base import config_value
+
+log = logging.getLogger(__name__)
+
+FOLDER_VERSION = 1
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+TRANSFORM = "rgb>center_crop>resize_bicubic"  # part of the fingerprint
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed image: path relative to the dataset root (POSIX), label, size, mtime."""
+
+    relpath: str
+    label: int
+    size: int
+    mtime_ns: int
+
+
+def _hash_unit(text: str, salt: str) -> float:
+    """A uniform-looking number in [0, 1) determined by ``text`` (and ``salt``) only."""
+    digest = hashlib.sha1(f"{salt}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _subdirs(directory: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_images(directory: Path, root: Path, label: int) -> list[FileEntry]:
+    """Every image file below ``directory`` (recursive), sorted by relative path."""
+    entries, stack = [], [directory]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    stack.append(Path(e.path))
+                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                    st = e.stat()
+                    rel = Path(e.path).relative_to(root).as_posix()
+                    entries.append(FileEntry(rel, label, st.st_size, st.st_mtime_ns))
+    return sorted(entries, key=lambda f: f.relpath)
+
+
+def load_image(path: str | Path, image_size: int) -> Tensor:
+    """Decode, convert to RGB, centre-crop, resize: uint8 (3, S, S) in [0, 255]. Raises on bad files."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")  # forces a full decode: truncation and corruption raise here
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Labelled images from ``root``; items are ``(uint8 (3, S, S), label)`` or ``None``.
+
+    See the module docstring for layout, split and transform.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        image_size: int = 32,
+        val_fraction: float = 0.1,
+        max_items: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"imagefolder: unknown split {split!r}; valid: {list(SPLITS)}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"imagefolder: val_fraction must be in [0, 1), got {val_fraction}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ValueError(f"imagefolder: root {self.root} does not exist or is not a directory")
+        self.split, self.image_size = split, int(image_size)
+        self.val_fraction, self.max_items = float(val_fraction), int(max_items)
+        self.split_dirs = (self.root / "train").is_dir() and (self.root / "val").is_dir()
+        class_roots = [self.root / s for s in SPLITS] if self.split_dirs else [self.root]
+        self.class_names: list[str] = sorted({c for d in class_roots for c in _subdirs(d)})
+        self.num_classes = len(self.class_names)
+        if not self.class_names:
+            raise ValueError(
+                f"imagefolder: no class subfolders in {self.root} (expected root/<class_name>/<image files>)"
+            )
+        entries = self._list_split()
+        if self.max_items > 0 and len(entries) > self.max_items:
+            keep = sorted(entries, key=lambda f: _hash_unit(f.relpath, "order"))[: self.max_items]
+            entries = sorted(keep, key=lambda f: (f.label, f.relpath))
+        if not entries:
+            raise ValueError(f"imagefolder: split {split!r} of {self.root} is empty (val_fraction={self.val_fraction})")
+        self.entries: list[FileEntry] = entries
+        self._labels = torch.tensor([f.label for f in entries], dtype=torch.int64)
+        self._warned: set[str] = set()
+        self._fingerprint: str | None = None
+
+    def _list_split(self) -> list[FileEntry]:
+        """The files of this split (before ``max_items``), ordered by (label, relpath)."""
+        split_root = self.root / self.split if self.split_dirs else self.root
+        per_class = [
+            _scan_images(split_root / name, self.root, label) if (split_root / name).is_dir() else []
+            for label, name in enumerate(self.class_names)
+        ]
+        if not any(per_class):
+            raise ValueError(
+                f"imagefolder: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                f"in the class folders of {split_root}"
+            )
+        if self.split_dirs:
+            return [f for files in per_class for f in files]
+        out = []
+        for files in per_class:
+            ranked = sorted(files, key=lambda f: _hash_unit(f.relpath, "split"))
+            n_val = int(round(self.val_fraction * len(files)))
+            chosen = ranked[:n_val] if self.split == "val" else ranked[n_val:]
+            out.extend(sorted(chosen, key=lambda f: f.relpath))
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: Any, split: str) -> ImageFolderDataset:
+        """Build from a dataset config block; ``{split}_size > 0`` caps the item count."""
+        if split not in SPLITS:
+            raise ValueError(f"imagefolder: unknown split {split!r}; valid: {list(SPLITS)}")
+        root = config_value(cfg, "root", None)
+        if not root:
+            raise ValueError("imagefolder: dataset.root must point at root/<class_name>/<images>")
+        return cls(
+            root=str(root),
+            split=split,
+            image_size=int(config_value(cfg, "image_size")),
+            val_fraction=float(config_value(cfg, "val_fraction", 0.1)),
+            max_items=int(config_value(cfg, f"{split}_size", 0)),
+        )
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        entry = self.entries[index]
+        path = self.root / entry.relpath
+        try:
+            image = load_image(path, self.image_size)
+        # Pillow signals bad data with many exception types (OSError, SyntaxError,
+        # DecompressionBombError, ValueError ...): one bad file must never stop a run.
+        except Exception as err:
+            if entry.relpath not in self._warned:
+                self._warned.add(entry.relpath)
+                log.warning("imagefolder: skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+            return None
+        return image, entry.label
+
+    def labels(self) -> Tensor:
+        """Every item's label from the listing, int64 (N,)."""
+        return self._labels
+
+    def class_counts(self) -> Tensor:
+        """Listed files per class in this split, int64 (num_classes,) (unreadable ones included)."""
+        return torch.bincount(self._labels, minlength=self.num_classes)
+
+    def attributes(self, index: int) -> dict[str, Any]:
+        """JSON-serialisable listing metadata of item ``index`` (no decoding)."""
+        e = self.entries[index]
+        return {
+            "index": index % len(self),
+            "path": e.relpath,
+            "label": e.label,
+            "class_name": self.class_names[e.label],
+            "bytes": e.size,
+            "mtime_ns": e.mtime_ns,
+        }
+
+    def fingerprint(self) -> str:
+        """16 hex chars over sorted relative paths, sizes, mtimes, split and transform settings."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            header = (
+                f"imagefolder|v{FOLDER_VERSION}|{self.split}|split_dirs={self.split_dirs}|"
+                f"val_fraction={self.val_fraction}|max_items={self.max_items}|"
+                f"size={self.image_size}|{TRANSFORM}|classes={self.class_names}\n"
+            )
+            h.update(header.encode())
+            # streamed, so a million-file listing never becomes one giant string
+            for e in sorted(self.entries, key=lambda f: f.relpath):
+                h.update(f"{e.relpath}\t{e.size}\t{e.mtime_ns}\n".encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint

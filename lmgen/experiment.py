@@ -1,0 +1,187 @@
+"""One run, end to end: data → tokenizer (stage 1) → token cache → Llama (stage 2) → samples.
+
+``run_experiment(cfg)`` is what ``lmgen run`` calls; a sweep runs it once per point. The
+path is the same for every tokenizer: nothing here looks at a tokenizer's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from lmgen.ar_module import ARModule, OptimConfig
+from lmgen.config import config_hash, to_dict
+from lmgen.data import SequenceLayout, TokenDataModule
+from lmgen.datasets import build_dataset
+from lmgen.llama import Llama, llama_config
+from lmgen.sampling import generate
+from lmgen.stage1 import prepare_tokenizer, to_grid
+from lmgen.tokenizers import ImageTokenizer, TokenBatch, build_tokenizer
+from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ("tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "lm/params", "lm/train_loss",
+                "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s", "gen/decode_valid_rate",
+                "gen/images_per_s")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """Where a finished run lives and its key numbers."""
+
+    run_id: str
+    run_name: str
+    experiment: str
+    tracking_uri: str
+    tokenizer_run_id: str
+    artifact_uri: str
+    wall_time_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def format(self) -> str:
+        """The one-screen summary ``lmgen run`` prints."""
+        lines = [f"run        {self.run_name}  ({self.run_id})",
+                 f"experiment {self.experiment}",
+                 f"tracking   {self.tracking_uri}",
+                 f"artifacts  {self.artifact_uri}",
+                 f"stage 1    tokenizer run {self.tokenizer_run_id}",
+                 f"wall time  {self.wall_time_s:.1f} s"]
+        for key in SUMMARY_KEYS:
+            if key in self.metrics:
+                lines.append(f"  {key:<24} {self.metrics[key]:.4g}")
+        return "\n".join(lines)
+
+
+def run_experiment(cfg: DictConfig) -> RunSummary:
+    """Train and sample one (dataset, tokenizer, LM, seed) point, logging everything to MLflow."""
+    start = time.perf_counter()
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    check_tracking(uri)  # before any compute: never fail after hours of training
+    home = lmgen_home()
+    tracker = Tracker(uri, cfg.tracking.experiment or cfg.name)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    train_ds = build_dataset(cfg.data, "train")
+    val_ds = build_dataset(cfg.data, "val")
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
+    stage1 = prepare_tokenizer(cfg, tokenizer, train_ds, val_ds, tracker, home)
+
+    layout = SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, train_ds.num_classes,
+                            tokenizer.variable_length, cfg.lm.class_conditional)
+    optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                        betas=(cfg.train.beta1, cfg.train.beta2), warmup_steps=cfg.train.warmup_steps,
+                        max_steps=cfg.train.max_steps, min_lr_ratio=cfg.train.min_lr_ratio,
+                        class_dropout=cfg.train.class_dropout)
+    module = ARModule(llama_config(cfg.lm.size, layout.total_vocab, layout.seq_len), layout, optim)
+    datamodule = TokenDataModule(stage1.train, stage1.val, layout, cfg.train.batch_size,
+                                 num_workers=cfg.data.num_workers, seed=cfg.seed)
+
+    run_name = cfg.tracking.run_name or f"{cfg.tokenizer.name}-{cfg.lm.size}-s{cfg.seed}"
+    tags = {"lmgen.stage": "lm", "lmgen.tokenizer": cfg.tokenizer.name,
+            "lmgen.config_hash": config_hash({k: v for k, v in to_dict(cfg).items() if k != "tracking"}),
+            "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key}
+    run_id = tracker.start_run(run_name, tags)
+    try:
+        tracker.log_config(run_id, to_dict(cfg))
+        tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
+        _train(cfg, module, datamodule, tracker, run_id, home)
+        if cfg.sample.num_samples > 0:
+            _sample_and_log(cfg, module.model, layout, tokenizer, tracker, run_id)
+    except KeyboardInterrupt:
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")
+    return RunSummary(run_id=run_id, run_name=run_name, experiment=tracker.experiment, tracking_uri=uri,
+                      tokenizer_run_id=stage1.run_id, artifact_uri=tracker.artifact_dir(run_id),
+                      wall_time_s=time.perf_counter() - start, metrics=tracker.metrics(run_id))
+
+
+def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, tracker: Tracker,
+           run_id: str, home: Path) -> None:
+    t = cfg.train
+    callbacks = []
+    if t.checkpoint:
+        callbacks.append(ModelCheckpoint(dirpath=home / "checkpoints" / run_id, save_last=True,
+                                         save_top_k=0, every_n_train_steps=t.val_every))
+    trainer = L.Trainer(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=t.strategy, precision=resolve_precision(t.precision, t.accelerator), gradient_clip_val=t.grad_clip or None,
+        val_check_interval=t.val_every, check_val_every_n_epoch=None,
+        limit_val_batches=t.val_batches or 1.0, log_every_n_steps=t.log_every,
+        logger=MlflowMetricLogger(tracker, run_id), callbacks=callbacks, num_sanity_val_steps=0,
+        enable_model_summary=False, default_root_dir=str(home), enable_checkpointing=t.checkpoint)
+    trainer.fit(module, datamodule=datamodule)
+    if t.max_steps % t.val_every:  # always end on a validation of the final weights
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _sample_and_log(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,
+                    tracker: Tracker, run_id: str) -> dict[str, float]:
+    """Sample ``sample.num_samples`` images (classes round-robin), decode, log metrics + samples.png."""
+    s = cfg.sample
+    model.eval()
+    device = next(model.parameters()).device
+    labels = torch.arange(s.num_samples) % layout.num_classes
+    images, valid, lengths = [], [], []
+    start = time.perf_counter()
+    for chunk in labels.split(s.batch_size):
+        prompt = layout.cond_tokens(chunk, len(chunk)).to(device)
+        uncond = layout.null_tokens(len(chunk)).to(device) if s.cfg_scale != 1.0 else None
+        with _autocast(resolve_precision(cfg.train.precision, cfg.train.accelerator), device):
+            gen = generate(model, prompt, layout.max_tokens + int(layout.variable_length),
+                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
+                           cfg_schedule=s.cfg_schedule, uncond_prompt=uncond, allowed=layout.allowed().to(device),
+                           eos_id=layout.eos if layout.variable_length else None, pad_id=layout.pad)
+        ids = gen.tokens[:, : layout.max_tokens].cpu()
+        ids = torch.where(ids < layout.vocab_size, ids, torch.zeros_like(ids))
+        tokens = TokenBatch(ids=ids, lengths=gen.lengths.clamp(max=layout.max_tokens).cpu())
+        decoded = tokenizer.decode(tokens)
+        images.append(decoded.images)
+        valid.append(decoded.valid)
+        lengths.append(tokens.lengths)
+    seconds = time.perf_counter() - start
+    images_t, valid_t = torch.cat(images), torch.cat(valid)
+    metrics = {"gen/decode_valid_rate": float(valid_t.float().mean()),
+               "gen/images_per_s": len(images_t) / seconds,
+               "gen/tokens_per_image": float(torch.cat(lengths).float().mean())}
+    tracker.log_metrics(run_id, metrics)
+    nrow = layout.num_classes if layout.class_conditional else 8
+    tracker.log_image(run_id, to_grid(images_t, nrow=min(nrow, len(images_t))), "samples.png")
+    model.train()
+    return metrics
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """Lightning precision for ``train.precision``; ``auto`` picks bf16 only where it is fast."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if _cpu_has_fast_bf16() else "32-true"
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability().upper().startswith("AMX")
+    return "amx_bf16" in flags or "avx512_bf16" in flags

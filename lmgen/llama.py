@@ -1,0 +1,303 @@
+"""The one Llama that every tokenizer arm trains (stage 2).
+
+A decoder-only Llama (RMSNorm, RoPE, SwiGLU, no biases, untied head), written to be read in
+one sitting. Parameter names and the rotary convention follow Hugging Face's
+`LlamaForCausalLM` (rotate_half over split halves, not interleaved pairs), so exporting to
+`transformers` is a renaming of keys with no weight permutation:
+
+    embed            -> model.embed_tokens
+    layers.i.attn_norm / ffn_norm -> model.layers.i.input_layernorm / post_attention_layernorm
+    layers.i.attn.{wq,wk,wv,wo}   -> model.layers.i.self_attn.{q,k,v,o}_proj
+    layers.i.mlp.{w1,w3,w2}       -> model.layers.i.mlp.{gate,up,down}_proj
+    norm, head       -> model.norm, lm_head
+
+Shapes: B batch, T time (tokens in this call), S keys attended (cache length + T),
+D model dim, H query heads, K key/value heads, Hd head dim, F ffn dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Named sizes. The GPU sizes are LlamaGen's GPT-B/L/XL (Sun et al. 2024, Table 1: 111M /
+# 343M / 775M at vocab 16384); LlamaGen rounds the SwiGLU width to a multiple of 256, which
+# is what puts the counts on theirs. The CPU sizes are for tests and laptop sweeps.
+LLAMA_SIZES: dict[str, dict] = {
+    "nano": dict(n_layers=2, n_heads=2, dim=64),  # ~0.1M non-embedding
+    "micro": dict(n_layers=4, n_heads=4, dim=128),  # ~0.8M
+    "mini": dict(n_layers=6, n_heads=8, dim=256),  # ~4.8M
+    "small": dict(n_layers=12, n_heads=6, dim=384),  # ~21M
+    "B": dict(n_layers=12, n_heads=12, dim=768, multiple_of=256),  # ~111M at V=16384
+    "L": dict(n_layers=24, n_heads=16, dim=1024, multiple_of=256),  # ~343M
+    "XL": dict(n_layers=36, n_heads=20, dim=1280, multiple_of=256),  # ~775M
+}
+
+
+@dataclass
+class LlamaConfig:
+    """Architecture of one Llama; `vocab_size` includes the sequence layout's specials."""
+
+    vocab_size: int
+    n_layers: int
+    n_heads: int
+    dim: int
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (plain MHA)
+    ffn_dim: int | None = None  # None = Llama rule: 2/3 * 4 * dim rounded up to multiple_of
+    multiple_of: int = 32
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            self.ffn_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim={self.dim} must split into {self.n_heads} heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def llama_config(size: str, vocab_size: int, max_seq_len: int, **overrides) -> LlamaConfig:
+    """Build the config of a named size from `LLAMA_SIZES`; `overrides` replace any field."""
+    if size not in LLAMA_SIZES:
+        raise ValueError(f"unknown Llama size {size!r}; choose one of {sorted(LLAMA_SIZES)}")
+    fields = {**LLAMA_SIZES[size], "vocab_size": vocab_size, "max_seq_len": max_seq_len}
+    return LlamaConfig(**{**fields, **overrides})
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding; written in place, never concatenated.
+
+    `k[i]`, `v[i]`: (B, K, max_len, Hd) for layer i. `length` counts the positions already
+    written; `Llama.forward` writes its T new positions at [length, length + T) in every layer
+    and then advances `length` by T.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int,
+                 head_dim: int, device: torch.device | str | None, dtype: torch.dtype) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, K, T, Hd) at the current length; return all keys/values (B, K, S, Hd)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, D), same dtype
+        # fp32 statistics: a bf16 mean of squares loses the small activations (as HF Llama).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables (max_seq_len, Hd) in fp32, HF layout: the Hd/2 frequencies repeated twice."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        cos, sin = self._tables(torch.device("cpu"))
+        # Non-persistent: derived from the config, so checkpoints stay free of them.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        inv_freq = self.theta ** -(torch.arange(0, self.head_dim, 2, device=device,
+                                                dtype=torch.float64) / self.head_dim)
+        angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float64),
+                             inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # (max_seq_len, Hd)
+        return angles.cos().float(), angles.sin().float()
+
+    def _apply(self, fn, *args, **kwargs):
+        # `model.to(torch.bfloat16)` would round the tables; positions in the thousands need
+        # fp32 angles, so rebuild them in fp32 on whatever device the module moved to.
+        super()._apply(fn, *args, **kwargs)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = self._tables(self.cos.device)
+        return self
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """Rotate x (B, H, T, Hd) at absolute positions pos (T,); computed in fp32, cast back."""
+        cos, sin = self.cos[pos], self.sin[pos]  # (T, Hd)
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)  # HF rotate_half
+        return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: Rotary, pos: Tensor, cache: KVCache | None,
+                layer: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
+        q, k = rope(q, pos), rope(k, pos)
+        offset = 0
+        if cache is not None:
+            offset = cache.length
+            k, v = cache.update(layer, k, v)  # (B, K, S, Hd), S = offset + T
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv_heads != self.n_heads:  # GQA: query head h reads kv head h // n_rep (HF repeat_kv)
+            n_rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        if offset == 0:  # keys == queries: plain causal (T == 1 included)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # one new token sees every cached key
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # A chunk at an offset: query i (absolute offset + i) sees keys j <= offset + i.
+            # is_causal would align the mask top-left and hide the cache, hence explicit.
+            mask = torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, D)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1/w3/w2 = HF gate/up/down."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, T, F) -> (B, T, D)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: Tensor, rope: Rotary, pos: Tensor, cache: KVCache | None,
+                layer: int) -> Tensor:  # (B, T, D) -> (B, T, D), pre-norm residuals
+        x = x + self.attn(self.attn_norm(x), rope, pos, cache, layer)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama over token ids; see the module docstring for the HF name mapping."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # Untied head (as LlamaGen): input and output vocab roles differ for specials/classes.
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for every matrix; GPT-2-style scaling of the residual projections
+        (wo, w2) by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with
+        depth (Radford et al. 2019). Norm gains start at 1."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                p.fill_(1.0)
+            elif name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def new_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache for `batch_size` streams of up to `max_len` positions.
+
+        device defaults to the model's; dtype to the autocast dtype when autocast is on for
+        that device (keys are produced in it), else the model's parameter dtype.
+        """
+        param = self.head.weight
+        device = torch.device(device) if device is not None else param.device
+        if dtype is None:
+            dtype = (torch.get_autocast_dtype(device.type)
+                     if torch.is_autocast_enabled(device.type) else param.dtype)
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len,
+                       self.cfg.head_dim, device, dtype)
+
+    def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Next-token logits.
+
+        ids: (B, T) int64 in [0, vocab_size). Without a cache: a full causal pass over positions
+        [0, T). With a cache: the ids continue the cached streams at positions
+        [cache.length, cache.length + T) (a prompt prefill, then T=1 steps) and the cache
+        advances by T. Returns (B, T, V) float32 logits, whatever the autocast dtype.
+        """
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.cfg.max_seq_len
+        if start + T > limit:
+            raise ValueError(f"positions up to {start + T} exceed the limit {limit}")
+        pos = torch.arange(start, start + T, device=ids.device)  # (T,) absolute, for RoPE
+        x = self.embed(ids)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, pos, cache, i)  # (B, T, D)
+        if cache is not None:
+            cache.length += T
+        return self.head(self.norm(x)).float()  # (B, T, V)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count. non_embedding=True leaves out the vocab-sized matrices (token
+        embedding and output head), so sizes compare across tokenizers with different vocabs."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel() + self.head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B / Chinchilla style:
+
+            6 * (N_non_embedding + N_head) + 12 * n_layers * dim * seq_len
+
+        6N counts every matmul weight once (2 forward + 4 backward FLOPs per weight; the head is
+        a matmul, the embedding a lookup, so it is excluded). The second term is attention's
+        QK^T and AV (2 * 2 * seq_len * dim per layer forward, x3 for backward), counted over
+        the full seq_len x seq_len score matrix as PaLM's MFU does (no causal halving).
+        """
+        matmul_params = self.num_params(non_embedding=True) + self.head.weight.numel()
+        return 6.0 * matmul_params + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len

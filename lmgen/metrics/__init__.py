@@ -1,0 +1,6 @@
+"""Evaluation metrics: reconstruction (recon) and rate (rate); fidelity/probe metrics build on these."""
+
+from lmgen.metrics.rate import rate_metrics
+from lmgen.metrics.recon import psnr, ssim
+
+__all__ = ["psnr", "rate_metrics", "ssim"]

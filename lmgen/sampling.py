@@ -1,0 +1,147 @@
+"""Autoregressive sampling from the Llama: KV cache, temperature, top-k/top-p, batched CFG.
+
+One code path for every tokenizer arm: the caller's sequence layout supplies the prompt
+(BOS/class ids), the ids that may be sampled (`allowed`) and the EOS id of codec streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmgen.llama import KVCache, Llama
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Sampled continuations of B prompts.
+
+    tokens: (B, max_new_tokens) int64; a finished row holds its EOS at index lengths[i] and
+        pad_id after it (also pad_id at the tail when generation stopped early for all rows).
+    lengths: (B,) int64, generated tokens before EOS (EOS excluded); max_new_tokens if none.
+    finished: (B,) bool, True where EOS was produced.
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    finished: Tensor
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Top-k, then nucleus (top-p) filtering; dropped ids get -inf.
+
+    logits: (B, V) float, returned as float32. top_k=0 and top_p=1.0 switch a filter off.
+    The top token always survives; ties with the k-th logit are kept. Top-p keeps the
+    smallest set of highest-probability ids whose mass reaches top_p (Holtzman et al. 2020).
+    """
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
+    logits = logits.float()
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly better ids
+        drop_sorted = mass_before >= top_p  # the first id has 0 before it: always kept
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def cfg_scale_at(step: int, max_new_tokens: int, cfg_scale: float, schedule: str) -> float:
+    """Guidance scale for 0-based step `step`. "linear" ramps from ~1 to cfg_scale as in ELM
+    (Xiong et al. 2024, "Elucidating the design space of language models for image
+    generation"): s_t = 1 + (s - 1)(t + 1)/N, so early tokens, which fix the layout, are
+    guided less."""
+    if schedule == "constant":
+        return cfg_scale
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * (step + 1) / max_new_tokens
+    raise ValueError(f"unknown cfg_schedule {schedule!r}; choose one of {CFG_SCHEDULES}")
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float,
+            generator: torch.Generator | None) -> Tensor:
+    """(B, V) fp32 logits -> (B,) int64 ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config field
+    model: Llama,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    uncond_prompt: Tensor | None = None,
+    cfg_schedule: str = "constant",
+    allowed: Tensor | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Generation:
+    """Sample `max_new_tokens` ids after each prompt row.
+
+    prompt: (B, P) int64, e.g. [BOS, class id]; uncond_prompt: (B, P) int64, the same layout
+    with the null class, used for classifier-free guidance when cfg_scale != 1. Cond and
+    uncond rows run as one 2B batch (LlamaGen) and both are fed the sampled token; the
+    guided logits are u + s * (c - u). allowed: (V,) bool, ids outside it are never sampled
+    (masked to -inf before filtering; so EOS is only produced if allowed). With use_cache,
+    the prompt is prefilled in one forward and each step feeds one token to a cache of
+    P + max_new_tokens; use_cache=False recomputes the full sequence every step (reference
+    path). Softmax and filters run in fp32, so the call works under bf16 autocast.
+    """
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+    if uncond_prompt is not None and uncond_prompt.shape != prompt.shape:
+        raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} != prompt {tuple(prompt.shape)}")
+    B, P = prompt.shape
+    guided = cfg_scale != 1.0 and uncond_prompt is not None
+    seq = torch.cat([prompt, uncond_prompt]) if guided else prompt  # (B or 2B, P)
+    device = prompt.device
+
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    cache: KVCache | None = model.new_cache(seq.shape[0], P + max_new_tokens) if use_cache else None
+    logits = model(seq, cache)[:, -1]  # (B or 2B, V) fp32: prefill
+    for t in range(max_new_tokens):
+        if guided:
+            cond, uncond = logits[:B], logits[B:]
+            scale = cfg_scale_at(t, max_new_tokens, cfg_scale, cfg_schedule)
+            logits = uncond + scale * (cond - uncond)  # (B, V)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(device), float("-inf"))
+        nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, t] = nxt
+        if eos_id is not None:
+            is_eos = ~finished & (nxt == eos_id)
+            lengths += (~finished & ~is_eos).long()
+            finished |= is_eos
+        else:
+            lengths += 1
+        if t == max_new_tokens - 1 or bool(finished.all()):
+            break
+        step = torch.cat([nxt, nxt]) if guided else nxt  # (B or 2B,)
+        if cache is not None:
+            logits = model(step[:, None], cache)[:, -1]
+        else:
+            seq = torch.cat([seq, step[:, None]], dim=1)
+            logits = model(seq)[:, -1]
+    return Generation(tokens=tokens, lengths=lengths, finished=finished)

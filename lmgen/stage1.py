@@ -1,0 +1,131 @@
+"""Stage 1: get a tokenizer ready, encode the splits once, and record ``tok/*`` metrics.
+
+Every tokenizer passes through here alike. Non-learned ones (pixels, codecs) ``fit`` what
+they have (a palette, BPE merges, or nothing) on the train split; the fitted state is
+stored under ``<home>/tokenizers/<key>/`` and reused by every later run with the same key.
+Stage 1 is its own MLflow run (tag ``lmgen.stage=tokenizer``); LM runs point at it through
+the tag ``lmgen.tokenizer_run_id``, and a second LM run with the same tokenizer reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from lmgen.config import config_hash, to_dict
+from lmgen.data import TokenCache
+from lmgen.datasets import iter_batches
+from lmgen.metrics import psnr, rate_metrics, ssim
+from lmgen.tokenizers import ImageTokenizer, TokenBatch
+from lmgen.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+RECON_IMAGES = 32  # originals and reconstructions shown in recon.png
+
+
+@dataclass(frozen=True)
+class Stage1Result:
+    tokenizer: ImageTokenizer
+    key: str  # hash of everything that determines the tokens
+    run_id: str  # the MLflow run holding tok/* metrics
+    metrics: dict[str, float]
+    train: TokenCache
+    val: TokenCache
+
+
+def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds,
+                      tracker: Tracker, home: Path) -> Stage1Result:
+    """Fit (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run."""
+    key = config_hash("tokenizer", cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
+    fit_stats = _fit_or_load(cfg, tokenizer, train_ds, home / "tokenizers" / key)
+    caches = {}
+    for split, dataset in (("train", train_ds), ("val", val_ds)):
+        cache_key = config_hash(key, split, dataset.fingerprint())
+        caches[split] = TokenCache.build_or_load(home / "cache", f"{split}-{cache_key}", dataset, tokenizer,
+                                                 batch_size=cfg.data.encode_batch_size,
+                                                 num_workers=cfg.data.num_workers)
+    tags = {"lmgen.stage": "tokenizer", "lmgen.config_hash": key, "lmgen.tokenizer": cfg.tokenizer.name}
+    run_id = tracker.find_finished(tags)
+    if run_id is not None:
+        log.info("stage 1: reusing tokenizer run %s", run_id)
+        metrics = tracker.metrics(run_id)
+    else:
+        run_id = tracker.start_run(f"tokenizer-{cfg.tokenizer.name}-{key[:6]}", tags)
+        tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
+        metrics = {**fit_stats, **_evaluate(tokenizer, val_ds, caches["val"], tracker, run_id)}
+        metrics["data/train_items"] = float(len(caches["train"]))
+        metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
+        tracker.log_metrics(run_id, metrics)
+        tracker.end_run(run_id)
+    return Stage1Result(tokenizer, key, run_id, metrics, caches["train"], caches["val"])
+
+
+def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, directory: Path) -> dict[str, float]:
+    """Restore the fitted state from ``directory`` or fit on up to ``data.fit_images`` images."""
+    state_path = directory / "state.pt"
+    if state_path.is_file():
+        tokenizer.load_state_dict(torch.load(state_path, weights_only=False))
+        return {}
+    images = []
+    count = 0
+    for batch in iter_batches(train_ds, cfg.data.encode_batch_size, num_workers=cfg.data.num_workers):
+        images.append(batch.images)
+        count += len(batch.images)
+        if count >= cfg.data.fit_images:
+            break
+    stats = tokenizer.fit(torch.cat(images)[: cfg.data.fit_images])
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".state-{os.getpid()}.pt"
+    torch.save(tokenizer.state_dict(), tmp)
+    os.replace(tmp, state_path)  # atomic: a concurrent reader never sees half a file
+    return dict(stats)
+
+
+def _evaluate(tokenizer: ImageTokenizer, val_ds, val_cache: TokenCache, tracker: Tracker,
+              run_id: str, batch_size: int = 256) -> dict[str, float]:
+    """tok/psnr, tok/ssim, rate and decode validity on the val split; logs ``recon.png``."""
+    psnrs, ssims, valid = [], [], []
+    grid_pairs: list[Tensor] = []
+    for start in range(0, len(val_cache), batch_size):
+        rows = range(start, min(start + batch_size, len(val_cache)))
+        ids = torch.stack([val_cache[i][0] for i in rows])
+        tokens = TokenBatch(ids=ids, lengths=val_cache.lengths[start : rows.stop].clone())
+        decoded = tokenizer.decode(tokens)
+        originals = torch.stack([val_ds[int(val_cache.indices[i])][0] for i in rows])
+        psnrs.append(psnr(originals, decoded.images).clamp(max=100.0))  # lossless → 100 dB, not inf
+        ssims.append(ssim(originals, decoded.images))
+        valid.append(decoded.valid)
+        if not grid_pairs:
+            grid_pairs = [originals[:RECON_IMAGES], decoded.images[:RECON_IMAGES]]
+    metrics = {
+        "tok/psnr": float(torch.cat(psnrs).mean()),
+        "tok/ssim": float(torch.cat(ssims).mean()),
+        "tok/decode_valid_rate": float(torch.cat(valid).float().mean()),
+        "tok/vocab_size": float(tokenizer.vocab_size),
+        "tok/max_tokens": float(tokenizer.max_tokens),
+        **rate_metrics(val_cache.lengths, tokenizer.vocab_size),
+    }
+    # recon.png: rows alternate originals / reconstructions, 8 images per row.
+    originals, recons = grid_pairs
+    per_row = min(8, len(originals))
+    n = len(originals) - len(originals) % per_row
+    interleaved = torch.stack([originals[:n].view(-1, per_row, *originals.shape[1:]),
+                               recons[:n].view(-1, per_row, *recons.shape[1:])], 1).flatten(0, 2)
+    tracker.log_image(run_id, to_grid(interleaved, nrow=per_row), "recon.png")
+    return metrics
+
+
+def to_grid(images: Tensor, nrow: int, scale: int = 0) -> np.ndarray:
+    """(N, 3, H, W) uint8 → (H', W', 3) uint8 grid, upscaled (nearest) to ≥ 64 px tiles."""
+    scale = scale or max(1, 64 // images.shape[-1])
+    big = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    return make_grid(big, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()

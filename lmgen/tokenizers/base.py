@@ -1,0 +1,96 @@
+"""The tokenizer contract: what every arm of the comparison must provide.
+
+Tokenizers are the variable under study. Everything downstream (token cache, sequence
+layout, Llama, sampler, metrics) sees only this protocol, never a tokenizer's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Token ids of a batch of images.
+
+    ids: (B, L) int64 in [0, vocab_size), right-padded with 0 past ``lengths``.
+    lengths: (B,) int64, number of valid ids per item (== L for fixed-length tokenizers).
+    """
+
+    ids: Tensor
+    lengths: Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 2 or self.lengths.dim() != 1 or self.ids.shape[0] != self.lengths.shape[0]:
+            raise ValueError(f"TokenBatch: ids (B, L) and lengths (B,) expected, got {tuple(self.ids.shape)} "
+                             f"and {tuple(self.lengths.shape)}")
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def item(self, i: int) -> Tensor:
+        """The valid ids of item ``i`` as a 1-D int64 tensor."""
+        return self.ids[i, : int(self.lengths[i])]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Images decoded from token streams.
+
+    images: (B, 3, H, W) uint8 (video: (B, T, 3, H, W)).
+    valid: (B,) bool, False where a stream could not be decoded (its image is grey).
+    """
+
+    images: Tensor
+    valid: Tensor
+
+
+@runtime_checkable
+class ImageTokenizer(Protocol):
+    """What every tokenizer in ``lmgen.tokenizers.TOKENIZERS`` implements.
+
+    - ``vocab_size``: ids the LM must predict (specials excluded; the sequence layout
+      offsets BOS/EOS/PAD/class ids past it).
+    - ``max_tokens``: upper bound on tokens per image.
+    - ``variable_length``: True for codec streams (they end with EOS in the layout).
+    - ``subcodes``: () unless a position's code is split into sub-tokens (ELM, MAGVIT-v2).
+    - ``fit(images)``: stage 1 for non-learned tokenizers (a palette, BPE merges, or
+      nothing), given (N, 3, H, W) uint8 train images; returns ``tok/*``-style stats.
+    - ``state_dict()/load_state_dict()``: whatever ``fit`` learned, so a token cache can
+      restore the exact tokenizer that wrote it.
+    - ``decode`` never raises on a bad stream: it marks it ``valid=False``.
+    """
+
+    vocab_size: int
+    max_tokens: int
+    variable_length: bool
+    subcodes: tuple[int, ...]
+
+    def fit(self, images: Tensor) -> dict[str, float]: ...
+
+    def encode(self, images: Tensor) -> TokenBatch: ...
+
+    def decode(self, tokens: TokenBatch) -> Decoded: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def grey_images(n: int, height: int, width: int) -> Tensor:
+    """(n, 3, H, W) uint8 mid-grey: what an undecodable stream decodes to."""
+    return torch.full((n, 3, height, width), 128, dtype=torch.uint8)
+
+
+def pad_token_lists(streams: list[Tensor]) -> TokenBatch:
+    """Right-pad a list of 1-D int64 id tensors into a ``TokenBatch``."""
+    lengths = torch.tensor([len(s) for s in streams], dtype=torch.int64)
+    width = int(lengths.max()) if len(streams) else 0
+    ids = torch.zeros(len(streams), width, dtype=torch.int64)
+    for i, s in enumerate(streams):
+        ids[i, : len(s)] = s
+    return TokenBatch(ids=ids, lengths=lengths)

@@ -1,0 +1,182 @@
+"""MLflow tracking: where runs live, how they are named, tagged and filled (DESIGN.md §5).
+
+Default store: ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlartifacts``,
+``<home>`` = ``$LMGEN_HOME`` or ``./lmgen-runs``. ``tracking.uri`` or
+``$MLFLOW_TRACKING_URI`` point at a real ``mlflow server`` instead. Only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from lmgen.config import flatten
+
+log = logging.getLogger(__name__)
+
+PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
+BATCH_LIMIT = 100  # MLflow's limit on params per log_batch call
+
+
+def lmgen_home() -> Path:
+    """``$LMGEN_HOME`` or ``./lmgen-runs``, created on first use."""
+    home = Path(os.environ.get("LMGEN_HOME", "lmgen-runs")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{lmgen_home() / 'mlflow.db'}"
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any compute) when a tracking server cannot be reached."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as reply:
+            if reply.status != 200:
+                raise ConnectionError(f"status {reply.status}")
+    except (OSError, urllib.error.URLError, ConnectionError) as err:
+        raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({err}); "
+                              "start it or unset tracking.uri / MLFLOW_TRACKING_URI") from None
+
+
+def git_sha() -> str:
+    """Commit of the lmgen source tree (suffix ``-dirty`` with local changes), or ``unknown``."""
+    src = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+class Tracker:
+    """A thin, typed wrapper over ``MlflowClient`` for one experiment."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = None
+            if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        self.experiment = experiment
+
+    def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
+        """Create a RUNNING run with the standard tags; returns its id."""
+        all_tags = {"lmgen.git_sha": git_sha(), **tags}
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
+        return run.info.run_id
+
+    def find_finished(self, tags: Mapping[str, str]) -> str | None:
+        """Id of the newest FINISHED run of this experiment carrying all ``tags``."""
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses),
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def log_config(self, run_id: str, config: dict[str, Any]) -> None:
+        """The resolved config as flattened params and as ``config.yaml``."""
+        import yaml
+
+        params = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in flatten(config).items()]
+        for start in range(0, len(params), BATCH_LIMIT):
+            self.client.log_batch(run_id, params=params[start : start + BATCH_LIMIT])
+        self.client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        for start in range(0, len(batch), BATCH_LIMIT * 10):
+            self.client.log_batch(run_id, metrics=batch[start : start + BATCH_LIMIT * 10])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_image(self, run_id: str, image: np.ndarray, name: str) -> None:
+        """(H, W, 3) uint8 image as a PNG artifact."""
+        self.client.log_image(run_id, image, name)
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def artifact_dir(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
+
+    def save_temp(self, run_id: str, name: str, data: bytes) -> None:
+        """Write ``data`` as artifact ``name`` via a temporary file."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_bytes(data)
+            parent = str(Path(name).parent)
+            self.log_file(run_id, path, None if parent == "." else parent)
+
+
+class MlflowMetricLogger(Logger):
+    """Lightning logger that writes metrics into an existing MLflow run (rank 0 only).
+
+    Unlike Lightning's ``MLFlowLogger`` it neither logs hyperparameters (the resolved config
+    is already there) nor ends the run at the end of ``fit``: sampling and evaluation still
+    log into the same run afterwards.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        super().__init__()
+        self.tracker, self._run_id = tracker, run_id
+
+    @property
+    def name(self) -> str:
+        return self.tracker.experiment
+
+    @property
+    def version(self) -> str:
+        return self._run_id
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> MlflowClient:
+        return self.tracker.client
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """The config is logged once, by the caller, as flattened params."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if k != "epoch"}
+        self.tracker.log_metrics(self._run_id, clean, step=step or 0)

@@ -1,0 +1,79 @@
+"""Config contract: strict merge, typos and bad values fail before compute naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmgen.config import ConfigError, config_hash, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").rglob("*.yaml"))
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert cfg.tokenizer.name == "pixels"
+    assert cfg.data.name == "shapes"
+    assert cfg.lm.size == "micro"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_experiment_yaml_validates(path):
+    cfg = load_config(path)
+    assert cfg.tokenizer.name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.lrr=0.1"], "train.lrr"),
+        (["train.lrr=0.1"], "did you mean 'train.lr'"),
+        (["trian.lr=0.1"], "trian"),
+        (["train.max_steps=abc"], "train.max_steps"),
+        (["lm.size=huge"], "valid choices: B, L, XL, micro, mini, nano, small"),
+        (["tokenizer.name=jpg"], "did you mean 'jpeg'"),
+        (["tokenizer.name=jpeg", "tokenizer.qualty=10"], "tokenizer.qualty"),
+        (["tokenizer.name=jpeg", "tokenizer.subsampling=4:1:1"], "tokenizer.subsampling"),
+        (["tokenizer.name=jpeg", "tokenizer.quality=0"], "tokenizer.quality"),
+        (["tokenizer.palette_size=-1"], "tokenizer.palette_size"),
+        (["train.precision=fp8"], "train.precision"),
+        (["data.name=cifar"], "data.name"),
+        (["data.name=imagefolder"], "data.root"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["sample.top_p=0"], "sample.top_p"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_yaml_typo_is_named(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("lm:\n  szie: nano\n")
+    with pytest.raises(ConfigError, match=r"lm\.szie.*did you mean 'lm\.size'"):
+        load_config(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_win_and_sexagesimal_stays_text():
+    cfg = load_config(ROOT / "experiments/tokenizers/jpeg_q25.yaml",
+                      ["tokenizer.subsampling=4:4:4", "train.max_steps=7"])
+    assert cfg.tokenizer.subsampling == "4:4:4"  # YAML 1.1 would make this 14640
+    assert cfg.train.max_steps == 7
+    assert cfg.tokenizer.quality == 25
+
+
+def test_config_is_read_only_and_hash_is_stable():
+    a, b = load_config(None, ["seed=1"]), load_config(None, ["seed=1"])
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(load_config(None, ["seed=2"]))
+    with pytest.raises(Exception):
+        a.seed = 3

@@ -1,0 +1,173 @@
+"""Contract tests for lmgen.sampling: greedy/cache parity, filters, masks, EOS, CFG, seeds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lmgen.llama import Llama, LlamaConfig
+from lmgen.sampling import Generation, cfg_scale_at, filter_logits, generate
+
+V = 40
+EOS, PAD = 38, 39
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models are all thread-sync overhead: on a shared 2-core box, 2 OpenMP threads
+    # make each small matmul ~100x slower under load. Restored after this module.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, n_layers=2, n_heads=4, dim=32, n_kv_heads=2, max_seq_len=64)
+    model = Llama(cfg).eval()
+    with torch.no_grad():  # sharper than init so sampled streams differ from run to run
+        model.head.weight.mul_(20)
+    return model
+
+
+def prompts(b: int = 3, p: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V - 2, (b, p), generator=torch.Generator().manual_seed(seed))
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_greedy_equals_argmax_of_full_forward(model: Llama) -> None:
+    prompt = prompts()
+    out = generate(model, prompt, 10, temperature=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.tokens, seq[:, 2:])
+    assert out.tokens.dtype == torch.long and out.tokens.shape == (3, 10)
+    assert torch.equal(out.lengths, torch.full((3,), 10)) and not out.finished.any()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 5, "top_p": 0.9, "temperature": 0.8},
+                                    {"cfg_scale": 3.0}])
+def test_cache_and_no_cache_agree(model: Llama, kwargs: dict) -> None:
+    prompt = prompts()
+    if "cfg_scale" in kwargs:
+        kwargs = {**kwargs, "uncond_prompt": torch.full_like(prompt, 37)}
+    a = generate(model, prompt, 12, generator=seeded(1), **kwargs)
+    b = generate(model, prompt, 12, generator=seeded(1), use_cache=False, **kwargs)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_top_k_1_is_greedy(model: Llama) -> None:
+    prompt = prompts()
+    greedy = generate(model, prompt, 8, temperature=0).tokens
+    assert torch.equal(generate(model, prompt, 8, top_k=1, generator=seeded()).tokens, greedy)
+
+
+def test_filter_logits_top_k_and_top_p() -> None:
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept.tolist() == [[False, True, True, False, False]]
+    # sorted probabilities 0.5, 0.25, 0.15, 0.1: cumulative 0.5, 0.75, 0.9, 1.0
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])
+    logits = probs.log()
+    assert filter_logits(logits, top_p=0.45).isfinite().tolist() == [[False, True, False, False]]
+    assert filter_logits(logits, top_p=0.7).isfinite().tolist() == [[False, True, False, True]]
+    assert filter_logits(logits, top_p=0.8).isfinite().tolist() == [[False, True, True, True]]
+    assert filter_logits(logits, top_p=0.01).isfinite().tolist() == [[False, True, False, False]]
+    assert filter_logits(logits, top_p=1.0).isfinite().all()
+    both = filter_logits(logits, top_k=3, top_p=0.99).isfinite()  # top-k first, then nucleus
+    assert both.tolist() == [[False, True, True, True]]
+    assert filter_logits(logits.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError):
+        filter_logits(logits, top_p=0.0)
+
+
+def test_allowed_is_respected(model: Llama) -> None:
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[3, 7, 20]] = True
+    out = generate(model, prompts(8), 16, temperature=2.0, allowed=allowed, generator=seeded())
+    assert set(out.tokens.unique().tolist()) <= {3, 7, 20}
+    assert len(out.tokens.unique()) > 1  # really sampled, not collapsed
+
+
+def test_eos_lengths_finished_and_pad(model: Llama) -> None:
+    # Uniform logits over {1, 2, 3, EOS}: rows hit EOS at different steps, then emit PAD.
+    uniform = copy.deepcopy(model)
+    with torch.no_grad():
+        uniform.head.weight.zero_()
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[1, 2, 3, EOS]] = True
+    out = generate(uniform, prompts(6), 30, allowed=allowed, eos_id=EOS, pad_id=PAD,
+                   generator=seeded(2))
+    assert out.finished.all() and len(set(out.lengths.tolist())) > 1
+    for row, n in zip(out.tokens.tolist(), out.lengths.tolist()):
+        assert set(row[:n]) <= {1, 2, 3} and row[n] == EOS and set(row[n + 1 :]) <= {PAD}
+    # without EOS allowed nothing finishes and lengths are max_new_tokens
+    allowed[EOS] = False
+    out = generate(uniform, prompts(6), 30, allowed=allowed, eos_id=EOS, pad_id=PAD)
+    assert not out.finished.any() and out.lengths.eq(30).all()
+    # forcing EOS at once: every row finishes at step 0 and no step runs after the prefill
+    only_eos = torch.zeros(V, dtype=torch.bool)
+    only_eos[EOS] = True
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = generate(model, prompts(), 5, allowed=only_eos, eos_id=EOS, pad_id=PAD)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert out.finished.all() and out.lengths.eq(0).all()
+    assert out.tokens[:, 0].eq(EOS).all() and out.tokens[:, 1:].eq(PAD).all()
+
+
+def test_cfg_scale_1_is_unguided(model: Llama) -> None:
+    prompt = prompts()
+    plain = generate(model, prompt, 8, generator=seeded(3))
+    scaled = generate(model, prompt, 8, generator=seeded(3), cfg_scale=1.0,
+                      uncond_prompt=torch.full_like(prompt, 37))
+    assert torch.equal(plain.tokens, scaled.tokens)
+
+
+def test_cfg_matches_manual_guidance(model: Llama) -> None:
+    prompt, uncond, s = prompts(), torch.full((3, 2), 37), 4.0
+    with torch.no_grad():
+        c, u = model(prompt)[:, -1], model(uncond)[:, -1]
+    guided = u + s * (c - u)
+    out = generate(model, prompt, 1, temperature=0, cfg_scale=s, uncond_prompt=uncond)
+    assert torch.equal(out.tokens[:, 0], guided.argmax(-1))
+    assert not torch.equal(guided.argmax(-1), c.argmax(-1))  # guidance changed something
+    # sampled: the same draws as multinomial over softmax(guided) with the same generator
+    out = generate(model, prompt, 1, cfg_scale=s, uncond_prompt=uncond, generator=seeded(5))
+    ref = torch.multinomial(guided.softmax(-1), 1, generator=seeded(5)).squeeze(-1)
+    assert torch.equal(out.tokens[:, 0], ref)
+
+
+def test_linear_cfg_schedule() -> None:
+    assert cfg_scale_at(0, 4, 3.0, "constant") == 3.0
+    assert [cfg_scale_at(t, 4, 3.0, "linear") for t in range(4)] == [1.5, 2.0, 2.5, 3.0]
+    with pytest.raises(ValueError, match="linear"):
+        cfg_scale_at(0, 4, 3.0, "cosine")
+
+
+def test_seeded_reproducibility(model: Llama) -> None:
+    prompt = prompts()
+    a = generate(model, prompt, 16, top_p=0.95, generator=seeded(7))
+    b = generate(model, prompt, 16, top_p=0.95, generator=seeded(7))
+    c = generate(model, prompt, 16, top_p=0.95, generator=seeded(8))
+    assert isinstance(a, Generation)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+
+
+def test_under_bf16_autocast(model: Llama) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, prompts(), 6, cfg_scale=2.0, uncond_prompt=torch.full((3, 2), 37),
+                       top_k=10, generator=seeded())
+    assert out.tokens.shape == (3, 6) and out.tokens.lt(V).all() and out.lengths.eq(6).all()
