@@ -127,7 +127,3 @@ class ARModule(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, self.optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def transfer_batch_to_device(self, batch: SequenceBatch, device: torch.device,
-                                 dataloader_idx: int) -> SequenceBatch:
-        return SequenceBatch(batch.inputs.to(device), batch.targets.to(device), batch.labels.to(device))

@@ -15,9 +15,10 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -52,7 +53,7 @@ class DataConfig:
     train_size: int = 4000  # folders: 0 = every file
     val_size: int = 500
     seed: int = 0  # the dataset's own seed (content), separate from the run seed
-    root: Optional[str] = None  # folder datasets; use ${oc.env:VAR} rather than relative hops
+    root: str | None = None  # folder datasets; use ${oc.env:VAR} rather than relative hops
     val_fraction: float = 0.05  # folders without train/ and val/ subfolders
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     encode_batch_size: int = 256  # images per tokenizer.encode call when filling the cache
@@ -104,9 +105,9 @@ class SampleConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite under $LMGEN_HOME
-    experiment: Optional[str] = None  # None: the experiment's `name`
-    run_name: Optional[str] = None  # None: "<tokenizer>-<lm.size>-s<seed>"
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under $LMGEN_HOME
+    experiment: str | None = None  # None: the experiment's `name`
+    run_name: str | None = None  # None: "<tokenizer>-<lm.size>-s<seed>"
 
 
 @dataclass

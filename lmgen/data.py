@@ -263,3 +263,7 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False)
+
+    def transfer_batch_to_device(self, batch: SequenceBatch, device: torch.device,
+                                 dataloader_idx: int) -> SequenceBatch:
+        return SequenceBatch(batch.inputs.to(device), batch.targets.to(device), batch.labels.to(device))

@@ -14,8 +14,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment

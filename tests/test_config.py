@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf.errors import ReadonlyConfigError
 
 from lmgen.config import ConfigError, config_hash, load_config
 
@@ -75,5 +76,5 @@ def test_config_is_read_only_and_hash_is_stable():
     a, b = load_config(None, ["seed=1"]), load_config(None, ["seed=1"])
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(load_config(None, ["seed=2"]))
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         a.seed = 3

@@ -1,0 +1,86 @@
+"""`lmgen run` end to end on tiny configs: a real MLflow store, real training, real decoding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmgen.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.max_steps=6",
+        "train.val_every=4", "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=10",
+        "sample.batch_size=10", "train.log_every=1"]
+LM_KEYS = {"lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/params", "lm/flops", "lm/tokens_per_s"}
+TOK_KEYS = {"tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/ssim"}
+GEN_KEYS = {"gen/decode_valid_rate", "gen/images_per_s"}
+
+
+def _runs(home: Path, experiment: str = "quickstart"):
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id])
+
+
+def _artifacts(client: MlflowClient, run_id: str) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id)}
+
+
+@pytest.mark.parametrize("experiment", ["quickstart_pixels", "quickstart_jpeg"])
+def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
+    assert main(["run", str(ROOT / f"experiments/{experiment}.yaml"), *TINY]) == 0
+    assert "lm/val_bits_per_image" in capsys.readouterr().out  # the one-screen summary
+    client, runs = _runs(lmgen_home)
+    lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
+    tok = [r for r in runs if r.data.tags["lmgen.stage"] == "tokenizer"]
+    assert len(lm) == 1 and len(tok) == 1
+    run = lm[0]
+    assert run.info.status == "FINISHED"
+    assert LM_KEYS | TOK_KEYS | GEN_KEYS <= set(run.data.metrics)
+    assert run.data.metrics["lm/val_bits_per_image"] > 0
+    assert 0.0 <= run.data.metrics["gen/decode_valid_rate"] <= 1.0
+    assert run.data.params["tokenizer.name"] == run.data.tags["lmgen.tokenizer"]
+    assert run.data.params["lm.size"] == "nano"
+    assert run.data.tags["lmgen.tokenizer_run_id"] == tok[0].info.run_id
+    assert {"lmgen.git_sha", "lmgen.config_hash"} <= set(run.data.tags)
+    assert {"config.yaml", "samples.png"} <= _artifacts(client, run.info.run_id)
+    assert tok[0].info.status == "FINISHED" and TOK_KEYS <= set(tok[0].data.metrics)
+    assert "recon.png" in _artifacts(client, tok[0].info.run_id)
+    assert (lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt").is_file()
+
+
+def test_second_run_reuses_stage1_and_token_cache(lmgen_home):
+    experiment = str(ROOT / "experiments/quickstart_jpeg.yaml")
+    assert main(["run", experiment, *TINY]) == 0
+    caches = sorted(p.name for p in (lmgen_home / "cache").iterdir())
+    assert main(["run", experiment, *TINY, "seed=1", "train.max_steps=2"]) == 0
+    assert sorted(p.name for p in (lmgen_home / "cache").iterdir()) == caches
+    _, runs = _runs(lmgen_home)
+    lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
+    assert len(lm) == 2 and len({r.data.tags["lmgen.tokenizer_run_id"] for r in lm}) == 1
+    assert sum(r.data.tags["lmgen.stage"] == "tokenizer" for r in runs) == 1
+
+
+def test_a_crash_marks_the_run_failed(lmgen_home, monkeypatch):
+    import lmgen.experiment
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(lmgen.experiment, "_sample_and_log", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        main(["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "train.max_steps=1"])
+    _, runs = _runs(lmgen_home)
+    assert [r.info.status for r in runs if r.data.tags["lmgen.stage"] == "lm"] == ["FAILED"]
+
+
+def test_console_script_reports_config_errors_before_compute(lmgen_home):
+    proc = subprocess.run([sys.executable, "-m", "lmgen", "run", str(ROOT / "experiments/quickstart_jpeg.yaml"),
+                           "train.max_stpes=3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.max_stpes" in proc.stderr and "train.max_steps" in proc.stderr
+    assert not (lmgen_home / "mlflow.db").exists()  # nothing ran, nothing was written
