@@ -56,8 +56,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
                "--host", args.host, "--port", str(args.port)]
     if uri.startswith("sqlite:///"):
         command += ["--default-artifact-root", (lmgen_home() / "mlartifacts").as_uri()]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}); Ctrl-C stops it")
-    return subprocess.call(command, env=os.environ.copy())
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}); Ctrl-C stops it", flush=True)
+    env = os.environ.copy()
+    # The server's background job workers (GenAI evaluation jobs) cost ~8 processes of
+    # ~250 MB each and lmgen never submits jobs: off unless the user asks for them.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return subprocess.call(command, env=env)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +86,46 @@ def test_console_script_reports_config_errors_before_compute(lmgen_home):
     assert proc.returncode == 2
     assert "train.max_stpes" in proc.stderr and "train.max_steps" in proc.stderr
     assert not (lmgen_home / "mlflow.db").exists()  # nothing ran, nothing was written
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(lmgen_home):
+    import time
+
+    from lmgen.config import load_config
+    from lmgen.experiment import run_experiment
+
+    cfg = load_config(ROOT / "experiments/quickstart_jpeg.yaml", [*TINY, "tracking.uri=http://127.0.0.1:9"])
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"http://127\.0\.0\.1:9"):
+        run_experiment(cfg)
+    assert time.perf_counter() - start < 30
+    assert not (lmgen_home / "cache").exists()  # failed before any compute
+
+
+def test_lmgen_ui_serves_the_store(lmgen_home):
+    """`lmgen ui` starts a real MLflow server on the SQLite store."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lmgen", "ui", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    assert reply.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, "lmgen ui exited early"
+                time.sleep(1)
+        else:
+            pytest.fail("lmgen ui did not answer within 90 s")
+        assert (lmgen_home / "mlflow.db").exists()
+    finally:  # the UI runs a server with workers of its own: stop the whole process group
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
