@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from lmgen.config import flatten
@@ -113,22 +112,13 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]  # NaN stays visible
         for start in range(0, len(batch), BATCH_LIMIT * 10):
             self.client.log_batch(run_id, metrics=batch[start : start + BATCH_LIMIT * 10])
-
-    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_image(self, run_id: str, image: np.ndarray, name: str) -> None:
         """(H, W, 3) uint8 image as a PNG artifact."""
         self.client.log_image(run_id, image, name)
-
-    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
-
-    def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -138,14 +128,6 @@ class Tracker:
 
     def artifact_dir(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.artifact_uri
-
-    def save_temp(self, run_id: str, name: str, data: bytes) -> None:
-        """Write ``data`` as artifact ``name`` via a temporary file."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(name).name
-            path.write_bytes(data)
-            parent = str(Path(name).parent)
-            self.log_file(run_id, path, None if parent == "." else parent)
 
 
 class MlflowMetricLogger(Logger):
