@@ -11,16 +11,6 @@ from lmgen.llama import LLAMA_SIZES, Llama, LlamaConfig, llama_config
 V = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are all thread-sync overhead: on a shared 2-core box, 2 OpenMP threads
-    # make each small matmul ~100x slower under load. Restored after this module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**overrides) -> Llama:
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=V, n_layers=2, n_heads=4, dim=32, max_seq_len=64, **overrides)

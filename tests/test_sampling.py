@@ -14,16 +14,6 @@ V = 40
 EOS, PAD = 38, 39
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are all thread-sync overhead: on a shared 2-core box, 2 OpenMP threads
-    # make each small matmul ~100x slower under load. Restored after this module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model() -> Llama:
     torch.manual_seed(0)
