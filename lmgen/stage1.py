@@ -60,11 +60,15 @@ def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_
         metrics = tracker.metrics(run_id)
     else:
         run_id = tracker.start_run(f"tokenizer-{cfg.tokenizer.name}-{key[:6]}", tags)
-        tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
-        metrics = {**fit_stats, **_evaluate(tokenizer, val_ds, caches["val"], tracker, run_id)}
-        metrics["data/train_items"] = float(len(caches["train"]))
-        metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
-        tracker.log_metrics(run_id, metrics)
+        try:
+            tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
+            metrics = {**fit_stats, **_evaluate(tokenizer, val_ds, caches["val"], tracker, run_id)}
+            metrics["data/train_items"] = float(len(caches["train"]))
+            metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
+            tracker.log_metrics(run_id, metrics)
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")  # never leave a stage-1 run RUNNING
+            raise
         tracker.end_run(run_id)
     return Stage1Result(tokenizer, key, run_id, metrics, caches["train"], caches["val"])
 

@@ -43,6 +43,8 @@ def test_every_experiment_yaml_validates(path):
         (["data.name=cifar"], "data.name"),
         (["data.name=imagefolder"], "data.root"),
         (["train.batch_size=0"], "train.batch_size"),
+        (["data.train_size=0"], "data.train_size"),
+        (["data.name=imagefolder", "data.root=/x", "data.val_size=-1"], "data.val_size"),
         (["sample.top_p=0"], "sample.top_p"),
     ],
 )

@@ -129,3 +129,26 @@ def test_lmgen_ui_serves_the_store(lmgen_home):
     finally:  # the UI runs a server with workers of its own: stop the whole process group
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_imagefolder_run_skips_and_counts_corrupt_files(lmgen_home, tmp_path):
+    """A real folder of PNGs with one corrupt file: the run finishes and reports data/skipped."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            base = np.full((20, 24, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+            Image.fromarray(base + rng.integers(0, 20, base.shape, dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    args = ["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "data.name=imagefolder",
+            f"data.root={root}", "data.train_size=0", "data.val_size=0", "data.val_fraction=0.25"]
+    assert main(args) == 0
+    _, runs = _runs(lmgen_home)
+    lm = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm")
+    assert lm.info.status == "FINISHED"
+    assert lm.data.metrics["data/skipped"] == 1.0
+    assert lm.data.metrics["data/train_items"] + 1 + 6 == 25  # 25 files: 1 corrupt, 6 in val
