@@ -49,7 +49,8 @@ class ARModule(L.LightningModule):
         super().__init__()
         self.model = Llama(model_cfg)
         self.layout, self.optim = layout, optim
-        self.tokens_seen = 0  # target tokens, this process
+        self.tokens_seen = 0  # target tokens, all ranks
+        self.flops = 0.0  # training FLOPs so far, all ranks, at each batch's real length
         self._fit_start = 0.0
         self._val_nll_bits: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
@@ -88,6 +89,7 @@ class ARModule(L.LightningModule):
         count = mask.sum()
         loss = nll.sum() / count.clamp(min=1)
         self.tokens_seen += int(count) * self.trainer.world_size
+        self.flops += self.model.flops_per_token(batch.inputs.shape[1]) * int(count) * self.trainer.world_size
         self.log("lm/train_loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("lm/lr", self.lr_schedulers().get_last_lr()[0], batch_size=len(batch))
         return loss
@@ -110,7 +112,7 @@ class ARModule(L.LightningModule):
             "lm/val_bits_per_image": float(bits.mean()),
             "lm/val_bits_per_token": float(bits.sum() / tokens.sum()),
             "lm/tokens_seen": float(self.tokens_seen),
-            "lm/flops": self.model.flops_per_token(self.layout.seq_len) * self.tokens_seen,
+            "lm/flops": self.flops,
             "lm/tokens_per_s": self.tokens_seen / elapsed,
         }
         self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
