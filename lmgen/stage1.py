@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from lmgen.config import config_hash, to_dict
-from lmgen.data import TokenCache
+from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import iter_batches
 from lmgen.metrics import psnr, rate_metrics, ssim
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
@@ -45,7 +45,8 @@ class Stage1Result:
 def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds,
                       tracker: Tracker, home: Path) -> Stage1Result:
     """Fit (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run."""
-    key = config_hash("tokenizer", cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
+    # The cache format is part of the key so a layout change never reads stale caches.
+    key = config_hash("tokenizer", CACHE_FORMAT, cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
     fit_stats = _fit_or_load(cfg, tokenizer, train_ds, home / "tokenizers" / key)
     caches = {}
     for split, dataset in (("train", train_ds), ("val", val_ds)):

@@ -50,3 +50,9 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     proc = subprocess.run([ruff, "check", "lmgen", "tests"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_package_directory_has_an_init():
+    """Without __init__.py a non-editable install (a wheel) silently leaves modules out."""
+    dirs = {p.parent for p in (ROOT / "lmgen").rglob("*.py") if "__pycache__" not in p.parts}
+    assert all((d / "__init__.py").is_file() for d in dirs), sorted(map(str, dirs))
