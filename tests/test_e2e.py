@@ -59,7 +59,9 @@ def test_second_run_reuses_stage1_and_token_cache(lmgen_home):
     experiment = str(ROOT / "experiments/quickstart_jpeg.yaml")
     assert main(["run", experiment, *TINY]) == 0
     caches = sorted(p.name for p in (lmgen_home / "cache").iterdir())
-    assert main(["run", experiment, *TINY, "seed=1", "train.max_steps=2"]) == 0
+    # The second run also samples with classifier-free guidance (null-class rows in one batch).
+    assert main(["run", experiment, *TINY, "seed=1", "train.max_steps=2", "sample.cfg_scale=2.0",
+                 "sample.cfg_schedule=linear"]) == 0
     assert sorted(p.name for p in (lmgen_home / "cache").iterdir()) == caches
     _, runs = _runs(lmgen_home)
     lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
@@ -152,3 +154,13 @@ def test_imagefolder_run_skips_and_counts_corrupt_files(lmgen_home, tmp_path):
     assert lm.info.status == "FINISHED"
     assert lm.data.metrics["data/skipped"] == 1.0
     assert lm.data.metrics["data/train_items"] + 1 + 6 == 25  # 25 files: 1 corrupt, 6 in val
+
+
+def test_unconditional_model_with_cfg_off(lmgen_home):
+    """lm.class_conditional=false: BOS at position 0, no label dropout, sampling still decodes."""
+    args = ["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "lm.class_conditional=false",
+            "train.class_dropout=0.0", "sample.top_p=0.9"]
+    assert main(args) == 0
+    _, runs = _runs(lmgen_home)
+    lm = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm")
+    assert lm.info.status == "FINISHED" and "gen/decode_valid_rate" in lm.data.metrics
