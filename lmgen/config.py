@@ -104,6 +104,15 @@ class SampleConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Evaluation (DESIGN §7): offline probe metrics always; Inception where weights exist."""
+
+    probe: bool = True  # train/load the dataset's probe classifier: gen/fd_probe, tok/rfid_probe, ...
+    inception_weights: str = "auto"  # auto: torch-fidelity's cache/download; none: skip; or a file path
+    num_reference: int = 0  # val images used as the reference set (0 = the whole val split)
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under $LMGEN_HOME
     experiment: str | None = None  # None: the experiment's `name`
@@ -119,6 +128,7 @@ class ExperimentConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -7,6 +7,7 @@ path is the same for every tokenizer: nothing here looks at a tokenizer's name.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,18 +21,23 @@ from omegaconf import DictConfig
 from lmgen.ar_module import ARModule, OptimConfig
 from lmgen.config import config_hash, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
-from lmgen.datasets import build_dataset
+from lmgen.datasets import build_dataset, iter_batches
 from lmgen.llama import Llama, llama_config
+from lmgen.metrics.fidelity import class_accuracy, fidelity_metrics
+from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.sampling import generate
-from lmgen.stage1 import prepare_tokenizer, to_grid
+from lmgen.stage1 import log_fidelity_context, prepare_tokenizer, to_grid
 from lmgen.tokenizers import ImageTokenizer, TokenBatch, build_tokenizer
 from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "lm/params", "lm/train_loss",
-                "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s", "gen/decode_valid_rate",
-                "gen/images_per_s")
+SUMMARY_KEYS = ("tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/rfid_probe", "tok/rfid",
+                "lm/params", "lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s",
+                "gen/decode_valid_rate", "gen/fd_probe", "gen/fid", "gen/class_accuracy", "gen/images_per_s")
+
+
+FIDELITY_KEYS = ("gen/fd_probe", "gen/precision_probe", "gen/recall_probe", "gen/kid_probe", "gen/fid")
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,9 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
     train_ds = build_dataset(cfg.data, "train")
     val_ds = build_dataset(cfg.data, "val")
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
-    stage1 = prepare_tokenizer(cfg, tokenizer, train_ds, val_ds, tracker, home)
+    # The probe classifier behind the offline metrics: trained once per dataset, cached.
+    probe = load_or_train_probe(train_ds, val_ds, home / "probes", ProbeConfig()) if cfg.metrics.probe else None
+    stage1 = prepare_tokenizer(cfg, tokenizer, train_ds, val_ds, tracker, home, probe)
 
     layout = SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, train_ds.num_classes,
                             tokenizer.variable_length, cfg.lm.class_conditional)
@@ -95,7 +103,8 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
         _train(cfg, module, datamodule, tracker, run_id, home)
         if cfg.sample.num_samples > 0:
-            _sample_and_log(cfg, module.model, layout, tokenizer, tracker, run_id)
+            samples = _generate(cfg, module.model, layout, tokenizer)
+            _evaluate_samples(cfg, samples, layout, train_ds, val_ds, probe, tracker, run_id)
     except KeyboardInterrupt:
         tracker.end_run(run_id, "KILLED")
         raise
@@ -133,10 +142,21 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class SampleSet:
+    """Decoded samples: images (N, 3, H, W) uint8, valid (N,) bool, labels (N,) int64 (the
+    class asked for), lengths (N,) int64 tokens generated, seconds spent sampling + decoding."""
+
+    images: torch.Tensor
+    valid: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    seconds: float
+
+
 @torch.no_grad()
-def _sample_and_log(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,
-                    tracker: Tracker, run_id: str) -> dict[str, float]:
-    """Sample ``sample.num_samples`` images (classes round-robin), decode, log metrics + samples.png."""
+def _generate(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer) -> SampleSet:
+    """Sample ``sample.num_samples`` images (classes round-robin) and decode them."""
     s = cfg.sample
     model.eval()
     device = next(model.parameters()).device
@@ -154,20 +174,67 @@ def _sample_and_log(cfg: DictConfig, model: Llama, layout: SequenceLayout, token
         ids = gen.tokens[:, : layout.max_tokens].cpu()
         ids = torch.where(ids < layout.vocab_size, ids, torch.zeros_like(ids))
         tokens = TokenBatch(ids=ids, lengths=gen.lengths.clamp(max=layout.max_tokens).cpu())
-        decoded = tokenizer.decode(tokens)
+        decoded = tokenizer.decode(tokens)  # never raises: undecodable streams come back valid=False
         images.append(decoded.images)
         valid.append(decoded.valid)
         lengths.append(tokens.lengths)
-    seconds = time.perf_counter() - start
-    images_t, valid_t = torch.cat(images), torch.cat(valid)
-    metrics = {"gen/decode_valid_rate": float(valid_t.float().mean()),
-               "gen/images_per_s": len(images_t) / seconds,
-               "gen/tokens_per_image": float(torch.cat(lengths).float().mean())}
+    model.train()
+    return SampleSet(torch.cat(images), torch.cat(valid), labels, torch.cat(lengths), time.perf_counter() - start)
+
+
+def _evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout, train_ds, val_ds,  # noqa: PLR0913
+                      probe: Probe | None, tracker: Tracker, run_id: str) -> dict[str, float]:
+    """gen/* metrics of the decodable samples against the val split; samples.png; per-class CSV.
+
+    Undecodable samples are counted (``gen/num_invalid``) and left out of every fidelity
+    metric — never replaced.
+    """
+    good = samples.images[samples.valid]
+    metrics = {"gen/decode_valid_rate": float(samples.valid.float().mean()),
+               "gen/num_invalid": float((~samples.valid).sum()),
+               "gen/images_per_s": len(samples.images) / samples.seconds,
+               "gen/tokens_per_image": float(samples.lengths.float().mean())}
+    if probe is not None and len(good) >= 2:
+        reference = reference_images(val_ds, cfg.metrics.num_reference, cfg.data.encode_batch_size)
+        result = fidelity_metrics(good, reference, probe=probe, inception_weights=cfg.metrics.inception_weights,
+                                  prefix="gen", seed=cfg.seed)
+        metrics.update(result.metrics)
+        log_fidelity_context(tracker, run_id, result, "gen")
+    elif probe is not None:
+        reason = f"{len(good)} of {len(samples.images)} samples decodable; fidelity needs at least 2"
+        log.warning("gen fidelity metrics skipped: %s", reason)
+        tracker.log_text(run_id, json.dumps(dict.fromkeys(FIDELITY_KEYS, reason), indent=1),
+                         "gen_metrics_skipped.json")
+    if probe is not None and layout.class_conditional and len(good) > 0:
+        acc = class_accuracy(probe, good, samples.labels[samples.valid])
+        metrics["gen/class_accuracy"] = acc["accuracy"]
+        metrics["gen/class_accuracy_balanced"] = acc["balanced_accuracy"]
+        tracker.log_text(run_id, _per_class_csv(train_ds, acc), "per_class.csv")
     tracker.log_metrics(run_id, metrics)
     nrow = layout.num_classes if layout.class_conditional else 8
-    tracker.log_image(run_id, to_grid(images_t, nrow=min(nrow, len(images_t))), "samples.png")
-    model.train()
+    tracker.log_image(run_id, to_grid(samples.images, nrow=min(nrow, len(samples.images))), "samples.png")
     return metrics
+
+
+def reference_images(val_ds, limit: int, batch_size: int) -> torch.Tensor:
+    """(M, 3, H, W) uint8: the first ``limit`` readable val images (0 = all)."""
+    images, count = [], 0
+    for batch in iter_batches(val_ds, batch_size):
+        images.append(batch.images)
+        count += len(batch.images)
+        if limit and count >= limit:
+            break
+    return torch.cat(images)[: limit or None]
+
+
+def _per_class_csv(train_ds, acc: dict) -> str:
+    """class, name, train frequency, samples, probe accuracy: the long-tail view of the samples."""
+    counts = train_ds.class_counts().double()
+    freq = counts / counts.sum()
+    rows = ["class,name,train_frequency,num_samples,class_accuracy"]
+    for c, name in enumerate(train_ds.class_names):
+        rows.append(f"{c},{name},{freq[c]:.6f},{int(acc['per_class_count'][c])},{acc['per_class_accuracy'][c]:.4f}")
+    return "\n".join(rows) + "\n"
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -9,6 +9,7 @@ the tag ``lmgen.tokenizer_run_id``, and a second LM run with the same tokenizer 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from lmgen.config import config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import iter_batches
 from lmgen.metrics import psnr, rate_metrics, ssim
+from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
+from lmgen.metrics.probe import Probe
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import Tracker
 
@@ -42,9 +45,13 @@ class Stage1Result:
     val: TokenCache
 
 
-def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds,
-                      tracker: Tracker, home: Path) -> Stage1Result:
-    """Fit (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run."""
+def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds,  # noqa: PLR0913
+                      tracker: Tracker, home: Path, probe: Probe | None = None) -> Stage1Result:
+    """Fit (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run.
+
+    With a ``probe``, reconstructions also get ``tok/rfid_probe`` (and ``tok/rfid`` where
+    Inception weights exist) on up to ``metrics.num_reference`` val images.
+    """
     # The cache format is part of the key so a layout change never reads stale caches.
     key = config_hash("tokenizer", CACHE_FORMAT, cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
     fit_stats = _fit_or_load(cfg, tokenizer, train_ds, home / "tokenizers" / key)
@@ -63,7 +70,7 @@ def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_
         run_id = tracker.start_run(f"tokenizer-{cfg.tokenizer.name}-{key[:6]}", tags)
         try:
             tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
-            metrics = {**fit_stats, **_evaluate(tokenizer, val_ds, caches["val"], tracker, run_id)}
+            metrics = {**fit_stats, **_evaluate(cfg, tokenizer, val_ds, caches["val"], tracker, run_id, probe)}
             metrics["data/train_items"] = float(len(caches["train"]))
             metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
             tracker.log_metrics(run_id, metrics)
@@ -95,22 +102,23 @@ def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, directory
     return dict(stats)
 
 
-def _evaluate(tokenizer: ImageTokenizer, val_ds, val_cache: TokenCache, tracker: Tracker,
-              run_id: str, batch_size: int = 256) -> dict[str, float]:
-    """tok/psnr, tok/ssim, rate and decode validity on the val split; logs ``recon.png``."""
-    psnrs, ssims, valid = [], [], []
-    grid_pairs: list[Tensor] = []
+def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: TokenCache,  # noqa: PLR0913
+              tracker: Tracker, run_id: str, probe: Probe | None, batch_size: int = 256) -> dict[str, float]:
+    """tok/psnr, tok/ssim, rFID, rate and decode validity on the val split; logs ``recon.png``."""
+    psnrs, ssims, valid, originals, recons = [], [], [], [], []
+    keep = cfg.metrics.num_reference or len(val_cache)  # images held in memory for rFID
     for start in range(0, len(val_cache), batch_size):
         rows = range(start, min(start + batch_size, len(val_cache)))
         ids = torch.stack([val_cache[i][0] for i in rows])
-        tokens = TokenBatch(ids=ids, lengths=val_cache.lengths[start : rows.stop].clone())
-        decoded = tokenizer.decode(tokens)
-        originals = torch.stack([val_ds[int(val_cache.indices[i])][0] for i in rows])
-        psnrs.append(psnr(originals, decoded.images).clamp(max=100.0))  # lossless → 100 dB, not inf
-        ssims.append(ssim(originals, decoded.images))
+        decoded = tokenizer.decode(TokenBatch(ids=ids, lengths=val_cache.lengths[start : rows.stop].clone()))
+        real = torch.stack([val_ds[int(val_cache.indices[i])][0] for i in rows])
+        psnrs.append(psnr(real, decoded.images).clamp(max=100.0))  # lossless → 100 dB, not inf
+        ssims.append(ssim(real, decoded.images))
         valid.append(decoded.valid)
-        if not grid_pairs:
-            grid_pairs = [originals[:RECON_IMAGES], decoded.images[:RECON_IMAGES]]
+        if start < keep:
+            originals.append(real[: keep - start])
+            recons.append(decoded.images[: keep - start])
+    originals_t, recons_t = torch.cat(originals), torch.cat(recons)
     metrics = {
         "tok/psnr": float(torch.cat(psnrs).mean()),
         "tok/ssim": float(torch.cat(ssims).mean()),
@@ -119,14 +127,30 @@ def _evaluate(tokenizer: ImageTokenizer, val_ds, val_cache: TokenCache, tracker:
         "tok/max_tokens": float(tokenizer.max_tokens),
         **rate_metrics(val_cache.lengths, tokenizer.vocab_size),
     }
-    # recon.png: rows alternate originals / reconstructions, 8 images per row.
-    originals, recons = grid_pairs
+    if probe is not None and len(originals_t) >= 2:
+        result = rfid_metrics(recons_t, originals_t, probe, cfg.metrics.inception_weights, seed=cfg.seed)
+        metrics.update(result.metrics)
+        log_fidelity_context(tracker, run_id, result, "tok")
+    tracker.log_image(run_id, _pairs_grid(originals_t[:RECON_IMAGES], recons_t[:RECON_IMAGES]), "recon.png")
+    return metrics
+
+
+def log_fidelity_context(tracker: Tracker, run_id: str, result: FidelityResult, prefix: str) -> None:
+    """Params saying how a fidelity metric was computed, and why any metric was skipped."""
+    tracker.log_params(run_id, result.params)
+    if result.skipped:
+        for key, reason in result.skipped.items():
+            log.info("%s skipped: %s", key, reason)
+        tracker.log_text(run_id, json.dumps(result.skipped, indent=1), f"{prefix}_metrics_skipped.json")
+
+
+def _pairs_grid(originals: Tensor, recons: Tensor) -> np.ndarray:
+    """recon.png: rows alternate originals / reconstructions, up to 8 images per row."""
     per_row = min(8, len(originals))
     n = len(originals) - len(originals) % per_row
     interleaved = torch.stack([originals[:n].view(-1, per_row, *originals.shape[1:]),
                                recons[:n].view(-1, per_row, *recons.shape[1:])], 1).flatten(0, 2)
-    tracker.log_image(run_id, to_grid(interleaved, nrow=per_row), "recon.png")
-    return metrics
+    return to_grid(interleaved, nrow=per_row)
 
 
 def to_grid(images: Tensor, nrow: int, scale: int = 0) -> np.ndarray:

@@ -105,10 +105,16 @@ class Tracker:
         """The resolved config as flattened params and as ``config.yaml``."""
         import yaml
 
-        params = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in flatten(config).items()]
-        for start in range(0, len(params), BATCH_LIMIT):
-            self.client.log_batch(run_id, params=params[start : start + BATCH_LIMIT])
+        self.log_params(run_id, flatten(config))
         self.client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        batch = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        for start in range(0, len(batch), BATCH_LIMIT):
+            self.client.log_batch(run_id, params=batch[start : start + BATCH_LIMIT])
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)

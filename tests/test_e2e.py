@@ -19,7 +19,8 @@ TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "lm.size
         "sample.batch_size=10", "train.log_every=1"]
 LM_KEYS = {"lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/params", "lm/flops", "lm/tokens_per_s"}
 TOK_KEYS = {"tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/ssim"}
-GEN_KEYS = {"gen/decode_valid_rate", "gen/images_per_s"}
+GEN_KEYS = {"gen/decode_valid_rate", "gen/num_invalid", "gen/images_per_s"}
+PROBE_KEYS = {"gen/fd_probe", "gen/precision_probe", "gen/recall_probe", "tok/rfid_probe"}
 
 
 def _runs(home: Path, experiment: str = "quickstart"):
@@ -50,6 +51,16 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
     assert run.data.tags["lmgen.tokenizer_run_id"] == tok[0].info.run_id
     assert {"lmgen.git_sha", "lmgen.config_hash"} <= set(run.data.tags)
     assert {"config.yaml", "samples.png"} <= _artifacts(client, run.info.run_id)
+    valid = round(run.data.metrics["gen/decode_valid_rate"] * 10)
+    assert run.data.metrics["gen/num_invalid"] == 10 - valid  # counted, not replaced
+    if valid >= 1:  # the probe scores decodable class-conditional samples, per class too
+        assert "gen/class_accuracy" in run.data.metrics
+        assert "per_class.csv" in _artifacts(client, run.info.run_id)
+    if valid >= 2:  # fidelity needs >= 2 decodable samples
+        assert PROBE_KEYS <= set(run.data.metrics)
+        assert run.data.params["gen.reference"] == "val" and "gen.num_samples" in run.data.params
+    if "gen/fid" not in run.data.metrics:  # offline: Inception skipped with a reason, never a crash
+        assert "gen_metrics_skipped.json" in _artifacts(client, run.info.run_id)
     assert tok[0].info.status == "FINISHED" and TOK_KEYS <= set(tok[0].data.metrics)
     assert "recon.png" in _artifacts(client, tok[0].info.run_id)
     assert (lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt").is_file()
@@ -75,7 +86,7 @@ def test_a_crash_marks_the_run_failed(lmgen_home, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(lmgen.experiment, "_sample_and_log", boom)
+    monkeypatch.setattr(lmgen.experiment, "_evaluate_samples", boom)
     with pytest.raises(RuntimeError, match="injected"):
         main(["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "train.max_steps=1"])
     _, runs = _runs(lmgen_home)
