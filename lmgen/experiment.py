@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from lmgen.ar_module import ARModule, OptimConfig
 from lmgen.config import config_hash, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
-from lmgen.datasets import build_dataset, iter_batches
+from lmgen.datasets import build_dataset, load_images
 from lmgen.llama import Llama, llama_config
 from lmgen.metrics.fidelity import class_accuracy, fidelity_metrics
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
@@ -195,7 +195,7 @@ def _evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayou
                "gen/images_per_s": len(samples.images) / samples.seconds,
                "gen/tokens_per_image": float(samples.lengths.float().mean())}
     if probe is not None and len(good) >= 2:
-        reference = reference_images(val_ds, cfg.metrics.num_reference, cfg.data.encode_batch_size)
+        reference = load_images(val_ds, cfg.metrics.num_reference, cfg.data.encode_batch_size)
         result = fidelity_metrics(good, reference, probe=probe, inception_weights=cfg.metrics.inception_weights,
                                   prefix="gen", seed=cfg.seed)
         metrics.update(result.metrics)
@@ -214,17 +214,6 @@ def _evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayou
     nrow = layout.num_classes if layout.class_conditional else 8
     tracker.log_image(run_id, to_grid(samples.images, nrow=min(nrow, len(samples.images))), "samples.png")
     return metrics
-
-
-def reference_images(val_ds, limit: int, batch_size: int) -> torch.Tensor:
-    """(M, 3, H, W) uint8: the first ``limit`` readable val images (0 = all)."""
-    images, count = [], 0
-    for batch in iter_batches(val_ds, batch_size):
-        images.append(batch.images)
-        count += len(batch.images)
-        if limit and count >= limit:
-            break
-    return torch.cat(images)[: limit or None]
 
 
 def _per_class_csv(train_ds, acc: dict) -> str:

@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 
 from lmgen.config import config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
-from lmgen.datasets import iter_batches
+from lmgen.datasets import load_images
 from lmgen.metrics import psnr, rate_metrics, ssim
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
@@ -87,14 +87,8 @@ def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, directory
     if state_path.is_file():
         tokenizer.load_state_dict(torch.load(state_path, weights_only=False))
         return {}
-    images = []
-    count = 0
-    for batch in iter_batches(train_ds, cfg.data.encode_batch_size, num_workers=cfg.data.num_workers):
-        images.append(batch.images)
-        count += len(batch.images)
-        if count >= cfg.data.fit_images:
-            break
-    stats = tokenizer.fit(torch.cat(images)[: cfg.data.fit_images])
+    images = load_images(train_ds, cfg.data.fit_images, cfg.data.encode_batch_size, cfg.data.num_workers)
+    stats = tokenizer.fit(images)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".state-{os.getpid()}.pt"
     torch.save(tokenizer.state_dict(), tmp)

@@ -17,6 +17,7 @@ from lmgen.datasets.base import (
     collate_images,
     config_value,
     iter_batches,
+    load_images,
 )
 from lmgen.datasets.folder import ImageFolderDataset
 from lmgen.datasets.shapes import CLASS_NAMES, ShapesDataset
@@ -51,4 +52,5 @@ __all__ = [
     "build_dataset",
     "collate_images",
     "iter_batches",
+    "load_images",
 ]

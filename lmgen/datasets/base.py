@@ -171,3 +171,14 @@ def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Ima
     unreadable file is logged with its path by the dataset itself.
     """
     return ImageBatchIterator(dataset, batch_size, num_workers)
+
+
+def load_images(dataset: Dataset, limit: int = 0, batch_size: int = 256, num_workers: int = 0) -> Tensor:
+    """uint8 (M, 3, H, W): the first ``limit`` readable images in index order (0 = all)."""
+    images, count = [], 0
+    for batch in iter_batches(dataset, batch_size, num_workers=num_workers):
+        images.append(batch.images)
+        count += len(batch.images)
+        if limit and count >= limit:
+            break
+    return torch.cat(images)[: limit or None]
