@@ -132,9 +132,7 @@ def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: Tok
 def log_fidelity_context(tracker: Tracker, run_id: str, result: FidelityResult, prefix: str) -> None:
     """Params saying how a fidelity metric was computed, and why any metric was skipped."""
     tracker.log_params(run_id, result.params)
-    if result.skipped:
-        for key, reason in result.skipped.items():
-            log.info("%s skipped: %s", key, reason)
+    if result.skipped:  # lmgen.metrics.fidelity has already logged each reason
         tracker.log_text(run_id, json.dumps(result.skipped, indent=1), f"{prefix}_metrics_skipped.json")
 
 
