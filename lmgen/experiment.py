@@ -74,8 +74,6 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
     check_tracking(uri)  # before any compute: never fail after hours of training
     home = lmgen_home()
     tracker = Tracker(uri, cfg.tracking.experiment or cfg.name)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
     train_ds = build_dataset(cfg.data, "train")
     val_ds = build_dataset(cfg.data, "val")
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
@@ -89,6 +87,9 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
                         betas=(cfg.train.beta1, cfg.train.beta2), warmup_steps=cfg.train.warmup_steps,
                         max_steps=cfg.train.max_steps, min_lr_ratio=cfg.train.min_lr_ratio,
                         class_dropout=cfg.train.class_dropout)
+    # Seed here, after stage 1 and the probe: whether those were cached or trained must not
+    # change the LM's initialisation or data order.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = ARModule(llama_config(cfg.lm.size, layout.total_vocab, layout.seq_len), layout, optim)
     datamodule = TokenDataModule(stage1.train, stage1.val, layout, cfg.train.batch_size,
                                  num_workers=cfg.data.num_workers, seed=cfg.seed)

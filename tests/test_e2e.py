@@ -175,3 +175,17 @@ def test_unconditional_model_with_cfg_off(lmgen_home):
     _, runs = _runs(lmgen_home)
     lm = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm")
     assert lm.info.status == "FINISHED" and "gen/decode_valid_rate" in lm.data.metrics
+
+
+def test_same_seed_same_run_whether_stage1_and_probe_were_cached(lmgen_home):
+    """The first run trains the probe and fits stage 1; the second finds both cached. The LM
+    must not notice: identical losses (CPU, same seed)."""
+    experiment = str(ROOT / "experiments/quickstart_pixels.yaml")
+    assert main(["run", experiment, *TINY, "sample.num_samples=0"]) == 0
+    assert main(["run", experiment, *TINY, "sample.num_samples=0"]) == 0
+    client, runs = _runs(lmgen_home)
+    lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
+    histories = [[m.value for m in client.get_metric_history(r.info.run_id, "lm/train_loss")] for r in lm]
+    assert len(histories) == 2 and len(histories[0]) == 6
+    assert histories[0] == histories[1]
+    assert lm[0].data.metrics["lm/val_bits_per_image"] == lm[1].data.metrics["lm/val_bits_per_image"]
