@@ -195,15 +195,13 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    if cfg.data.name == "shapes":  # generated data has no "all": sizes must be given
-        for key in ("data.train_size", "data.val_size"):
-            if OmegaConf.select(cfg, key) <= 0:
-                raise ConfigError(f"{key} must be positive for data.name='shapes'")
-    elif not cfg.data.root:
+    if cfg.data.name != "shapes" and not cfg.data.root:
         raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}")
     for key in ("data.train_size", "data.val_size"):  # folders: 0 = every file
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+        if cfg.data.name == "shapes" and OmegaConf.select(cfg, key) == 0:  # generated data has no "all"
+            raise ConfigError(f"{key} must be positive for data.name='shapes'")
     if not 0.0 <= cfg.train.class_dropout < 1.0:
         raise ConfigError(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
     if not 0.0 < cfg.sample.top_p <= 1.0:

@@ -23,7 +23,7 @@ from lmgen.config import config_hash, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
 from lmgen.datasets import build_dataset, load_images
 from lmgen.llama import Llama, llama_config
-from lmgen.metrics.fidelity import class_accuracy, fidelity_metrics
+from lmgen.metrics.fidelity import class_accuracy, fidelity_keys, fidelity_metrics
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.sampling import generate
 from lmgen.stage1 import log_fidelity_context, prepare_tokenizer, to_grid
@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/rfid_probe", "tok/rfid",
                 "lm/params", "lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s",
                 "gen/decode_valid_rate", "gen/fd_probe", "gen/fid", "gen/class_accuracy", "gen/images_per_s")
-
-
-FIDELITY_KEYS = ("gen/fd_probe", "gen/precision_probe", "gen/recall_probe", "gen/kid_probe", "gen/fid")
 
 
 @dataclass(frozen=True)
@@ -204,7 +201,7 @@ def _evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayou
     elif probe is not None:
         reason = f"{len(good)} of {len(samples.images)} samples decodable; fidelity needs at least 2"
         log.warning("gen fidelity metrics skipped: %s", reason)
-        tracker.log_text(run_id, json.dumps(dict.fromkeys(FIDELITY_KEYS, reason), indent=1),
+        tracker.log_text(run_id, json.dumps(dict.fromkeys(fidelity_keys("gen"), reason), indent=1),
                          "gen_metrics_skipped.json")
     if probe is not None and layout.class_conditional and len(good) > 0:
         acc = class_accuracy(probe, good, samples.labels[samples.valid])

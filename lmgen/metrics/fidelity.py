@@ -216,6 +216,11 @@ def _keys(kinds: Collection[str], space: int, prefix: str) -> list[str]:
     return [f"{prefix}/{name}" for kind in kinds for name in _KIND_KEYS[kind][space]]
 
 
+def fidelity_keys(prefix: str, kinds: Collection[str] = KINDS) -> list[str]:
+    """Every metric key ``fidelity_metrics`` can report for ``kinds``: probe, then Inception."""
+    return _keys(kinds, 0, prefix) + _keys(kinds, 1, prefix)
+
+
 def _inception_metrics(
     generated: Tensor, reference: Tensor, kinds: Collection[str], weights: str, prefix: str, options: dict[str, Any]
 ) -> FidelityResult:
