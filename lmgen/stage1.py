@@ -100,7 +100,8 @@ def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: Tok
               tracker: Tracker, run_id: str, probe: Probe | None, batch_size: int = 256) -> dict[str, float]:
     """tok/psnr, tok/ssim, rFID, rate and decode validity on the val split; logs ``recon.png``."""
     psnrs, ssims, valid, originals, recons = [], [], [], [], []
-    keep = cfg.metrics.num_reference or len(val_cache)  # images held in memory for rFID
+    # Images held in memory: the rFID set with a probe, else only what recon.png shows.
+    keep = (cfg.metrics.num_reference or len(val_cache)) if probe is not None else RECON_IMAGES
     for start in range(0, len(val_cache), batch_size):
         rows = range(start, min(start + batch_size, len(val_cache)))
         ids = torch.stack([val_cache[i][0] for i in rows])
