@@ -3,7 +3,9 @@
 The loss is next-token cross-entropy on image tokens (and EOS for codec streams) only: the
 class/BOS position is never a target and PAD is ignored. Metrics are reported per image
 (``lm/val_bits_per_image`` = summed NLL in bits over an image's tokens) so tokenizers with
-different sequence lengths and vocabularies compare on one axis.
+different sequence lengths and vocabularies compare on one axis. With sub-code vocabularies
+(ELM, MAGVIT-v2) a target's NLL is the sum of its sub-code heads' NLLs (``Llama.token_nll``),
+so the per-image bits stay on that axis.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lmgen.data import SequenceBatch, SequenceLayout
@@ -47,6 +48,12 @@ class ARModule(L.LightningModule):
 
     def __init__(self, model_cfg: LlamaConfig, layout: SequenceLayout, optim: OptimConfig) -> None:
         super().__init__()
+        if model_cfg.subcodes and layout.variable_length:
+            raise ValueError(f"subcodes={model_cfg.subcodes} need a fixed-length layout: sub-code heads "
+                             "cannot predict EOS, so variable-length (codec) streams cannot use them")
+        if model_cfg.subcodes and layout.vocab_size != model_cfg.image_vocab:
+            raise ValueError(f"layout.vocab_size={layout.vocab_size} != prod(subcodes)={model_cfg.image_vocab} "
+                             f"for subcodes={model_cfg.subcodes}")
         self.model = Llama(model_cfg)
         self.layout, self.optim = layout, optim
         self.tokens_seen = 0  # target tokens, all ranks
@@ -59,10 +66,9 @@ class ARModule(L.LightningModule):
 
     def token_nll(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
         """(B, T) NLL in nats per target (0 where masked) and the (B, T) bool target mask."""
-        logits = self.model(batch.inputs)  # (B, T, V) float32
+        logits = self.model(batch.inputs)  # (B, T, C) float32
         mask = batch.targets != self.layout.pad
-        nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none",
-                              ignore_index=self.layout.pad).view_as(batch.targets)
+        nll = self.model.token_nll(logits, batch.targets, ignore_index=self.layout.pad)  # (B, T)
         return nll * mask, mask
 
     def drop_labels(self, inputs: Tensor) -> Tensor:
@@ -120,7 +126,7 @@ class ARModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
-            # Matrices decay; norms and embeddings do not (LlamaGen/ELM).
+            # Matrices decay; norms and embeddings (sub-code tables included) do not (LlamaGen/ELM).
             is_embedding = "embed" in name
             (decay if param.dim() >= 2 and not is_embedding else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay},

@@ -11,8 +11,18 @@ one sitting. Parameter names and the rotary convention follow Hugging Face's
     layers.i.mlp.{w1,w3,w2}       -> model.layers.i.mlp.{gate,up,down}_proj
     norm, head       -> model.norm, lm_head
 
+Sub-code vocabularies (ELM's "n-c" bits, MAGVIT-v2's 2 x 2^9): with `subcodes = (c_1..c_n)`
+an image id is composite, id = sum_j s_j * prod_{k<j} c_k (sub-code 0 = least significant
+digit), and still takes ONE transformer position. It is embedded as the sum of n per-sub-code
+embeddings ("sum") or their concatenation projected back to D ("concat", as ELM); special ids
+(>= prod c_j) keep the ordinary `embed` table. The output is n independent heads stored as one
+Linear(D, C): logits are the n heads' logits side by side, and `token_nll` sums the heads'
+cross-entropies, so bits per image compare with ordinary vocabularies. (Such models have no
+`LlamaForCausalLM` equivalent.)
+
 Shapes: B batch, T time (tokens in this call), S keys attended (cache length + T),
-D model dim, H query heads, K key/value heads, Hd head dim, F ffn dim, V vocab.
+D model dim, H query heads, K key/value heads, Hd head dim, F ffn dim, V vocab (all ids),
+n sub-codes, C = out_dim (V, or sum_j c_j with sub-codes).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ LLAMA_SIZES: dict[str, dict] = {
     "L": dict(n_layers=24, n_heads=16, dim=1024, multiple_of=256),  # ~343M
     "XL": dict(n_layers=36, n_heads=20, dim=1280, multiple_of=256),  # ~775M
 }
+SUBCODE_EMBEDS = ("sum", "concat")
 
 
 @dataclass
@@ -53,8 +64,11 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    subcodes: tuple[int, ...] = ()  # () = ordinary vocabulary; else image ids split into these
+    subcode_embed: str = "sum"  # how a position's n sub-code embeddings combine: SUBCODE_EMBEDS
 
     def __post_init__(self) -> None:
+        self.subcodes = tuple(int(c) for c in self.subcodes)  # OmegaConf hands over a list
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim is None:
@@ -64,10 +78,27 @@ class LlamaConfig:
             raise ValueError(f"dim={self.dim} must split into {self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.subcode_embed not in SUBCODE_EMBEDS:
+            raise ValueError(f"unknown subcode_embed {self.subcode_embed!r}; choose one of {SUBCODE_EMBEDS}")
+        if any(c < 2 for c in self.subcodes):
+            raise ValueError(f"every sub-code needs >= 2 values, got subcodes={self.subcodes}")
+        if self.subcodes and self.image_vocab >= self.vocab_size:
+            raise ValueError(f"prod(subcodes)={self.image_vocab} must be < vocab_size={self.vocab_size}, "
+                             "which also counts the layout's special ids")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def image_vocab(self) -> int:
+        """Ids that are image tokens: prod(subcodes), or vocab_size without sub-codes."""
+        return math.prod(self.subcodes) if self.subcodes else self.vocab_size
+
+    @property
+    def out_dim(self) -> int:
+        """Width C of the logits: sum(subcodes) (n heads side by side), or vocab_size."""
+        return sum(self.subcodes) if self.subcodes else self.vocab_size
 
 
 def llama_config(size: str, vocab_size: int, max_seq_len: int, **overrides) -> LlamaConfig:
@@ -76,6 +107,30 @@ def llama_config(size: str, vocab_size: int, max_seq_len: int, **overrides) -> L
         raise ValueError(f"unknown Llama size {size!r}; choose one of {sorted(LLAMA_SIZES)}")
     fields = {**LLAMA_SIZES[size], "vocab_size": vocab_size, "max_seq_len": max_seq_len}
     return LlamaConfig(**{**fields, **overrides})
+
+
+def split_subcodes(ids: Tensor, subcodes: tuple[int, ...]) -> Tensor:
+    """Composite ids (...) in [0, prod c_j) -> sub-codes (..., n) int64, s_j in [0, c_j).
+
+    Mixed radix with the first sub-code least significant: s_j = (id // prod_{k<j} c_k) % c_j
+    (for a binary code cut into groups of bits, sub-code 0 holds the low bits).
+    """
+    parts, rest = [], ids.long()
+    for c in subcodes:
+        parts.append(rest % c)
+        rest = rest // c
+    return torch.stack(parts, dim=-1)
+
+
+def join_subcodes(parts: Tensor, subcodes: tuple[int, ...]) -> Tensor:
+    """Sub-codes (..., n) -> composite ids (...) int64: sum_j s_j * prod_{k<j} c_k."""
+    if parts.shape[-1] != len(subcodes):
+        raise ValueError(f"parts have {parts.shape[-1]} sub-codes, subcodes={subcodes} has {len(subcodes)}")
+    ids, stride = torch.zeros_like(parts[..., 0], dtype=torch.long), 1
+    for j, c in enumerate(subcodes):
+        ids = ids + parts[..., j].long() * stride
+        stride *= c
+    return ids
 
 
 class KVCache:
@@ -221,11 +276,19 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        n = len(cfg.subcodes)
+        # With sub-codes `embed` holds only the specials (id - image_vocab); image ids use one
+        # table per sub-code. "concat" (ELM): n width-D parts, concatenated (nD) and projected
+        # to D, so each sub-code keeps a full-width embedding before they mix.
+        self.embed = nn.Embedding(cfg.vocab_size - (cfg.image_vocab if n else 0), cfg.dim)
+        self.subcode_embeds = nn.ModuleList(nn.Embedding(c, cfg.dim) for c in cfg.subcodes)
+        self.subcode_proj = (nn.Linear(n * cfg.dim, cfg.dim, bias=False)
+                             if n and cfg.subcode_embed == "concat" else None)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Untied head (as LlamaGen): input and output vocab roles differ for specials/classes.
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # With sub-codes: n independent heads as one matmul, output columns in sub-code order.
+        self.head = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
         self.rope = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
@@ -260,13 +323,32 @@ class Llama(nn.Module):
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, max_len,
                        self.cfg.head_dim, device, dtype)
 
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """Input embeddings (B, T) int64 in [0, vocab_size) -> (B, T, D), one vector per id.
+
+        With sub-codes, image ids (< image_vocab) combine their sub-code embeddings (sum, or
+        concat + projection) and special ids read `embed` at row id - image_vocab.
+        """
+        if not self.cfg.subcodes:
+            return self.embed(ids)
+        image_vocab = self.cfg.image_vocab
+        parts = split_subcodes(ids.clamp(max=image_vocab - 1), self.cfg.subcodes)  # (B, T, n)
+        embs = [table(parts[..., j]) for j, table in enumerate(self.subcode_embeds)]  # n x (B, T, D)
+        if self.subcode_proj is None:
+            image = torch.stack(embs).sum(0)  # (B, T, D)
+        else:
+            image = self.subcode_proj(torch.cat(embs, dim=-1))  # (B, T, nD) -> (B, T, D)
+        special = self.embed((ids - image_vocab).clamp(min=0))  # (B, T, D)
+        return torch.where((ids < image_vocab)[..., None], image, special)
+
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Next-token logits.
 
         ids: (B, T) int64 in [0, vocab_size). Without a cache: a full causal pass over positions
         [0, T). With a cache: the ids continue the cached streams at positions
         [cache.length, cache.length + T) (a prompt prefill, then T=1 steps) and the cache
-        advances by T. Returns (B, T, V) float32 logits, whatever the autocast dtype.
+        advances by T. Returns (B, T, C) float32 logits, whatever the autocast dtype: C = V,
+        or with sub-codes the n heads' logits concatenated in sub-code order (C = sum c_j).
         """
         B, T = ids.shape
         start = cache.length if cache is not None else 0
@@ -274,19 +356,43 @@ class Llama(nn.Module):
         if start + T > limit:
             raise ValueError(f"positions up to {start + T} exceed the limit {limit}")
         pos = torch.arange(start, start + T, device=ids.device)  # (T,) absolute, for RoPE
-        x = self.embed(ids)  # (B, T, D)
+        x = self.embed_ids(ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rope, pos, cache, i)  # (B, T, D)
         if cache is not None:
             cache.length += T
-        return self.head(self.norm(x)).float()  # (B, T, V)
+        return self.head(self.norm(x)).float()  # (B, T, C)
+
+    def token_nll(self, logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+        """NLL in nats (B, T) float32 of targets (B, T) int64 under logits (B, T, C); 0 where
+        targets == ignore_index.
+
+        With sub-codes the targets are composite image ids: the NLL is the sum over heads of
+        each head's cross-entropy on its sub-code (the heads are independent, so this is
+        -log p(id)). Special targets are invalid then: sub-code grids have no EOS.
+        """
+        if not self.cfg.subcodes:
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none",
+                                   ignore_index=ignore_index).view_as(targets)
+        keep = targets != ignore_index  # (B, T)
+        if bool((keep & ((targets < 0) | (targets >= self.cfg.image_vocab))).any()):
+            raise ValueError(f"sub-code targets must be image ids in [0, {self.cfg.image_vocab}) or "
+                             f"ignore_index={ignore_index}; specials (EOS ...) cannot be predicted")
+        parts = split_subcodes(targets.masked_fill(~keep, 0), self.cfg.subcodes)  # (B, T, n)
+        nll = torch.zeros(targets.shape, device=logits.device)
+        for j, head in enumerate(logits.split(list(self.cfg.subcodes), dim=-1)):  # (B, T, c_j)
+            nll += F.cross_entropy(head.flatten(0, 1).float(), parts[..., j].flatten(),
+                                   reduction="none").view_as(targets)
+        return nll.masked_fill(~keep, 0.0)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count. non_embedding=True leaves out the vocab-sized matrices (token
-        embedding and output head), so sizes compare across tokenizers with different vocabs."""
+        """Parameter count. non_embedding=True leaves out the vocab-sized matrices (token and
+        sub-code embeddings, output head), so sizes compare across tokenizers with different
+        vocabs; the concat projection (nD x D) is kept, it is a matmul of the network."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.embed.weight.numel() + self.head.weight.numel()
+            vocab_sized = [self.embed, *self.subcode_embeds, self.head]
+            n -= sum(m.weight.numel() for m in vocab_sized)
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -294,8 +400,9 @@ class Llama(nn.Module):
 
             6 * (N_non_embedding + N_head) + 12 * n_layers * dim * seq_len
 
-        6N counts every matmul weight once (2 forward + 4 backward FLOPs per weight; the head is
-        a matmul, the embedding a lookup, so it is excluded). The second term is attention's
+        6N counts every matmul weight once (2 forward + 4 backward FLOPs per weight; the head,
+        C wide, is a matmul, and so is the concat projection of sub-code embeddings; embedding
+        tables are lookups, so they are excluded). The second term is attention's
         QK^T and AV (2 * 2 * seq_len * dim per layer forward, x3 for backward), counted over
         the full seq_len x seq_len score matrix as PaLM's MFU does (no causal halving).
         """

@@ -2,6 +2,8 @@
 
 One code path for every tokenizer arm: the caller's sequence layout supplies the prompt
 (BOS/class ids), the ids that may be sampled (`allowed`) and the EOS id of codec streams.
+Sub-code models (`model.cfg.subcodes`, ELM / MAGVIT-v2) sample each head independently and
+join the sub-codes into the composite id.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmgen.llama import KVCache, Llama
+from lmgen.llama import KVCache, Llama, join_subcodes
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -75,6 +77,25 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _sample_subcodes(logits: Tensor, subcodes: tuple[int, ...], temperature: float, top_k: int,
+                     top_p: float, generator: torch.Generator | None) -> Tensor:
+    """(B, sum c_j) fp32 logits of n heads -> (B,) int64 composite ids. Each head is tempered,
+    filtered and sampled on its own, as ELM samples sub-codes independently."""
+    heads = logits.split(list(subcodes), dim=-1)  # n x (B, c_j)
+    parts = [_sample(head, temperature, top_k, top_p, generator) for head in heads]
+    return join_subcodes(torch.stack(parts, dim=-1), subcodes)  # (B, n) -> (B,)
+
+
+def _check_subcode_args(model: Llama, allowed: Tensor | None, eos_id: int | None) -> None:
+    """Sub-code heads emit image ids only: no EOS, and no mask narrower than every image id."""
+    if eos_id is not None:
+        raise ValueError(f"eos_id must be None for a sub-code model (subcodes={model.cfg.subcodes}): "
+                         "its heads cannot produce EOS")
+    if allowed is not None and not bool(allowed[: model.cfg.image_vocab].all()):
+        raise ValueError("a sub-code model samples every image id; `allowed` must allow all of "
+                         f"[0, {model.cfg.image_vocab}) (masking composite ids is not supported)")
+
+
 @torch.no_grad()
 def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config field
     model: Llama,
@@ -103,6 +124,11 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
     the prompt is prefilled in one forward and each step feeds one token to a cache of
     P + max_new_tokens; use_cache=False recomputes the full sequence every step (reference
     path). Softmax and filters run in fp32, so the call works under bf16 autocast.
+
+    Sub-code models: guidance mixes the concatenated logits of the n heads, then each head is
+    sampled independently (temperature 0: argmax per head; top-k/top-p per head) and the
+    composite id is fed back and returned. `allowed` must then allow every image id (as
+    `layout.allowed()` of a fixed grid does) and is otherwise unused; eos_id must be None.
     """
     if max_new_tokens < 1 or temperature < 0:
         raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}")
@@ -110,6 +136,10 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
         raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
     if uncond_prompt is not None and uncond_prompt.shape != prompt.shape:
         raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} != prompt {tuple(prompt.shape)}")
+    subcodes = model.cfg.subcodes
+    if subcodes:
+        _check_subcode_args(model, allowed, eos_id)
+        allowed = None  # every image id is allowed, and the heads cannot emit specials
     B, P = prompt.shape
     guided = cfg_scale != 1.0 and uncond_prompt is not None
     seq = torch.cat([prompt, uncond_prompt]) if guided else prompt  # (B or 2B, P)
@@ -119,15 +149,18 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache: KVCache | None = model.new_cache(seq.shape[0], P + max_new_tokens) if use_cache else None
-    logits = model(seq, cache)[:, -1]  # (B or 2B, V) fp32: prefill
+    logits = model(seq, cache)[:, -1]  # (B or 2B, C) fp32: prefill
     for t in range(max_new_tokens):
         if guided:
             cond, uncond = logits[:B], logits[B:]
             scale = cfg_scale_at(t, max_new_tokens, cfg_scale, cfg_schedule)
-            logits = uncond + scale * (cond - uncond)  # (B, V)
+            logits = uncond + scale * (cond - uncond)  # (B, C)
         if allowed is not None:
             logits = logits.masked_fill(~allowed.to(device), float("-inf"))
-        nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        if subcodes:
+            nxt = _sample_subcodes(logits, subcodes, temperature, top_k, top_p, generator)  # (B,)
+        else:
+            nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens[:, t] = nxt
         if eos_id is not None:

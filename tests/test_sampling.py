@@ -1,4 +1,4 @@
-"""Contract tests for lmgen.sampling: greedy/cache parity, filters, masks, EOS, CFG, seeds."""
+"""Contract tests for lmgen.sampling: greedy/cache parity, filters, masks, EOS, CFG, seeds, sub-codes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from lmgen.data import SequenceLayout
 from lmgen.llama import Llama, LlamaConfig
 from lmgen.sampling import Generation, cfg_scale_at, filter_logits, generate
 
@@ -161,3 +162,99 @@ def test_under_bf16_autocast(model: Llama) -> None:
         out = generate(model, prompts(), 6, cfg_scale=2.0, uncond_prompt=torch.full((3, 2), 37),
                        top_k=10, generator=seeded())
     assert out.tokens.shape == (3, 6) and out.tokens.lt(V).all() and out.lengths.eq(6).all()
+
+
+# ---- sub-code models: independent heads, composite ids -------------------------------------
+
+SUB = (4, 8)  # composite image ids in [0, 32)
+LAYOUT = SequenceLayout(vocab_size=32, max_tokens=10, num_classes=1, variable_length=False)
+CLASS, NULL = LAYOUT.class_offset, LAYOUT.null_class
+
+
+@pytest.fixture(scope="module")
+def sub_model() -> Llama:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=LAYOUT.total_vocab, n_layers=2, n_heads=4, dim=32, max_seq_len=64,
+                      subcodes=SUB, subcode_embed="concat")
+    model = Llama(cfg).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    return model
+
+
+def sub_prompts(b: int = 4, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 32, (b, 2), generator=torch.Generator().manual_seed(seed))
+    ids[:, 0] = CLASS
+    return ids
+
+
+def head_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, :4].argmax(-1) + 4 * logits[:, 4:].argmax(-1)
+
+
+def test_subcode_generation_returns_composite_ids(sub_model: Llama) -> None:
+    out = generate(sub_model, sub_prompts(8), 10, temperature=1.5, allowed=LAYOUT.allowed(),
+                   generator=seeded())
+    assert out.tokens.shape == (8, 10) and out.tokens.lt(32).all() and out.tokens.ge(0).all()
+    assert out.lengths.eq(10).all() and not out.finished.any()
+    assert len((out.tokens % 4).unique()) > 1 and len((out.tokens // 4).unique()) > 1  # both heads sample
+
+
+def test_subcode_greedy_is_per_head_argmax(sub_model: Llama) -> None:
+    prompt = sub_prompts()
+    out = generate(sub_model, prompt, 6, temperature=0)
+    with torch.no_grad():
+        first = sub_model(prompt)[:, -1]
+        assert torch.equal(out.tokens[:, 0], head_argmax(first))
+        seq = prompt
+        for _ in range(6):
+            seq = torch.cat([seq, head_argmax(sub_model(seq)[:, -1])[:, None]], 1)
+    assert torch.equal(out.tokens, seq[:, 2:])
+    # argmax per head is not the argmax over the concatenated logits
+    assert not torch.equal(head_argmax(first), first.argmax(-1))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 3, "top_p": 0.9, "temperature": 0.8}, {"cfg_scale": 3.0}])
+def test_subcode_cache_and_no_cache_agree(sub_model: Llama, kwargs: dict) -> None:
+    prompt = sub_prompts()
+    if "cfg_scale" in kwargs:
+        kwargs = {**kwargs, "uncond_prompt": torch.full_like(prompt, NULL)}
+    a = generate(sub_model, prompt, 10, generator=seeded(1), **kwargs)
+    b = generate(sub_model, prompt, 10, generator=seeded(1), use_cache=False, **kwargs)
+    assert torch.equal(a.tokens, b.tokens)
+    assert not torch.equal(a.tokens, generate(sub_model, prompt, 10, generator=seeded(2), **kwargs).tokens)
+
+
+def test_subcode_forced_head_fixes_that_subcode(sub_model: Llama) -> None:
+    forced = copy.deepcopy(sub_model)
+    # a huge logit on id 5 of head 1 (column 4 + 5): every sample has sub-code 1 == 5
+    forced.register_forward_hook(lambda _m, _i, out: out + 1e4 * torch.eye(12)[4 + 5])
+    out = generate(forced, sub_prompts(8), 10, temperature=2.0, generator=seeded(3))
+    assert (out.tokens // 4).eq(5).all()
+    assert len((out.tokens % 4).unique()) > 1  # head 0 still sampled freely
+
+
+def test_subcode_cfg_matches_manual_guidance(sub_model: Llama) -> None:
+    prompt, s = sub_prompts(), 4.0
+    uncond = torch.full_like(prompt, NULL)
+    with torch.no_grad():
+        c, u = sub_model(prompt)[:, -1], sub_model(uncond)[:, -1]
+    guided = u + s * (c - u)  # (B, 12)
+    out = generate(sub_model, prompt, 1, temperature=0, cfg_scale=s, uncond_prompt=uncond)
+    assert torch.equal(out.tokens[:, 0], head_argmax(guided))
+    assert not torch.equal(head_argmax(guided), head_argmax(c))  # guidance changed something
+    # sampled: head 0 then head 1, each a multinomial over its own softmax, one generator
+    out = generate(sub_model, prompt, 1, cfg_scale=s, uncond_prompt=uncond, generator=seeded(5))
+    g = seeded(5)
+    s0 = torch.multinomial(guided[:, :4].softmax(-1), 1, generator=g).squeeze(-1)
+    s1 = torch.multinomial(guided[:, 4:].softmax(-1), 1, generator=g).squeeze(-1)
+    assert torch.equal(out.tokens[:, 0], s0 + 4 * s1)
+
+
+def test_subcode_rejects_eos_and_narrow_masks(sub_model: Llama) -> None:
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(sub_model, sub_prompts(), 2, eos_id=LAYOUT.eos)
+    narrow = LAYOUT.allowed()
+    narrow[3] = False
+    with pytest.raises(ValueError, match="allowed"):
+        generate(sub_model, sub_prompts(), 2, allowed=narrow)
