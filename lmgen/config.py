@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -65,6 +66,9 @@ class DataConfig:
 class LMConfig:
     size: str = "micro"  # a key of lmgen.llama.LLAMA_SIZES
     class_conditional: bool = True  # position 0 holds the class token (else BOS)
+    # Sub-code tokenizers (ELM n-c, MAGVIT-v2): one embedding per sub-code, summed or
+    # concatenated then projected (ELM); one output head per sub-code either way.
+    subcode_embed: str = field(default="sum", metadata=choices("sum", "concat"))
 
 
 @dataclass
@@ -286,3 +290,20 @@ def _unknown_key_message(err: ConfigKeyError) -> str:
 def _type_message(err: ValidationError) -> str:
     first_line = str(err.msg).splitlines()[0]
     return f"{err.full_key}: {first_line}"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """Lightning precision for ``train.precision``; ``auto`` picks bf16 only where it is fast."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if _cpu_has_fast_bf16() else "32-true"
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability().upper().startswith("AMX")
+    return "amx_bf16" in flags or "avx512_bf16" in flags

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lmgen.ar_module import ARModule, OptimConfig
-from lmgen.config import config_hash, to_dict
+from lmgen.config import config_hash, resolve_precision, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
 from lmgen.datasets import build_dataset, load_images
 from lmgen.llama import Llama, llama_config
@@ -87,7 +87,9 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
     # Seed here, after stage 1 and the probe: whether those were cached or trained must not
     # change the LM's initialisation or data order.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = ARModule(llama_config(cfg.lm.size, layout.total_vocab, layout.seq_len), layout, optim)
+    model_cfg = llama_config(cfg.lm.size, layout.total_vocab, layout.seq_len, subcodes=tuple(tokenizer.subcodes),
+                             subcode_embed=cfg.lm.subcode_embed)
+    module = ARModule(model_cfg, layout, optim)
     datamodule = TokenDataModule(stage1.train, stage1.val, layout, cfg.train.batch_size,
                                  num_workers=cfg.data.num_workers, seed=cfg.seed)
 
@@ -222,20 +224,3 @@ def _per_class_csv(train_ds, acc: dict) -> str:
     for c, name in enumerate(train_ds.class_names):
         rows.append(f"{c},{name},{freq[c]:.6f},{int(acc['per_class_count'][c])},{acc['per_class_accuracy'][c]:.4f}")
     return "\n".join(rows) + "\n"
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """Lightning precision for ``train.precision``; ``auto`` picks bf16 only where it is fast."""
-    if precision != "auto":
-        return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if _cpu_has_fast_bf16() else "32-true"
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability().upper().startswith("AMX")
-    return "amx_bf16" in flags or "avx512_bf16" in flags

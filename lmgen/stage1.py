@@ -1,14 +1,17 @@
 """Stage 1: get a tokenizer ready, encode the splits once, and record ``tok/*`` metrics.
 
-Every tokenizer passes through here alike. Non-learned ones (pixels, codecs) ``fit`` what
-they have (a palette, BPE merges, or nothing) on the train split; the fitted state is
-stored under ``<home>/tokenizers/<key>/`` and reused by every later run with the same key.
+Every tokenizer passes through here alike. Learned ones (vq, lfq, bae, ...) train by
+gradient in ``lmgen.tokenizer_module``; non-learned ones (pixels, codecs) ``fit`` what they
+have (a palette, BPE merges, or nothing) on the train split. The resulting state is stored
+under ``<home>/tokenizers/<key>/state.pt`` and reused by every later run with the same key;
+then every tokenizer is measured the same way on the val split's token cache.
 Stage 1 is its own MLflow run (tag ``lmgen.stage=tokenizer``); LM runs point at it through
 the tag ``lmgen.tokenizer_run_id``, and a second LM run with the same tokenizer reuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from lmgen.config import config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import load_images
-from lmgen.metrics import psnr, rate_metrics, ssim
+from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
-from lmgen.tracking import Tracker
+from lmgen.tracking import MlflowMetricLogger, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -47,48 +50,70 @@ class Stage1Result:
 
 def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds,  # noqa: PLR0913
                       tracker: Tracker, home: Path, probe: Probe | None = None) -> Stage1Result:
-    """Fit (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run.
+    """Fit/train (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run.
 
-    With a ``probe``, reconstructions also get ``tok/rfid_probe`` (and ``tok/rfid`` where
-    Inception weights exist) on up to ``metrics.num_reference`` val images.
+    Reuse: when a FINISHED stage-1 run with the same key exists and its state file is on disk,
+    nothing is trained or logged again. Otherwise a new stage-1 run is opened *before*
+    training, so a learned tokenizer's curves land in it. With a ``probe``, reconstructions
+    also get ``tok/rfid_probe`` (and ``tok/rfid`` where Inception weights exist) on up to
+    ``metrics.num_reference`` val images.
     """
     # The cache format is part of the key so a layout change never reads stale caches.
     key = config_hash("tokenizer", CACHE_FORMAT, cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
-    fit_stats = _fit_or_load(cfg, tokenizer, train_ds, home / "tokenizers" / key)
-    caches = {}
-    for split, dataset in (("train", train_ds), ("val", val_ds)):
-        cache_key = config_hash(key, split, dataset.fingerprint())
-        caches[split] = TokenCache.build_or_load(home / "cache", f"{split}-{cache_key}", dataset, tokenizer,
-                                                 batch_size=cfg.data.encode_batch_size,
-                                                 num_workers=cfg.data.num_workers)
+    directory = home / "tokenizers" / key
     tags = {"lmgen.stage": "tokenizer", "lmgen.config_hash": key, "lmgen.tokenizer": cfg.tokenizer.name}
     run_id = tracker.find_finished(tags)
-    if run_id is not None:
+    if run_id is not None and (directory / "state.pt").is_file():
         log.info("stage 1: reusing tokenizer run %s", run_id)
-        metrics = tracker.metrics(run_id)
-    else:
-        run_id = tracker.start_run(f"tokenizer-{cfg.tokenizer.name}-{key[:6]}", tags)
-        try:
-            tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
-            metrics = {**fit_stats, **_evaluate(cfg, tokenizer, val_ds, caches["val"], tracker, run_id, probe)}
-            metrics["data/train_items"] = float(len(caches["train"]))
-            metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
-            tracker.log_metrics(run_id, metrics)
-        except BaseException:
-            tracker.end_run(run_id, "FAILED")  # never leave a stage-1 run RUNNING
-            raise
-        tracker.end_run(run_id)
+        _fit_or_load(cfg, tokenizer, train_ds, val_ds, directory, None)
+        caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
+        return Stage1Result(tokenizer, key, run_id, tracker.metrics(run_id), caches["train"], caches["val"])
+    run_id = tracker.start_run(f"tokenizer-{cfg.tokenizer.name}-{key[:6]}", tags)
+    try:
+        tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
+        fit_stats = _fit_or_load(cfg, tokenizer, train_ds, val_ds, directory, (tracker, run_id))
+        caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
+        metrics = {**fit_stats, **_evaluate(cfg, tokenizer, val_ds, caches["val"], tracker, run_id, probe)}
+        if isinstance(tokenizer, nn.Module):
+            metrics["tok/params"] = float(sum(p.numel() for p in tokenizer.parameters()))
+        metrics["data/train_items"] = float(len(caches["train"]))
+        metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
+        tracker.log_metrics(run_id, metrics)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")  # never leave a stage-1 run RUNNING
+        raise
+    tracker.end_run(run_id)
     return Stage1Result(tokenizer, key, run_id, metrics, caches["train"], caches["val"])
 
 
-def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, directory: Path) -> dict[str, float]:
-    """Restore the fitted state from ``directory`` or fit on up to ``data.fit_images`` images."""
+def _caches(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Path, train_ds, val_ds,  # noqa: PLR0913
+            home: Path) -> dict[str, TokenCache]:
+    """Both splits' token caches, keyed by the tokenizer key *and* a digest of its state file,
+    so a retrained (or refitted) tokenizer never reads tokens written by its predecessor."""
+    state_digest = hashlib.sha256((directory / "state.pt").read_bytes()).hexdigest()[:12]
+    caches = {}
+    for split, dataset in (("train", train_ds), ("val", val_ds)):
+        cache_key = config_hash(key, state_digest, split, dataset.fingerprint())
+        caches[split] = TokenCache.build_or_load(home / "cache", f"{split}-{cache_key}", dataset, tokenizer,
+                                                 batch_size=cfg.data.encode_batch_size,
+                                                 num_workers=cfg.data.num_workers)
+    return caches
+
+
+def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds, directory: Path,  # noqa: PLR0913
+                 logging_to: tuple[Tracker, str] | None) -> dict[str, float]:
+    """Restore the state in ``directory``, or produce it: learned tokenizers train by gradient
+    (``lmgen.tokenizer_module``, curves logged to ``logging_to``), the others ``fit`` on up
+    to ``data.fit_images`` train images. The state is written atomically."""
     state_path = directory / "state.pt"
     if state_path.is_file():
-        tokenizer.load_state_dict(torch.load(state_path, weights_only=False))
+        tokenizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
         return {}
-    images = load_images(train_ds, cfg.data.fit_images, cfg.data.encode_batch_size, cfg.data.num_workers)
-    stats = tokenizer.fit(images)
+    if tokenizer.learned:
+        stats = _train_learned(cfg, tokenizer, train_ds, val_ds, directory, logging_to)
+    else:
+        images = load_images(train_ds, cfg.data.fit_images, cfg.data.encode_batch_size, cfg.data.num_workers)
+        stats = tokenizer.fit(images)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".state-{os.getpid()}.pt"
     torch.save(tokenizer.state_dict(), tmp)
@@ -96,16 +121,37 @@ def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, directory
     return dict(stats)
 
 
+def _train_learned(cfg: DictConfig, tokenizer, train_ds, val_ds, directory: Path,  # noqa: PLR0913
+                   logging_to: tuple[Tracker, str] | None) -> dict[str, float]:
+    """Stage 1 of a learned tokenizer: load ``tokenizer.checkpoint`` if given, else train it."""
+    from lmgen.tokenizer_module import train_tokenizer  # Lightning system, only for learned arms
+
+    t = cfg.tokenizer
+    if t.checkpoint:
+        path = Path(t.checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.checkpoint: no file at {path}")
+        tokenizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        log.info("stage 1: loaded %s weights from %s", t.name, path)
+        return {}
+    train_images = load_images(train_ds, t.train_images, cfg.data.encode_batch_size, cfg.data.num_workers)
+    val_images = load_images(val_ds, t.val_images, cfg.data.encode_batch_size, cfg.data.num_workers)
+    logger = MlflowMetricLogger(*logging_to) if logging_to is not None else False
+    return train_tokenizer(tokenizer, train_images, val_images, cfg.train, logger, directory / "checkpoints")
+
+
 def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: TokenCache,  # noqa: PLR0913
               tracker: Tracker, run_id: str, probe: Probe | None, batch_size: int = 256) -> dict[str, float]:
-    """tok/psnr, tok/ssim, rFID, rate and decode validity on the val split; logs ``recon.png``."""
-    psnrs, ssims, valid, originals, recons = [], [], [], [], []
+    """tok/psnr, tok/ssim, rFID, rate, code usage and decode validity on the val split; logs ``recon.png``."""
+    psnrs, ssims, valid, originals, recons, codes = [], [], [], [], [], []
     # Images held in memory: the rFID set with a probe, else only what recon.png shows.
     keep = (cfg.metrics.num_reference or len(val_cache)) if probe is not None else RECON_IMAGES
     for start in range(0, len(val_cache), batch_size):
         rows = range(start, min(start + batch_size, len(val_cache)))
         ids = torch.stack([val_cache[i][0] for i in rows])
-        decoded = tokenizer.decode(TokenBatch(ids=ids, lengths=val_cache.lengths[start : rows.stop].clone()))
+        lengths = val_cache.lengths[start : rows.stop].clone()
+        codes.append(ids[torch.arange(ids.shape[1]) < lengths[:, None]])
+        decoded = tokenizer.decode(TokenBatch(ids=ids, lengths=lengths))
         real = torch.stack([val_ds[int(val_cache.indices[i])][0] for i in rows])
         psnrs.append(psnr(real, decoded.images).clamp(max=100.0))  # lossless → 100 dB, not inf
         ssims.append(ssim(real, decoded.images))
@@ -121,6 +167,7 @@ def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: Tok
         "tok/vocab_size": float(tokenizer.vocab_size),
         "tok/max_tokens": float(tokenizer.max_tokens),
         **rate_metrics(val_cache.lengths, tokenizer.vocab_size),
+        **code_metrics(torch.cat(codes), tokenizer.vocab_size, tuple(tokenizer.subcodes)),
     }
     if probe is not None and len(originals_t) >= 2:
         result = rfid_metrics(recons_t, originals_t, probe, cfg.metrics.inception_weights, seed=cfg.seed)

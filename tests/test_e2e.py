@@ -33,9 +33,16 @@ def _artifacts(client: MlflowClient, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id)}
 
 
-@pytest.mark.parametrize("experiment", ["quickstart_pixels", "quickstart_jpeg"])
+# Stage 1 of the learned tokenizers, cut to a few steps of a narrow autoencoder.
+LEARNED_TINY = ["tokenizer.steps=4", "tokenizer.channels=8", "tokenizer.batch_size=8", "tokenizer.val_every=2",
+                "tokenizer.val_images=8"]
+LEARNED = ("quickstart_vq", "quickstart_lfq", "quickstart_bae")
+
+
+@pytest.mark.parametrize("experiment", ["quickstart_pixels", "quickstart_jpeg", *LEARNED])
 def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
-    assert main(["run", str(ROOT / f"experiments/{experiment}.yaml"), *TINY]) == 0
+    extra = LEARNED_TINY if experiment in LEARNED else []
+    assert main(["run", str(ROOT / f"experiments/{experiment}.yaml"), *TINY, *extra]) == 0
     assert "lm/val_bits_per_image" in capsys.readouterr().out  # the one-screen summary
     client, runs = _runs(lmgen_home)
     lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
@@ -63,16 +70,24 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
         assert "gen_metrics_skipped.json" in _artifacts(client, run.info.run_id)
     assert tok[0].info.status == "FINISHED" and TOK_KEYS <= set(tok[0].data.metrics)
     assert "recon.png" in _artifacts(client, tok[0].info.run_id)
+    assert {"tok/codebook_usage", "tok/perplexity"} <= set(tok[0].data.metrics)
+    if experiment in LEARNED:  # trained by gradient: its curves are in the stage-1 run
+        history = client.get_metric_history(tok[0].info.run_id, "tok/train_loss")
+        assert len(history) >= 2 and "tok/val_psnr" in tok[0].data.metrics
+        assert tok[0].data.params["tokenizer.steps"] == "4"
     assert (lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt").is_file()
 
 
-def test_second_run_reuses_stage1_and_token_cache(lmgen_home):
-    experiment = str(ROOT / "experiments/quickstart_jpeg.yaml")
-    assert main(["run", experiment, *TINY]) == 0
+@pytest.mark.parametrize("experiment", ["quickstart_jpeg", "quickstart_bae"])
+def test_second_run_reuses_stage1_and_token_cache(lmgen_home, experiment):
+    extra = [*TINY, *(LEARNED_TINY if experiment in LEARNED else [])]
+    experiment = str(ROOT / f"experiments/{experiment}.yaml")
+    assert main(["run", experiment, *extra]) == 0
     caches = sorted(p.name for p in (lmgen_home / "cache").iterdir())
-    # The second run also samples with classifier-free guidance (null-class rows in one batch).
-    assert main(["run", experiment, *TINY, "seed=1", "train.max_steps=2", "sample.cfg_scale=2.0",
-                 "sample.cfg_schedule=linear"]) == 0
+    # The second run also samples with classifier-free guidance (null-class rows in one batch)
+    # and, for sub-code tokenizers, concatenated sub-code embeddings.
+    assert main(["run", experiment, *extra, "seed=1", "train.max_steps=2", "sample.cfg_scale=2.0",
+                 "sample.cfg_schedule=linear", "lm.subcode_embed=concat"]) == 0
     assert sorted(p.name for p in (lmgen_home / "cache").iterdir()) == caches
     _, runs = _runs(lmgen_home)
     lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,16 @@ from lmgen.tokenizers.jpeg import JpegTokenizer, header_ok
 VARIANTS: dict[str, list[dict]] = {
     "pixels": [{"palette_size": 0}, {"palette_size": 64}],
     "jpeg": [{}, {"restart_markers": False}, {"abbreviated": False, "subsampling": "4:4:4"}],
+    "vq": [{"codebook_size": 64, "codebook_dim": 8}, {"codebook_size": 64, "codebook_dim": 8, "ema": True,
+                                                      "l2_norm": True}],
+    "lfq": [{"bits": 8}, {"bits": 12, "num_subcodes": 2}],
+    "bae": [{"bits": 8, "num_subcodes": 1}, {"bits": 12, "deterministic": True}],
 }
+# Learned tokenizers in these tests: a tiny autoencoder trained briefly (once per case) by the
+# real stage-1 system, so "reconstructs roughly" is a claim about training, not about a stub.
+LEARNED_TINY = {"channels": 8, "steps": 200, "batch_size": 16, "lr": 1e-2, "warmup_steps": 10, "val_every": 1000,
+                "val_images": 8}
+_TRAINED: dict[str, dict] = {}
 CASES = [(name, extra) for name in TOKENIZERS for extra in VARIANTS.get(name, [{}])]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in CASES]
 SIZES = [(32, 32), (24, 40)]
@@ -42,9 +52,25 @@ def make_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+def is_learned(tok: ImageTokenizer) -> bool:
+    return tok.learned
+
+
 def build(name: str, extra: dict, size: tuple[int, int], fit: bool = True) -> ImageTokenizer:
     tok = build_tokenizer({"name": name, **extra}, size)
-    if fit:
+    if is_learned(tok):
+        tok = build_tokenizer({"name": name, **LEARNED_TINY, **extra}, size)
+        key = f"{name}-{sorted(extra.items())}"  # fully convolutional: weights fit every image size
+        if fit and key not in _TRAINED:
+            from lmgen.tokenizer_module import train_tokenizer
+
+            cpu = SimpleNamespace(accelerator="cpu", devices=1, num_nodes=1, strategy="auto")
+            trainee = build_tokenizer({"name": name, **LEARNED_TINY, **extra}, (32, 32))
+            train_tokenizer(trainee, make_images(64, 32, 32, seed=100), make_images(8, 32, 32, seed=101), cpu, False)
+            _TRAINED[key] = {k: v.clone() for k, v in trainee.state_dict().items()}
+        if fit:
+            tok.load_state_dict(_TRAINED[key])
+    elif fit:
         tok.fit(make_images(6, *size, seed=100))
     return tok
 
@@ -73,7 +99,12 @@ def has_marker(data: bytes, codes: range | list[int]) -> bool:
 def test_contract_round_trip(name: str, extra: dict, size: tuple[int, int]) -> None:
     tok = build(name, extra, size)
     assert isinstance(tok, ImageTokenizer)
-    assert isinstance(tok.fit(make_images(3, *size, seed=7)), dict)
+    if is_learned(tok):  # trained by gradient in stage 1, nothing to fit
+        with pytest.raises(TypeError, match="tokenizer_module"):
+            tok.fit(make_images(3, *size, seed=7))
+        assert tok.subcodes == () or int(np.prod(tok.subcodes)) == tok.vocab_size
+    else:
+        assert isinstance(tok.fit(make_images(3, *size, seed=7)), dict)
     images = make_images(5, *size, seed=1)
     tokens = tok.encode(images)
     assert tokens.ids.dtype == torch.int64 and tokens.lengths.dtype == torch.int64
@@ -89,7 +120,8 @@ def test_contract_round_trip(name: str, extra: dict, size: tuple[int, int]) -> N
     assert decoded.valid.shape == (5,) and decoded.valid.dtype == torch.bool and bool(decoded.valid.all())
     # Lossy tokenizers must still reconstruct roughly (a decode returning grey would fail).
     err = (decoded.images.float() - images.float()).abs().mean()
-    assert err < 25, f"mean abs reconstruction error {err:.1f}"
+    # Learned ones after 200 tiny steps: better than each image's mean colour (33.8 here).
+    assert err < (30 if is_learned(tok) else 25), f"mean abs reconstruction error {err:.1f}"
     fresh = build(name, extra, size, fit=False)
     fresh.load_state_dict(tok.state_dict())
     again = fresh.encode(images)

@@ -10,11 +10,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from .bae import BAETokenizer
 from .base import Decoded, ImageTokenizer, TokenBatch
 from .jpeg import JpegTokenizer
+from .lfq import LFQTokenizer
 from .pixels import PixelTokenizer
+from .vq import VQTokenizer
 
-TOKENIZERS: dict[str, type] = {"pixels": PixelTokenizer, "jpeg": JpegTokenizer}
+TOKENIZERS: dict[str, type] = {"pixels": PixelTokenizer, "jpeg": JpegTokenizer, "vq": VQTokenizer,
+                               "lfq": LFQTokenizer, "bae": BAETokenizer}
 
 __all__ = ["TOKENIZERS", "Decoded", "ImageTokenizer", "TokenBatch", "build_tokenizer",
            "tokenizer_config_class"]

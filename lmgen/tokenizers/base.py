@@ -58,6 +58,8 @@ class ImageTokenizer(Protocol):
     - ``max_tokens``: upper bound on tokens per image.
     - ``variable_length``: True for codec streams (they end with EOS in the layout).
     - ``subcodes``: () unless a position's code is split into sub-tokens (ELM, MAGVIT-v2).
+    - ``learned``: True for tokenizers trained by gradient in stage 1
+      (``lmgen.tokenizer_module``); they are ``nn.Module``s and their ``fit`` raises.
     - ``fit(images)``: stage 1 for non-learned tokenizers (a palette, BPE merges, or
       nothing), given (N, 3, H, W) uint8 train images; returns ``tok/*``-style stats.
     - ``state_dict()/load_state_dict()``: whatever ``fit`` learned, so a token cache can
@@ -69,6 +71,7 @@ class ImageTokenizer(Protocol):
     max_tokens: int
     variable_length: bool
     subcodes: tuple[int, ...]
+    learned: bool
 
     def fit(self, images: Tensor) -> dict[str, float]: ...
 

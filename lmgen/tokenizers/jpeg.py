@@ -130,6 +130,7 @@ class JpegTokenizer:
     Config = JpegConfig
     vocab_size = 256
     variable_length = True
+    learned = False
     subcodes: tuple[int, ...] = ()
 
     def __init__(self, cfg: JpegConfig, image_size: tuple[int, int]) -> None:

@@ -125,6 +125,7 @@ class PixelTokenizer:
 
     Config = PixelsConfig
     variable_length = False
+    learned = False
     subcodes: tuple[int, ...] = ()
 
     def __init__(self, cfg: PixelsConfig, image_size: tuple[int, int]) -> None:

@@ -1,0 +1,205 @@
+"""What the learned tokenizers (vq, lfq, bae, and later crt, causal1d) share.
+
+A learned tokenizer is an ``nn.Module``: the conv encoder of ``autoencoder.py``, one
+quantizer from ``quantizers.py``, and the mirrored decoder. Subclasses only say which
+quantizer (``build_quantizer``) and, where a code is split into sub-codes, how
+(``subcodes``). Stage 1 trains them by gradient in ``lmgen.tokenizer_module`` (which owns
+the losses, optimiser and logging); this module imports neither Lightning nor MLflow.
+
+Token ids are the quantizer's indices in raster order (row by row, left to right), so a
+32×32 image at ``downsample=4`` is 64 ids in ``[0, codebook_size)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .autoencoder import AutoencoderSpec, Decoder, Encoder, to_uint8, to_unit
+from .base import Decoded, TokenBatch, grey_images
+from .quantizers import QuantizerOutput
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
+@dataclass
+class LearnedConfig:
+    """Fields every learned tokenizer has: autoencoder shape and its stage-1 training recipe.
+
+    The training fields live in the tokenizer block (not ``train``) because they determine
+    the tokens: they are part of the tokenizer's hash, so changing one retrains stage 1 and
+    changing the LM never does.
+    """
+
+    name: str = ""
+    # ---- autoencoder (AutoencoderSpec) ----
+    channels: int = 32
+    downsample: int = 4  # 32×32 → 8×8 = 64 tokens per image
+    res_blocks: int = 1
+    max_channel_mult: int = 4
+    # ---- stage-1 training (lmgen.tokenizer_module) ----
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    # Perceptual (VGG16 feature distance) and adversarial (PatchGAN, hinge) terms: off by
+    # default. The perceptual network needs pretrained VGG16 weights, which cannot be
+    # fetched offline: give a torchvision vgg16 state_dict file, or "auto" to use one already
+    # in torch's hub cache. The discriminator trains from scratch but costs ~2× compute.
+    perceptual_weight: float = 0.0
+    perceptual_weights: str = "auto"
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0  # generator steps before the adversarial term switches on
+    train_images: int = 0  # train images used by stage 1 (0 = the whole train split)
+    val_every: int = 500
+    val_images: int = 256  # val images behind the in-training tok/val_* curves
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    seed: int = 0
+    # A state_dict saved by an earlier stage 1 (``<home>/tokenizers/<key>/state.pt``): load it
+    # instead of training. "" = train.
+    checkpoint: str = ""
+
+
+@dataclass(frozen=True)
+class AutoencoderOutput:
+    """One pass of a learned tokenizer in training.
+
+    recon: (B, 3, H, W) float ≈ [-1, 1]; quant: the quantizer's output; aux_loss: () float32,
+    extra tokenizer-specific regularisers (0 for vq/lfq/bae; CRT's causal loss); aux_stats:
+    detached scalars to log as ``tok/<key>``.
+    """
+
+    recon: Tensor
+    quant: QuantizerOutput
+    aux_loss: Tensor
+    aux_stats: dict[str, Tensor]
+
+
+class LearnedTokenizer(nn.Module):
+    """Encoder → quantizer → decoder. Fixed length: ``max_tokens`` ids per image.
+
+    encode: (B, 3, H, W) uint8 → TokenBatch (B, h·w) int64 in [0, vocab_size), raster order.
+    decode: TokenBatch → Decoded (B, 3, H, W) uint8; an item with the wrong length or an id
+    outside [0, vocab_size) is grey and ``valid=False``. Neither changes the train/eval mode.
+    """
+
+    Config: type = LearnedConfig
+    learned = True
+    variable_length = False
+
+    def __init__(self, cfg: LearnedConfig, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"{cfg.name}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+        h, w = image_size
+        if h % cfg.downsample or w % cfg.downsample:
+            raise ValueError(f"{cfg.name}.downsample={cfg.downsample} must divide the image size {h}×{w}")
+        if cfg.steps < 0 or cfg.batch_size < 1 or cfg.lr <= 0:
+            raise ValueError(f"{cfg.name}: need steps >= 0, batch_size >= 1 and lr > 0")
+        self.cfg = cfg
+        self.image_size = (int(h), int(w))
+        self.grid = (h // cfg.downsample, w // cfg.downsample)
+        # Initial weights depend on the tokenizer's own seed only, never on what ran before:
+        # the stage-1 hash must determine the trained tokenizer.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.quantizer = self.build_quantizer(cfg)
+            spec = AutoencoderSpec(channels=cfg.channels, downsample=cfg.downsample, res_blocks=cfg.res_blocks,
+                                   max_channel_mult=cfg.max_channel_mult,
+                                   latent_channels=self.quantizer.in_channels,
+                                   decoder_channels=self.quantizer.out_channels)
+            self.encoder = Encoder(spec)
+            self.decoder = Decoder(spec)
+        self.vocab_size = int(self.quantizer.codebook_size)
+        self.max_tokens = self.grid[0] * self.grid[1]
+        self.subcodes: tuple[int, ...] = self.build_subcodes(cfg)
+
+    # ---- what subclasses provide --------------------------------------------------------
+
+    def build_quantizer(self, cfg: LearnedConfig) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define build_quantizer")
+
+    def build_subcodes(self, cfg: LearnedConfig) -> tuple[int, ...]:
+        """() by default: one id per position from one vocabulary."""
+        return ()
+
+    # ---- training-time pass (used by TokenizerModule) -----------------------------------
+
+    def forward(self, x: Tensor) -> AutoencoderOutput:
+        """x: (B, 3, H, W) float in [-1, 1] → reconstruction, quantizer output, aux terms."""
+        quant = self.quantizer(self.encoder(x))
+        zero = torch.zeros((), device=x.device)
+        return AutoencoderOutput(recon=self.decoder(quant.quantized), quant=quant, aux_loss=zero, aux_stats={})
+
+    # ---- the ImageTokenizer protocol ----------------------------------------------------
+
+    def fit(self, images: Tensor) -> dict[str, float]:
+        """Learned tokenizers have nothing to fit without gradients: stage 1 trains them in
+        ``lmgen.tokenizer_module``. Kept so every tokenizer satisfies one protocol."""
+        raise TypeError(f"{self.cfg.name} is learned: train it with lmgen.tokenizer_module.train_tokenizer")
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> TokenBatch:
+        """(B, 3, H, W) uint8 → TokenBatch (B, h·w) int64 on the images' device."""
+        h, w = self.image_size
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
+            raise ValueError(f"expected uint8 images of shape (B, 3, {h}, {w}), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            x = to_unit(images.to(self._device()))
+            indices = self.quantizer(self.encoder(x)).indices  # (B, h, w)
+        finally:
+            self.train(was_training)
+        ids = indices.flatten(1).to(images.device)
+        lengths = torch.full((ids.shape[0],), self.max_tokens, dtype=torch.int64, device=ids.device)
+        return TokenBatch(ids=ids, lengths=lengths)
+
+    @torch.no_grad()
+    def decode(self, tokens: TokenBatch) -> Decoded:
+        """TokenBatch → Decoded (B, 3, H, W) uint8 + valid (B,) bool; never raises on bad ids."""
+        ids, lengths = tokens.ids, tokens.lengths.to(tokens.ids.device)
+        b, n = ids.shape[0], self.max_tokens
+        if ids.shape[1] < n:
+            ids = torch.cat([ids, ids.new_zeros(b, n - ids.shape[1])], 1)
+        ids = ids[:, :n]
+        valid = (lengths == n) & ((ids >= 0) & (ids < self.vocab_size)).all(1)
+        safe = torch.where(valid[:, None], ids, torch.zeros_like(ids))
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.quantizer.lookup(safe.view(b, *self.grid).to(self._device()))
+            images = to_uint8(self.decoder(z)).to(ids.device)
+        finally:
+            self.train(was_training)
+        grey = grey_images(b, *self.image_size).to(images.device)
+        return Decoded(images=torch.where(valid[:, None, None, None], images, grey), valid=valid)
+
+    # nn.Module's state_dict / load_state_dict are the protocol's: the weights are the state.
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}, vocab_size={self.vocab_size}, subcodes={self.subcodes}"
+
+
+def split_bits(bits: int, num_subcodes: int, name: str) -> tuple[int, ...]:
+    """ELM's n-c split of a ``bits``-bit code into ``num_subcodes`` equal sub-codes.
+
+    1 → () (one vocabulary of 2^bits); n → (2^(bits/n),) * n, e.g. 16 bits, n=2 → (256, 256).
+    """
+    if num_subcodes < 1 or bits % num_subcodes:
+        raise ValueError(f"{name}.num_subcodes={num_subcodes} must be >= 1 and divide bits={bits}")
+    if num_subcodes == 1:
+        return ()
+    return (2 ** (bits // num_subcodes),) * num_subcodes
