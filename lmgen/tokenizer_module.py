@@ -142,14 +142,19 @@ class TokenizerModule(L.LightningModule):
             self._disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=c.lr, betas=(0.5, 0.9))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def _recon_loss(self, recon: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean L1, mean L2 and their weighted sum (l1_weight, l2_weight) between (B, 3, H, W) images."""
+        l1, l2 = (recon - x).abs().mean(), (recon - x).pow(2).mean()
+        return l1, l2, self.cfg.l1_weight * l1 + self.cfg.l2_weight * l2
+
     def _losses(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Total generator loss, detached parts for logging, and the reconstruction."""
         c = self.cfg
         out = self.tokenizer(x)
         recon = out.recon.float()
-        l1, l2 = (recon - x).abs().mean(), (recon - x).pow(2).mean()
-        loss = c.l1_weight * l1 + c.l2_weight * l2 + out.quant.loss + out.aux_loss
-        parts = {"recon_l1": l1, "recon_l2": l2, "recon_loss": c.l1_weight * l1 + c.l2_weight * l2,
+        l1, l2, recon_loss = self._recon_loss(recon, x)
+        loss = recon_loss + out.quant.loss + out.aux_loss
+        parts = {"recon_l1": l1, "recon_l2": l2, "recon_loss": recon_loss,
                  "quant_loss": out.quant.loss, "aux_loss": out.aux_loss}
         if self.perceptual is not None and c.perceptual_weight > 0:
             parts["perceptual_loss"] = self.perceptual(recon, x)
@@ -189,8 +194,7 @@ class TokenizerModule(L.LightningModule):
         images = batch[0]
         x = to_unit(images)
         out = self.tokenizer(x)
-        loss = (self.cfg.l1_weight * (out.recon.float() - x).abs().mean()
-                + self.cfg.l2_weight * (out.recon.float() - x).pow(2).mean())
+        loss = self._recon_loss(out.recon.float(), x)[2]
         self._val.append((psnr(images, to_uint8(out.recon)).clamp(max=100.0).cpu(), out.quant.indices.flatten().cpu(),
                           loss.detach().cpu().expand(len(images))))
 

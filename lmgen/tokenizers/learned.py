@@ -12,6 +12,9 @@ Token ids are the quantizer's indices in raster order (row by row, left to right
 
 from __future__ import annotations
 
+import abc
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -83,7 +86,7 @@ class AutoencoderOutput:
     aux_stats: dict[str, Tensor]
 
 
-class LearnedTokenizer(nn.Module):
+class LearnedTokenizer(nn.Module, abc.ABC):
     """Encoder → quantizer → decoder. Fixed length: ``max_tokens`` ids per image.
 
     encode: (B, 3, H, W) uint8 → TokenBatch (B, h·w) int64 in [0, vocab_size), raster order.
@@ -124,8 +127,9 @@ class LearnedTokenizer(nn.Module):
 
     # ---- what subclasses provide --------------------------------------------------------
 
+    @abc.abstractmethod
     def build_quantizer(self, cfg: LearnedConfig) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} must define build_quantizer")
+        """The quantizer (lmgen.tokenizers.quantizers) this tokenizer puts between encoder and decoder."""
 
     def build_subcodes(self, cfg: LearnedConfig) -> tuple[int, ...]:
         """() by default: one id per position from one vocabulary."""
@@ -149,6 +153,16 @@ class LearnedTokenizer(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode (deterministic quantizers, no state updates) for one call, then back."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def encode(self, images: Tensor) -> TokenBatch:
         """(B, 3, H, W) uint8 → TokenBatch (B, h·w) int64 on the images' device."""
@@ -156,13 +170,9 @@ class LearnedTokenizer(nn.Module):
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
             raise ValueError(f"expected uint8 images of shape (B, 3, {h}, {w}), got {images.dtype} "
                              f"{tuple(images.shape)}")
-        was_training = self.training
-        self.eval()
-        try:
+        with self._eval_mode():
             x = to_unit(images.to(self._device()))
             indices = self.quantizer(self.encoder(x)).indices  # (B, h, w)
-        finally:
-            self.train(was_training)
         ids = indices.flatten(1).to(images.device)
         lengths = torch.full((ids.shape[0],), self.max_tokens, dtype=torch.int64, device=ids.device)
         return TokenBatch(ids=ids, lengths=lengths)
@@ -177,13 +187,9 @@ class LearnedTokenizer(nn.Module):
         ids = ids[:, :n]
         valid = (lengths == n) & ((ids >= 0) & (ids < self.vocab_size)).all(1)
         safe = torch.where(valid[:, None], ids, torch.zeros_like(ids))
-        was_training = self.training
-        self.eval()
-        try:
+        with self._eval_mode():
             z = self.quantizer.lookup(safe.view(b, *self.grid).to(self._device()))
             images = to_uint8(self.decoder(z)).to(ids.device)
-        finally:
-            self.train(was_training)
         grey = grey_images(b, *self.image_size).to(images.device)
         return Decoded(images=torch.where(valid[:, None, None, None], images, grey), valid=valid)
 
