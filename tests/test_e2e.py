@@ -63,6 +63,8 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
     if valid >= 1:  # the probe scores decodable class-conditional samples, per class too
         assert "gen/class_accuracy" in run.data.metrics
         assert "per_class.csv" in _artifacts(client, run.info.run_id)
+        rows = Path(client.download_artifacts(run.info.run_id, "per_class.csv")).read_text().splitlines()
+        assert rows[0] == "class,name,train_frequency,num_samples,class_accuracy,fd_probe,num_reference"
     if valid >= 2:  # fidelity needs >= 2 decodable samples
         assert PROBE_KEYS <= set(run.data.metrics)
         assert run.data.params["gen.reference"] == "val" and "gen.num_samples" in run.data.params

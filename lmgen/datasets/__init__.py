@@ -17,6 +17,7 @@ from lmgen.datasets.base import (
     collate_images,
     config_value,
     iter_batches,
+    load_batch,
     load_images,
 )
 from lmgen.datasets.folder import ImageFolderDataset
@@ -52,5 +53,6 @@ __all__ = [
     "build_dataset",
     "collate_images",
     "iter_batches",
+    "load_batch",
     "load_images",
 ]

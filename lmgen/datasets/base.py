@@ -173,12 +173,22 @@ def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Ima
     return ImageBatchIterator(dataset, batch_size, num_workers)
 
 
-def load_images(dataset: Dataset, limit: int = 0, batch_size: int = 256, num_workers: int = 0) -> Tensor:
-    """uint8 (M, 3, H, W): the first ``limit`` readable images in index order (0 = all)."""
-    images, count = [], 0
+def load_batch(dataset: Dataset, limit: int = 0, batch_size: int = 256, num_workers: int = 0) -> ImageBatch:
+    """The first ``limit`` readable items (0 = all) in index order, as one ``ImageBatch``
+    (images with their labels and dataset indices; ``skipped`` counts what was dropped)."""
+    batches, count = [], 0
     for batch in iter_batches(dataset, batch_size, num_workers=num_workers):
-        images.append(batch.images)
-        count += len(batch.images)
+        batches.append(batch)
+        count += len(batch)
         if limit and count >= limit:
             break
-    return torch.cat(images)[: limit or None]
+    cut = slice(limit or None)
+    return ImageBatch(images=torch.cat([b.images for b in batches])[cut],
+                      labels=torch.cat([b.labels for b in batches])[cut],
+                      indices=torch.cat([b.indices for b in batches])[cut],
+                      skipped=sum(b.skipped for b in batches))
+
+
+def load_images(dataset: Dataset, limit: int = 0, batch_size: int = 256, num_workers: int = 0) -> Tensor:
+    """uint8 (M, 3, H, W): the first ``limit`` readable images in index order (0 = all)."""
+    return load_batch(dataset, limit, batch_size, num_workers).images
