@@ -156,3 +156,15 @@ def test_checkpoint_field_loads_weights_instead_of_training(tmp_path) -> None:
     cfg = load_config(None, ["tokenizer.name=vq", f"tokenizer.checkpoint={tmp_path / 'missing.pt'}"])
     with pytest.raises(FileNotFoundError, match="tokenizer.checkpoint"):
         _train_learned(cfg, build_tokenizer(cfg.tokenizer, 16), None, None, tmp_path, None)
+
+
+def test_stage1_is_deterministic_given_the_tokenizer_config() -> None:
+    """Same tokenizer block, same images → the same weights, whatever ran before (the stage-1
+    hash must determine the tokenizer)."""
+    states = []
+    for noise in (0, 1):
+        torch.manual_seed(noise)  # global RNG state left by earlier work must not matter
+        tok = build_tokenizer({"name": "vq", **TINY, "steps": 6, "val_every": 3, "codebook_size": 32}, 16)
+        train_tokenizer(tok, images(32, seed=1), images(4, seed=2), CPU, False)
+        states.append(tok.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
