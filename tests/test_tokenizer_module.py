@@ -10,7 +10,7 @@ import torch
 from lmgen.config import ConfigError, load_config
 from lmgen.tokenizer_module import PerceptualLoss, TokenizerModule, resolve_vgg_weights, train_tokenizer
 from lmgen.tokenizers import build_tokenizer
-from lmgen.tokenizers.autoencoder import AutoencoderSpec, Decoder, Encoder, to_uint8, to_unit
+from lmgen.tokenizers.autoencoder import AutoencoderConfig, Decoder, Encoder, to_uint8, to_unit
 
 CPU = SimpleNamespace(accelerator="cpu", devices=1, num_nodes=1, strategy="auto")
 TINY = {"channels": 16, "batch_size": 8, "lr": 2e-3, "warmup_steps": 2, "val_images": 8}
@@ -25,10 +25,10 @@ def images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(("downsample", "grid"), [(2, 16), (4, 8), (8, 4)])
 def test_downsample_sets_tokens_per_image(downsample: int, grid: int) -> None:
-    spec = AutoencoderSpec(channels=8, downsample=downsample, latent_channels=5, decoder_channels=7)
-    z = Encoder(spec)(torch.zeros(2, 3, 32, 32))
+    spec = AutoencoderConfig(channels=8, downsample=downsample)
+    z = Encoder(spec, out_channels=5)(torch.zeros(2, 3, 32, 32))
     assert z.shape == (2, 5, grid, grid)
-    assert Decoder(spec)(torch.zeros(2, 7, grid, grid)).shape == (2, 3, 32, 32)
+    assert Decoder(spec, in_channels=7)(torch.zeros(2, 7, grid, grid)).shape == (2, 3, 32, 32)
     for name in ("vq", "lfq", "bae"):
         tok = build_tokenizer({"name": name, "channels": 8, "downsample": downsample}, 32)
         assert tok.max_tokens == grid * grid
@@ -43,6 +43,8 @@ def test_unit_range_round_trip() -> None:
 def test_bad_learned_configs_fail_before_compute_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="tokenizer.downsample"):
         load_config(None, ["tokenizer.name=vq", "tokenizer.downsample=3"])
+    with pytest.raises(ConfigError, match="tokenizer.downsample must be a power of two"):
+        load_config(None, ["tokenizer.name=vq", "tokenizer.downsample=0"])
     with pytest.raises(ConfigError, match="tokenizer.num_subcodes"):
         load_config(None, ["tokenizer.name=bae", "tokenizer.bits=15", "tokenizer.num_subcodes=2"])
     with pytest.raises(ConfigError, match="tokenizer.codebok_size"):

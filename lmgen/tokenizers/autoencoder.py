@@ -20,30 +20,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
-class AutoencoderSpec:
-    """Architecture of the encoder/decoder pair.
+@dataclass
+class AutoencoderConfig:
+    """Architecture of the encoder/decoder pair; every learned tokenizer's config extends it.
 
     channels: width of the full-resolution stage; each 2× downsampling doubles it, capped at
         ``channels · max_channel_mult``.
     downsample: spatial reduction factor, a power of two ≥ 1 (tokens per image = H·W / downsample²).
     res_blocks: residual blocks per stage (and in the bottleneck).
-    latent_channels: channels the encoder emits (the quantizer's ``in_channels``).
-    decoder_channels: channels the decoder reads (the quantizer's ``out_channels``).
     """
 
-    channels: int = 64
-    downsample: int = 4
+    channels: int = 32
+    downsample: int = 4  # 32×32 → 8×8 = 64 tokens per image
     res_blocks: int = 1
     max_channel_mult: int = 4
-    latent_channels: int = 16
-    decoder_channels: int = 16
 
-    def __post_init__(self) -> None:
+    def check(self, name: str) -> None:
+        """ValueError naming ``<name>.<field>`` for an impossible architecture."""
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
-            raise ValueError(f"downsample must be a power of two >= 1, got {self.downsample}")
+            raise ValueError(f"{name}.downsample must be a power of two >= 1, got {self.downsample}")
         if self.channels < 1 or self.res_blocks < 0 or self.max_channel_mult < 1:
-            raise ValueError("channels and max_channel_mult must be >= 1 and res_blocks >= 0")
+            raise ValueError(f"{name}: need channels >= 1, res_blocks >= 0 and max_channel_mult >= 1")
 
     @property
     def stages(self) -> int:
@@ -83,9 +80,9 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """(B, 3, H, W) float in [-1, 1] → (B, latent_channels, H/downsample, W/downsample)."""
+    """(B, 3, H, W) float in [-1, 1] → (B, out_channels, H/downsample, W/downsample)."""
 
-    def __init__(self, spec: AutoencoderSpec) -> None:
+    def __init__(self, spec: AutoencoderConfig, out_channels: int) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, spec.width(0), 3, padding=1)
         blocks: list[nn.Module] = []
@@ -97,7 +94,7 @@ class Encoder(nn.Module):
         blocks += [ResBlock(bottom, bottom) for _ in range(spec.res_blocks)]
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.GroupNorm(_groups(bottom), bottom)
-        self.out = nn.Conv2d(bottom, spec.latent_channels, 1)
+        self.out = nn.Conv2d(bottom, out_channels, 1)  # the quantizer's in_channels
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(F.silu(self.norm(self.blocks(self.stem(x)))))
@@ -115,12 +112,12 @@ class Upsample(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, decoder_channels, h, w) → (B, 3, h·downsample, w·downsample) float, ≈ [-1, 1] (not clamped)."""
+    """(B, in_channels, h, w) → (B, 3, h·downsample, w·downsample) float, ≈ [-1, 1] (not clamped)."""
 
-    def __init__(self, spec: AutoencoderSpec) -> None:
+    def __init__(self, spec: AutoencoderConfig, in_channels: int) -> None:
         super().__init__()
         bottom = spec.width(spec.stages)
-        self.stem = nn.Conv2d(spec.decoder_channels, bottom, 3, padding=1)
+        self.stem = nn.Conv2d(in_channels, bottom, 3, padding=1)  # the quantizer's out_channels
         blocks: list[nn.Module] = [ResBlock(bottom, bottom) for _ in range(spec.res_blocks)]
         for stage in reversed(range(spec.stages)):
             c_in, c_out = spec.width(stage + 1), spec.width(stage)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .autoencoder import AutoencoderSpec, Decoder, Encoder, to_uint8, to_unit
+from .autoencoder import AutoencoderConfig, Decoder, Encoder, to_uint8, to_unit
 from .base import Decoded, TokenBatch, grey_images
 from .quantizers import QuantizerOutput
 
@@ -28,8 +28,9 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 
 
 @dataclass
-class LearnedConfig:
-    """Fields every learned tokenizer has: autoencoder shape and its stage-1 training recipe.
+class LearnedConfig(AutoencoderConfig):
+    """Fields every learned tokenizer has: the autoencoder's (inherited) and its stage-1
+    training recipe.
 
     The training fields live in the tokenizer block (not ``train``) because they determine
     the tokens: they are part of the tokenizer's hash, so changing one retrains stage 1 and
@@ -37,11 +38,6 @@ class LearnedConfig:
     """
 
     name: str = ""
-    # ---- autoencoder (AutoencoderSpec) ----
-    channels: int = 32
-    downsample: int = 4  # 32×32 → 8×8 = 64 tokens per image
-    res_blocks: int = 1
-    max_channel_mult: int = 4
     # ---- stage-1 training (lmgen.tokenizer_module) ----
     steps: int = 2000
     batch_size: int = 64
@@ -102,6 +98,7 @@ class LearnedTokenizer(nn.Module, abc.ABC):
         super().__init__()
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"{cfg.name}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+        cfg.check(cfg.name)
         h, w = image_size
         if h % cfg.downsample or w % cfg.downsample:
             raise ValueError(f"{cfg.name}.downsample={cfg.downsample} must divide the image size {h}×{w}")
@@ -115,12 +112,8 @@ class LearnedTokenizer(nn.Module, abc.ABC):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.quantizer = self.build_quantizer(cfg)
-            spec = AutoencoderSpec(channels=cfg.channels, downsample=cfg.downsample, res_blocks=cfg.res_blocks,
-                                   max_channel_mult=cfg.max_channel_mult,
-                                   latent_channels=self.quantizer.in_channels,
-                                   decoder_channels=self.quantizer.out_channels)
-            self.encoder = Encoder(spec)
-            self.decoder = Decoder(spec)
+            self.encoder = Encoder(cfg, self.quantizer.in_channels)
+            self.decoder = Decoder(cfg, self.quantizer.out_channels)
         self.vocab_size = int(self.quantizer.codebook_size)
         self.max_tokens = self.grid[0] * self.grid[1]
         self.subcodes: tuple[int, ...] = self.build_subcodes(cfg)
