@@ -23,6 +23,19 @@ def rate_metrics(lengths: Tensor, vocab_size: int) -> dict[str, float]:
     }
 
 
+def unigram_stats(ids: Tensor) -> tuple[int, float]:
+    """(distinct ids, entropy in nats of their empirical distribution) of int ids of any shape.
+
+    Counted with ``unique`` (fp64 entropy), never a vocab-sized histogram: O(N) memory for
+    any vocabulary. (0, 0.0) for no ids.
+    """
+    if ids.numel() == 0:
+        return 0, 0.0
+    counts = torch.unique(ids.reshape(-1), return_counts=True)[1].to(torch.float64)
+    p = counts / counts.sum()
+    return counts.numel(), float(-(p * p.log()).sum())
+
+
 def code_metrics(ids: Tensor, vocab_size: int, subcodes: tuple[int, ...] = ()) -> dict[str, float]:
     """How a tokenizer uses its vocabulary, from the ids it wrote for a split.
 
@@ -34,10 +47,8 @@ def code_metrics(ids: Tensor, vocab_size: int, subcodes: tuple[int, ...] = ()) -
     Counted with ``unique`` so a 2^32 vocabulary costs memory O(N), not O(vocab).
     """
     ids = ids.flatten().to(torch.int64)
-    _, counts = torch.unique(ids, return_counts=True)
-    p = counts.to(torch.float64) / counts.sum()
-    entropy = float(-(p * p.log()).sum())
-    out = {"tok/codebook_usage": len(counts) / vocab_size, "tok/perplexity": math.exp(entropy),
+    distinct, entropy = unigram_stats(ids)
+    out = {"tok/codebook_usage": distinct / vocab_size, "tok/perplexity": math.exp(entropy),
            "tok/unigram_kl_uniform": math.log(vocab_size) - entropy}
     if subcodes:
         usage, stride = [], 1

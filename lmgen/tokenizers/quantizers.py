@@ -20,12 +20,15 @@ Shapes: B batch, h×w latent grid, N = B·h·w latent vectors, K codebook size, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lmgen.metrics.rate import unigram_stats
 
 MAX_BITS = 62  # 2^62 codes still index in int64 (and 2^62 itself fits as codebook_size)
 
@@ -119,13 +122,12 @@ def code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     "codebook_usage" (fraction of the codebook hit, in [0, 1]) and "perplexity"
     (exp of the entropy of the empirical code histogram, in [1, codebook_size]).
     """
-    flat = indices.detach().reshape(-1)
-    if flat.numel() == 0:
+    if indices.numel() == 0:
         zero = torch.zeros((), dtype=torch.float32, device=indices.device)
         return {"codebook_usage": zero, "perplexity": zero.clone()}
-    counts = torch.unique(flat, return_counts=True)[1].to(torch.float32)
-    usage = torch.tensor(counts.numel() / codebook_size, dtype=torch.float32, device=indices.device)
-    return {"codebook_usage": usage, "perplexity": _entropy(counts / counts.sum()).exp()}
+    distinct, entropy = unigram_stats(indices.detach())
+    return {name: torch.tensor(value, dtype=torch.float32, device=indices.device)
+            for name, value in (("codebook_usage", distinct / codebook_size), ("perplexity", math.exp(entropy)))}
 
 
 def _code_distribution(p1: Tensor) -> Tensor:
