@@ -76,6 +76,8 @@ def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_
         metrics = {**fit_stats, **_evaluate(cfg, tokenizer, val_ds, caches["val"], tracker, run_id, probe)}
         if isinstance(tokenizer, nn.Module):
             metrics["tok/params"] = float(sum(p.numel() for p in tokenizer.parameters()))
+        if tokenizer.learned:
+            metrics.update(tokenizer.stage1_metrics())  # e.g. CRT's tok/crt_flops_share
         metrics["data/train_items"] = float(len(caches["train"]))
         metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
         tracker.log_metrics(run_id, metrics)

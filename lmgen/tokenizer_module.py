@@ -150,7 +150,7 @@ class TokenizerModule(L.LightningModule):
     def _losses(self, x: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Total generator loss, detached parts for logging, and the reconstruction."""
         c = self.cfg
-        out = self.tokenizer(x)
+        out = self.tokenizer(x, step=step)
         recon = out.recon.float()
         l1, l2, recon_loss = self._recon_loss(recon, x)
         loss = recon_loss + out.quant.loss + out.aux_loss

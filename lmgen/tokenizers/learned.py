@@ -1,4 +1,4 @@
-"""What the learned tokenizers (vq, lfq, bae, and later crt, causal1d) share.
+"""What the learned tokenizers (vq, lfq, bae, crt, causal1d) share.
 
 A learned tokenizer is an ``nn.Module``: the conv encoder of ``autoencoder.py``, one
 quantizer from ``quantizers.py``, and the mirrored decoder. Subclasses only say which
@@ -106,14 +106,14 @@ class LearnedTokenizer(nn.Module, abc.ABC):
             raise ValueError(f"{cfg.name}: need steps >= 0, batch_size >= 1 and lr > 0")
         self.cfg = cfg
         self.image_size = (int(h), int(w))
-        self.grid = (h // cfg.downsample, w // cfg.downsample)
+        self.grid = self.token_grid(cfg)
         # Initial weights depend on the tokenizer's own seed only, never on what ran before:
         # the stage-1 hash must determine the trained tokenizer.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.quantizer = self.build_quantizer(cfg)
-            self.encoder = Encoder(cfg, self.quantizer.in_channels)
-            self.decoder = Decoder(cfg, self.quantizer.out_channels)
+            self.encoder = self.build_encoder(cfg, self.quantizer.in_channels)
+            self.decoder = self.build_decoder(cfg, self.quantizer.out_channels)
         self.vocab_size = int(self.quantizer.codebook_size)
         self.max_tokens = self.grid[0] * self.grid[1]
         self.subcodes: tuple[int, ...] = self.build_subcodes(cfg)
@@ -128,13 +128,40 @@ class LearnedTokenizer(nn.Module, abc.ABC):
         """() by default: one id per position from one vocabulary."""
         return ()
 
+    def token_grid(self, cfg: LearnedConfig) -> tuple[int, int]:
+        """(h, w) of the quantizer's index grid; tokens per image = h·w, read in raster order.
+        The conv latent grid by default; causal1d's is (1, num_tokens)."""
+        h, w = self.image_size
+        return h // cfg.downsample, w // cfg.downsample
+
+    def build_encoder(self, cfg: LearnedConfig, out_channels: int) -> nn.Module:
+        """(B, 3, H, W) → latents (B, out_channels, *grid): the conv encoder by default."""
+        return Encoder(cfg, out_channels)
+
+    def build_decoder(self, cfg: LearnedConfig, in_channels: int) -> nn.Module:
+        """Quantized latents (B, in_channels, *grid) → (B, 3, H, W): the conv decoder by default."""
+        return Decoder(cfg, in_channels)
+
+    def aux_terms(self, latents: Tensor, quant: QuantizerOutput, step: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Extra stage-1 loss (() float32) and detached stats on top of reconstruction + quantizer
+        loss, given the pre-quantisation ``latents`` and the quantizer's output at training
+        ``step`` (None outside training). None by default; CRT's causal regulariser."""
+        return torch.zeros((), device=latents.device), {}
+
+    def stage1_metrics(self) -> dict[str, float]:
+        """Constant figures of this tokenizer logged with the stage-1 run (``tok/*``); none by default."""
+        return {}
+
     # ---- training-time pass (used by TokenizerModule) -----------------------------------
 
-    def forward(self, x: Tensor) -> AutoencoderOutput:
-        """x: (B, 3, H, W) float in [-1, 1] → reconstruction, quantizer output, aux terms."""
-        quant = self.quantizer(self.encoder(x))
-        zero = torch.zeros((), device=x.device)
-        return AutoencoderOutput(recon=self.decoder(quant.quantized), quant=quant, aux_loss=zero, aux_stats={})
+    def forward(self, x: Tensor, step: int | None = None) -> AutoencoderOutput:
+        """x: (B, 3, H, W) float in [-1, 1] → reconstruction, quantizer output, aux terms.
+        ``step``: the stage-1 training step (schedules of the aux terms); None = fully on."""
+        latents = self.encoder(x)
+        quant = self.quantizer(latents)
+        aux_loss, aux_stats = self.aux_terms(latents, quant, step)
+        return AutoencoderOutput(recon=self.decoder(quant.quantized), quant=quant, aux_loss=aux_loss,
+                                 aux_stats=aux_stats)
 
     # ---- the ImageTokenizer protocol ----------------------------------------------------
 

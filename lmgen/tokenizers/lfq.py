@@ -32,11 +32,16 @@ class LFQTokenizer(LearnedTokenizer):
     Config = LFQConfig
 
     def build_quantizer(self, cfg: LFQConfig) -> nn.Module:
-        if not 1 <= cfg.bits <= 62:
-            raise ValueError(f"lfq.bits must be in [1, 62], got {cfg.bits}")
-        return LookupFreeQuantizer(cfg.bits, commitment_weight=cfg.commitment_weight,
-                                   entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
-                                   max_entropy_group_bits=cfg.max_entropy_group_bits)
+        return lookup_free_quantizer(cfg)
 
     def build_subcodes(self, cfg: LFQConfig) -> tuple[int, ...]:
         return split_bits(cfg.bits, cfg.num_subcodes, cfg.name)
+
+
+def lookup_free_quantizer(cfg: LFQConfig) -> LookupFreeQuantizer:
+    """The ``LookupFreeQuantizer`` an LFQ config describes (also crt's with ``quantizer: lfq``)."""
+    if not 1 <= cfg.bits <= 62:
+        raise ValueError(f"{cfg.name}.bits must be in [1, 62], got {cfg.bits}")
+    return LookupFreeQuantizer(cfg.bits, commitment_weight=cfg.commitment_weight,
+                               entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
+                               max_entropy_group_bits=cfg.max_entropy_group_bits)

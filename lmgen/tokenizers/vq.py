@@ -33,9 +33,14 @@ class VQTokenizer(LearnedTokenizer):
     Config = VQConfig
 
     def build_quantizer(self, cfg: VQConfig) -> nn.Module:
-        if cfg.codebook_size < 2 or cfg.codebook_dim < 1:
-            raise ValueError(f"vq.codebook_size must be >= 2 and vq.codebook_dim >= 1, "
-                             f"got {cfg.codebook_size}, {cfg.codebook_dim}")
-        return VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, beta=cfg.beta, l2_norm=cfg.l2_norm,
-                               ema=cfg.ema, ema_decay=cfg.ema_decay, restart_every=cfg.restart_every,
-                               restart_threshold=cfg.restart_threshold)
+        return vector_quantizer(cfg)
+
+
+def vector_quantizer(cfg: VQConfig) -> VectorQuantizer:
+    """The ``VectorQuantizer`` a VQ config describes (also crt's with ``quantizer: vq``)."""
+    if cfg.codebook_size < 2 or cfg.codebook_dim < 1:
+        raise ValueError(f"{cfg.name}.codebook_size must be >= 2 and {cfg.name}.codebook_dim >= 1, "
+                         f"got {cfg.codebook_size}, {cfg.codebook_dim}")
+    return VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, beta=cfg.beta, l2_norm=cfg.l2_norm,
+                           ema=cfg.ema, ema_decay=cfg.ema_decay, restart_every=cfg.restart_every,
+                           restart_threshold=cfg.restart_threshold)
