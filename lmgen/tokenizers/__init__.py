@@ -12,13 +12,16 @@ from typing import Any
 
 from .bae import BAETokenizer
 from .base import Decoded, ImageTokenizer, TokenBatch
+from .causal1d import Causal1DTokenizer
+from .crt import CRTTokenizer
 from .jpeg import JpegTokenizer
 from .lfq import LFQTokenizer
 from .pixels import PixelTokenizer
 from .vq import VQTokenizer
 
 TOKENIZERS: dict[str, type] = {"pixels": PixelTokenizer, "jpeg": JpegTokenizer, "vq": VQTokenizer,
-                               "lfq": LFQTokenizer, "bae": BAETokenizer}
+                               "lfq": LFQTokenizer, "bae": BAETokenizer, "crt": CRTTokenizer,
+                               "causal1d": Causal1DTokenizer}
 
 __all__ = ["TOKENIZERS", "Decoded", "ImageTokenizer", "TokenBatch", "build_tokenizer",
            "tokenizer_config_class"]
