@@ -1,0 +1,106 @@
+"""``causal1d``: a 1-D causal tokenizer (SEED's structure, Ge et al. 2023), trained from pixels.
+
+``num_tokens`` learned queries read the conv encoder's 2-D feature map through
+cross-attention, with a *causal* mask among the queries: token i depends on the image and
+on queries < i only, the order in which the stage-2 LM predicts them. Each query's output
+is vector-quantised (VQ's fields: codebook_size, codebook_dim, ...). The decoder reads the
+1-D code sequence: one query per latent position (a shared learned vector plus its 2-D
+position) cross-attends to the tokens, and the conv decoder renders the map.
+
+Tokens per image = ``num_tokens``, whatever the resolution: the axis is set directly
+rather than through ``downsample`` (which only sizes the feature map the queries read).
+SEED's semantic alignment came from frozen BLIP-2 / Stable Diffusion parts, which are not
+available offline; lmgen keeps the causal 1-D structure. ``causal: false`` gives
+bidirectional queries (TiTok-style 1-D tokens), the ablation of the causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .autoencoder import AutoencoderConfig, Decoder, Encoder
+from .learned import LearnedTokenizer
+from .transformer import Transformer, sincos_1d, sincos_2d
+from .vq import VQConfig, vector_quantizer
+
+
+@dataclass
+class Causal1DConfig(VQConfig):
+    name: str = "causal1d"
+    num_tokens: int = 32  # SEED: 32 tokens per image
+    query_width: int = 128  # width of the query transformers (encoder and decoder)
+    heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    causal: bool = True  # SEED: token i sees queries < i; False = bidirectional (TiTok-style)
+
+
+class QueryEncoder(nn.Module):
+    """(B, 3, H, W) → (B, out_channels, 1, num_tokens): conv features read by learned queries."""
+
+    def __init__(self, cfg: Causal1DConfig, out_channels: int) -> None:
+        super().__init__()
+        self.width = cfg.query_width
+        self.features = Encoder(cfg, cfg.query_width)
+        self.queries = nn.Parameter(0.02 * torch.randn(cfg.num_tokens, cfg.query_width))
+        self.body = Transformer(cfg.query_width, cfg.heads, cfg.encoder_layers, cross=True, causal=cfg.causal)
+        self.out = nn.Linear(cfg.query_width, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.features(x)  # (B, width, h, w)
+        b, d, h, w = f.shape
+        context = f.flatten(2).transpose(1, 2) + sincos_2d(h, w, d, f.device).to(f.dtype)  # (B, h·w, width)
+        tokens = self.out(self.body(self.queries.expand(b, -1, -1).to(f.dtype), context))  # (B, Q, D)
+        return tokens.transpose(1, 2).unsqueeze(2)  # (B, D, 1, Q): a 1×Q grid for the quantizer
+
+
+class TokenDecoder(nn.Module):
+    """(B, in_channels, 1, num_tokens) quantized tokens → (B, 3, H, W): position queries
+    cross-attend to the tokens, then the conv decoder renders the (H/downsample)×(W/downsample) map."""
+
+    def __init__(self, cfg: Causal1DConfig, in_channels: int, feature_grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.width, self.feature_grid = cfg.query_width, feature_grid
+        self.inp = nn.Linear(in_channels, cfg.query_width)
+        self.query = nn.Parameter(torch.zeros(cfg.query_width))  # shared; positions come from sin-cos codes
+        self.body = Transformer(cfg.query_width, cfg.heads, cfg.decoder_layers, cross=True)
+        self.render = Decoder(cfg, cfg.query_width)
+
+    def forward(self, z: Tensor) -> Tensor:
+        b, _, _, q = z.shape
+        h, w = self.feature_grid
+        tokens = self.inp(z.flatten(2).transpose(1, 2))  # (B, Q, width)
+        tokens = tokens + sincos_1d(q, self.width, z.device).to(tokens.dtype)
+        queries = (self.query + sincos_2d(h, w, self.width, z.device)).expand(b, -1, -1).to(tokens.dtype)
+        y = self.body(queries, tokens)  # (B, h·w, width)
+        return self.render(y.transpose(1, 2).reshape(b, self.width, h, w))
+
+
+class Causal1DTokenizer(LearnedTokenizer):
+    """vocab_size = codebook_size; tokens per image = num_tokens, in query order."""
+
+    Config = Causal1DConfig
+
+    def __init__(self, cfg: Causal1DConfig, image_size: tuple[int, int]) -> None:
+        if cfg.num_tokens < 1 or cfg.query_width < 4 or cfg.query_width % 4 or cfg.heads < 1 or cfg.query_width % cfg.heads:
+            raise ValueError(f"{cfg.name}: need num_tokens >= 1 and a query_width divisible by 4 and by heads, got "
+                             f"num_tokens={cfg.num_tokens}, query_width={cfg.query_width}, heads={cfg.heads}")
+        if cfg.encoder_layers < 1 or cfg.decoder_layers < 1:
+            raise ValueError(f"{cfg.name}.encoder_layers and {cfg.name}.decoder_layers must be >= 1")
+        super().__init__(cfg, image_size)
+
+    def token_grid(self, cfg: Causal1DConfig) -> tuple[int, int]:
+        return 1, cfg.num_tokens
+
+    def build_quantizer(self, cfg: Causal1DConfig) -> nn.Module:
+        return vector_quantizer(cfg)
+
+    def build_encoder(self, cfg: AutoencoderConfig, out_channels: int) -> nn.Module:
+        return QueryEncoder(cfg, out_channels)
+
+    def build_decoder(self, cfg: AutoencoderConfig, in_channels: int) -> nn.Module:
+        h, w = self.image_size
+        return TokenDecoder(cfg, in_channels, (h // cfg.downsample, w // cfg.downsample))
