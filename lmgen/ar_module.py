@@ -6,6 +6,10 @@ class/BOS position is never a target and PAD is ignored. Metrics are reported pe
 different sequence lengths and vocabularies compare on one axis. With sub-code vocabularies
 (ELM, MAGVIT-v2) a target's NLL is the sum of its sub-code heads' NLLs (``Llama.token_nll``),
 so the per-image bits stay on that axis.
+
+Each validation also records the loss at every token position (``val_loss_per_position``;
+the run logs it as ``val_loss_per_position.csv``): CRT's claim is lower loss at every
+position, most at late ones.
 """
 
 from __future__ import annotations
@@ -35,6 +39,21 @@ class OptimConfig:
     class_dropout: float = 0.1
 
 
+def position_loss_csv(history: list[tuple[int, Tensor, Tensor]]) -> str:
+    """``ARModule.val_loss_per_position`` as CSV: step, position, loss_nats, bits, count.
+
+    position 0 is the first image token (predicted from the class/BOS token); ``count`` is how
+    many val targets sit at that position (fewer at late positions of variable-length streams);
+    positions no val sequence reaches have an empty loss.
+    """
+    rows = ["step,position,loss_nats,bits,count"]
+    for step, loss, count in history:
+        for pos, (nats, n) in enumerate(zip(loss.tolist(), count.tolist(), strict=True)):
+            value = "" if n == 0 else f"{nats:.6g},{nats / math.log(2):.6g}"
+            rows.append(f"{step},{pos},{value or ','},{n}")
+    return "\n".join(rows) + "\n"
+
+
 def lr_lambda(step: int, cfg: OptimConfig) -> float:
     """Linear warm-up then cosine decay to ``min_lr_ratio`` (multiplier of ``cfg.lr``)."""
     if step < cfg.warmup_steps:
@@ -61,6 +80,12 @@ class ARModule(L.LightningModule):
         self._fit_start = 0.0
         self._val_nll_bits: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
+        positions = layout.seq_len - 1  # target positions: image token 0 .. last (EOS for codec streams)
+        self._val_position_nll = torch.zeros(positions, dtype=torch.float64)
+        self._val_position_count = torch.zeros(positions, dtype=torch.int64)
+        # One row per validation: (global step, (P,) mean NLL in nats at each target position,
+        # (P,) targets scored there). CRT plots the last one: loss vs token position.
+        self.val_loss_per_position: list[tuple[int, Tensor, Tensor]] = []
 
     # ---- losses -------------------------------------------------------------------------
 
@@ -104,6 +129,11 @@ class ARModule(L.LightningModule):
         nll, mask = self.token_nll(batch)
         self._val_nll_bits.append(nll.sum(1).double() / math.log(2))
         self._val_tokens.append(mask.sum(1))
+        width = nll.shape[1]  # codec batches are padded to their longest stream only
+        self._val_position_nll = self._val_position_nll.to(nll.device)
+        self._val_position_count = self._val_position_count.to(nll.device)
+        self._val_position_nll[:width] += nll.sum(0).double()
+        self._val_position_count[:width] += mask.sum(0)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_nll_bits:
@@ -112,6 +142,7 @@ class ARModule(L.LightningModule):
         tokens = self.all_gather(torch.cat(self._val_tokens)).flatten()
         self._val_nll_bits.clear()
         self._val_tokens.clear()
+        self._record_position_loss()
         elapsed = max(time.perf_counter() - self._fit_start, 1e-9)
         metrics = {
             "lm/val_loss": float(bits.sum() * math.log(2) / tokens.sum()),  # nats per token
@@ -122,6 +153,16 @@ class ARModule(L.LightningModule):
             "lm/tokens_per_s": self.tokens_seen / elapsed,
         }
         self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+
+    def _record_position_loss(self) -> None:
+        """Append this validation's per-position mean NLL (summed over ranks) and reset the sums."""
+        positions = self._val_position_nll.shape[0]
+        nll = self.all_gather(self._val_position_nll).reshape(-1, positions).sum(0).cpu()
+        count = self.all_gather(self._val_position_count).reshape(-1, positions).sum(0).cpu()
+        mean = torch.where(count > 0, nll / count.clamp(min=1), torch.full_like(nll, float("nan")))
+        self.val_loss_per_position.append((int(self.global_step), mean, count))
+        self._val_position_nll.zero_()
+        self._val_position_count.zero_()
 
     def configure_optimizers(self) -> dict:
         decay, no_decay = [], []

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from lmgen.ar_module import ARModule, OptimConfig
+from lmgen.ar_module import ARModule, OptimConfig, position_loss_csv
 from lmgen.config import config_hash, resolve_precision, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
 from lmgen.datasets import ImageBatch, build_dataset, load_batch
@@ -104,6 +104,7 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
         tracker.log_config(run_id, to_dict(cfg))
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
         _train(cfg, module, datamodule, tracker, run_id, home)
+        tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
         if cfg.sample.num_samples > 0:
             samples = _generate(cfg, module.model, layout, tokenizer)
             _evaluate_samples(cfg, samples, layout, train_ds, val_ds, probe, tracker, run_id)
