@@ -36,7 +36,7 @@ def _artifacts(client: MlflowClient, run_id: str) -> set[str]:
 # Stage 1 of the learned tokenizers, cut to a few steps of a narrow autoencoder.
 LEARNED_TINY = ["tokenizer.steps=4", "tokenizer.channels=8", "tokenizer.batch_size=8", "tokenizer.val_every=2",
                 "tokenizer.val_images=8"]
-LEARNED = ("quickstart_vq", "quickstart_lfq", "quickstart_bae")
+LEARNED = ("quickstart_vq", "quickstart_lfq", "quickstart_bae", "quickstart_crt", "quickstart_causal1d")
 
 
 @pytest.mark.parametrize("experiment", ["quickstart_pixels", "quickstart_jpeg", *LEARNED])
@@ -77,7 +77,24 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
         history = client.get_metric_history(tok[0].info.run_id, "tok/train_loss")
         assert len(history) >= 2 and "tok/val_psnr" in tok[0].data.metrics
         assert tok[0].data.params["tokenizer.steps"] == "4"
+    if experiment == "quickstart_crt":  # the regulariser's loss curve and cost sit in the stage-1 run
+        assert len(client.get_metric_history(tok[0].info.run_id, "tok/crt_loss")) >= 2
+        assert 0 < tok[0].data.metrics["tok/crt_flops_share"] < 1
     assert (lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt").is_file()
+    _check_position_loss(client, run)
+
+
+def _check_position_loss(client: MlflowClient, run) -> None:
+    """val_loss_per_position.csv: the final validation's per-position loss adds up to lm/val_bits_per_image."""
+    path = Path(client.download_artifacts(run.info.run_id, "val_loss_per_position.csv"))
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    assert rows[0] == ["step", "position", "loss_nats", "bits", "count"]
+    last = max(int(r[0]) for r in rows[1:])
+    final = [r for r in rows[1:] if int(r[0]) == last and r[2]]
+    assert [int(r[1]) for r in final] == list(range(len(final)))
+    images = int(final[0][4])  # every val sequence has a first token
+    bits = sum(float(r[3]) * int(r[4]) for r in final) / images
+    assert bits == pytest.approx(run.data.metrics["lm/val_bits_per_image"], rel=1e-4)
 
 
 @pytest.mark.parametrize("experiment", ["quickstart_jpeg", "quickstart_bae"])

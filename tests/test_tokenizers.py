@@ -23,6 +23,9 @@ VARIANTS: dict[str, list[dict]] = {
                                                       "l2_norm": True}],
     "lfq": [{"bits": 8}, {"bits": 12, "num_subcodes": 2}],
     "bae": [{"bits": 8, "num_subcodes": 1}, {"bits": 12, "deterministic": True}],
+    "crt": [{"codebook_size": 64, "codebook_dim": 8, "crt_ramp_steps": 20},
+            {"quantizer": "lfq", "bits": 8, "crt_loss": "ce", "crt_target": "post", "crt_width": 32}],
+    "causal1d": [{"codebook_size": 64, "codebook_dim": 8, "num_tokens": 32, "query_width": 32}],
 }
 # Learned tokenizers in these tests: a tiny autoencoder trained briefly (once per case) by the
 # real stage-1 system, so "reconstructs roughly" is a claim about training, not about a stub.
@@ -60,13 +63,16 @@ def build(name: str, extra: dict, size: tuple[int, int], fit: bool = True) -> Im
     tok = build_tokenizer({"name": name, **extra}, size)
     if is_learned(tok):
         tok = build_tokenizer({"name": name, **LEARNED_TINY, **extra}, size)
-        key = f"{name}-{sorted(extra.items())}"  # fully convolutional: weights fit every image size
+        # A grid that scales with the image (fully convolutional) means weights trained at 32×32
+        # serve every size; a fixed token count (causal1d's 1-D tokens) is trained at its size.
+        at = (32, 32) if tok.max_tokens != build_tokenizer({"name": name, **extra}, (32, 32)).max_tokens else size
+        key = f"{name}-{sorted(extra.items())}-{at}"
         if fit and key not in _TRAINED:
             from lmgen.tokenizer_module import train_tokenizer
 
             cpu = SimpleNamespace(accelerator="cpu", devices=1, num_nodes=1, strategy="auto")
-            trainee = build_tokenizer({"name": name, **LEARNED_TINY, **extra}, (32, 32))
-            train_tokenizer(trainee, make_images(64, 32, 32, seed=100), make_images(8, 32, 32, seed=101), cpu, False)
+            trainee = build_tokenizer({"name": name, **LEARNED_TINY, **extra}, at)
+            train_tokenizer(trainee, make_images(64, *at, seed=100), make_images(8, *at, seed=101), cpu, False)
             _TRAINED[key] = {k: v.clone() for k, v in trainee.state_dict().items()}
         if fit:
             tok.load_state_dict(_TRAINED[key])
