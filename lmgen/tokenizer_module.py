@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -254,8 +255,12 @@ def train_tokenizer(tokenizer: LearnedTokenizer, train_images: Tensor, val_image
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(checkpoint_dir or "."))
     start = time.perf_counter()
     val = val_images[: cfg.val_images] if cfg.val_images else val_images
-    trainer.fit(module, train_dataloaders=_loader(train_images, cfg.batch_size, True, cfg.seed),
-                val_dataloaders=_loader(val, 256, False, cfg.seed), ckpt_path=resume)
+    # Lightning warns that a manual-optimisation checkpoint holds the weights *after* the
+    # step's update: exactly what resuming needs (the step counter matches), so say nothing.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        trainer.fit(module, train_dataloaders=_loader(train_images, cfg.batch_size, True, cfg.seed),
+                    val_dataloaders=_loader(val, 256, False, cfg.seed), ckpt_path=resume)
     seconds = time.perf_counter() - start
     tokenizer.eval()
     images = cfg.steps * cfg.batch_size * trainer.world_size

@@ -99,6 +99,7 @@ def test_crt_flops_share_and_lfq_subcodes() -> None:
     ("tokenizer.quantizer=fsq", "tokenizer.quantizer"),
     ("tokenizer.crt_width=30", "tokenizer.crt_width"),
     ("tokenizer.crt_wieght=2", "crt_wieght"),
+    ("tokenizer.num_subcodes=2", "tokenizer.num_subcodes"),
 ])
 def test_crt_bad_config_fails_before_compute_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
@@ -116,11 +117,12 @@ C1D = {"name": "causal1d", "channels": 8, "codebook_size": 64, "codebook_dim": 8
        "query_width": 32}
 
 
+@pytest.mark.parametrize("query_init", ["pooled", "learned"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_causal1d_token_i_ignores_queries_after_i(causal: bool) -> None:
+def test_causal1d_token_i_ignores_queries_after_i(causal: bool, query_init: str) -> None:
     """Perturb learned query j: with the causal mask, no latent or token i < j changes (and the
     bidirectional ablation shows the check can fail)."""
-    tok = build_tokenizer({**C1D, "causal": causal}, 32).eval()
+    tok = build_tokenizer({**C1D, "causal": causal, "query_init": query_init}, 32).eval()
     images = make_images(6, 32, 32, seed=1)
     with torch.no_grad():
         before = tok.encoder(to_unit(images))  # (B, D, 1, Q)
@@ -154,3 +156,5 @@ def test_causal1d_bad_config() -> None:
         load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.num_tokens=0"])
     with pytest.raises(ConfigError, match="query_width"):
         load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.query_width=30"])
+    with pytest.raises(ConfigError, match="tokenizer.query_init"):
+        load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.query_init=random"])

@@ -158,6 +158,8 @@ def _check(cfg: CRTConfig) -> None:
     for key, valid in (("quantizer", QUANTIZERS), ("crt_target", TARGETS), ("crt_loss", LOSSES)):
         if getattr(cfg, key) not in valid:
             raise ValueError(f"{cfg.name}.{key} must be one of {valid}, got {getattr(cfg, key)!r}")
+    if cfg.quantizer == "vq" and cfg.num_subcodes != 1:
+        raise ValueError(f"{cfg.name}.num_subcodes={cfg.num_subcodes} splits LFQ bits; it needs quantizer='lfq'")
     if cfg.crt_weight < 0 or cfg.crt_ramp_steps < 0 or cfg.crt_layers < 1:
         raise ValueError(f"{cfg.name}: need crt_weight >= 0, crt_ramp_steps >= 0 and crt_layers >= 1")
     if cfg.crt_heads < 1 or cfg.crt_width < 4 or cfg.crt_width % 4 or cfg.crt_width % cfg.crt_heads:
