@@ -58,7 +58,7 @@ def test_crt_at_lambda_zero_is_plain_vq() -> None:
 def test_crt_regulariser_sends_gradient_to_the_encoder(switches: dict) -> None:
     tok = build_tokenizer({"name": "crt", **TINY, "crt_weight": 4.0, **switches}, 32).train()
     out = tok(_x(), step=None)
-    assert out.aux_loss.requires_grad and float(out.aux_loss) > 0
+    assert out.aux_loss.requires_grad and float(out.aux_loss.detach()) > 0
     assert {"crt_loss", "crt_weight", "crt_latent_rms"} <= set(out.aux_stats)
     out.aux_loss.backward()
     assert _encoder_grad_norm(tok) > 0
