@@ -152,7 +152,7 @@ def test_causal1d_tokens_per_image_is_the_number_of_queries() -> None:
 
 
 def test_causal1d_bad_config() -> None:
-    with pytest.raises(ConfigError, match="tokenizer"):
+    with pytest.raises(ConfigError, match="tokenizer.num_tokens"):
         load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.num_tokens=0"])
     with pytest.raises(ConfigError, match="query_width"):
         load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.query_width=30"])

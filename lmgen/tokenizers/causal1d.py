@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .autoencoder import AutoencoderConfig, Decoder, Encoder
 from .learned import LearnedTokenizer
-from .transformer import Transformer, sincos_1d, sincos_2d
+from .transformer import Transformer, check_width, sincos_1d, sincos_2d
 from .vq import VQConfig, vector_quantizer
 
 QUERY_INITS = ("pooled", "learned")
@@ -104,9 +104,9 @@ class Causal1DTokenizer(LearnedTokenizer):
     Config = Causal1DConfig
 
     def __init__(self, cfg: Causal1DConfig, image_size: tuple[int, int]) -> None:
-        if cfg.num_tokens < 1 or cfg.query_width < 4 or cfg.query_width % 4 or cfg.heads < 1 or cfg.query_width % cfg.heads:
-            raise ValueError(f"{cfg.name}: need num_tokens >= 1 and a query_width divisible by 4 and by heads, got "
-                             f"num_tokens={cfg.num_tokens}, query_width={cfg.query_width}, heads={cfg.heads}")
+        if cfg.num_tokens < 1:
+            raise ValueError(f"{cfg.name}.num_tokens must be >= 1, got {cfg.num_tokens}")
+        check_width(cfg.query_width, cfg.heads, f"{cfg.name}.query_width")
         if cfg.encoder_layers < 1 or cfg.decoder_layers < 1:
             raise ValueError(f"{cfg.name}.encoder_layers and {cfg.name}.decoder_layers must be >= 1")
         super().__init__(cfg, image_size)

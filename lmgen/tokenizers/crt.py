@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .learned import LearnedTokenizer, split_bits
 from .lfq import LFQConfig, lookup_free_quantizer
 from .quantizers import QuantizerOutput
-from .transformer import Transformer, sincos_2d
+from .transformer import Transformer, check_width, sincos_2d
 from .vq import VQConfig, vector_quantizer
 
 QUANTIZERS = ("vq", "lfq")
@@ -112,10 +112,10 @@ class CRTTokenizer(LearnedTokenizer):
             return F.normalize(latents.float(), dim=1)
         return latents
 
-    def crt_loss(self, latents: Tensor, quant: QuantizerOutput) -> Tensor:
-        """() float32: the unweighted next-latent prediction loss over positions 1..N-1."""
+    def crt_loss(self, seq: Tensor, quant: QuantizerOutput) -> Tensor:
+        """() float32: the unweighted next-latent prediction loss over positions 1..N-1, given the
+        latents as the quantizer sees them (``_quantizer_view``), (B, D, h, w)."""
         c = self.cfg
-        seq = self._quantizer_view(latents)
         pred = self.predictor(seq)[:, :-1].float()  # (B, N-1, out): prediction of latents 1..N-1
         if c.crt_loss == "ce":
             targets = quant.indices.flatten(1)[:, 1:]  # (B, N-1) code ids
@@ -127,11 +127,12 @@ class CRTTokenizer(LearnedTokenizer):
 
     def aux_terms(self, latents: Tensor, quant: QuantizerOutput, step: int | None) -> tuple[Tensor, dict[str, Tensor]]:
         weight = self.crt_lambda(step)
+        seq = self._quantizer_view(latents)
         stats = {"crt_weight": torch.tensor(weight, device=latents.device),
-                 "crt_latent_rms": self._quantizer_view(latents).detach().float().pow(2).mean().sqrt()}
+                 "crt_latent_rms": seq.detach().float().pow(2).mean().sqrt()}
         if weight == 0:  # exactly the plain tokenizer: no regulariser compute at all
             return torch.zeros((), device=latents.device), stats
-        loss = self.crt_loss(latents, quant)
+        loss = self.crt_loss(seq, quant)
         stats["crt_loss"] = loss.detach()
         return weight * loss, stats
 
@@ -147,7 +148,7 @@ class CRTTokenizer(LearnedTokenizer):
                 quant = self.quantizer(latents)
                 self.decoder(quant.quantized)
             with FlopCounterMode(display=False) as reg:
-                self.crt_loss(latents, quant)
+                self.crt_loss(self._quantizer_view(latents), quant)
         share = reg.get_total_flops() / max(1, base.get_total_flops() + reg.get_total_flops())
         return {"tok/crt_flops_share": share if self.cfg.crt_weight > 0 else 0.0,
                 "tok/crt_params": float(sum(p.numel() for p in self.predictor.parameters()))}
@@ -162,6 +163,4 @@ def _check(cfg: CRTConfig) -> None:
         raise ValueError(f"{cfg.name}.num_subcodes={cfg.num_subcodes} splits LFQ bits; it needs quantizer='lfq'")
     if cfg.crt_weight < 0 or cfg.crt_ramp_steps < 0 or cfg.crt_layers < 1:
         raise ValueError(f"{cfg.name}: need crt_weight >= 0, crt_ramp_steps >= 0 and crt_layers >= 1")
-    if cfg.crt_heads < 1 or cfg.crt_width < 4 or cfg.crt_width % 4 or cfg.crt_width % cfg.crt_heads:
-        raise ValueError(f"{cfg.name}.crt_width={cfg.crt_width} must be a multiple of 4 and of "
-                         f"crt_heads={cfg.crt_heads}")
+    check_width(cfg.crt_width, cfg.crt_heads, f"{cfg.name}.crt_width")

@@ -80,6 +80,13 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def check_width(width: int, heads: int, key: str) -> None:
+    """ValueError naming ``key`` unless ``width`` suits these blocks: divisible by ``heads``
+    (attention) and by 4 (2-D sin-cos positions)."""
+    if heads < 1 or width < 4 or width % 4 or width % heads:
+        raise ValueError(f"{key}={width} must be a positive multiple of 4 and of the number of heads ({heads})")
+
+
 def sincos_1d(n: int, dim: int, device: torch.device | None = None) -> Tensor:
     """(n, dim) float32 fixed sinusoidal encodings of positions 0..n-1 (Vaswani et al. 2017)."""
     if dim % 2:
