@@ -158,3 +158,14 @@ def test_causal1d_bad_config() -> None:
         load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.query_width=30"])
     with pytest.raises(ConfigError, match="tokenizer.query_init"):
         load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.query_init=random"])
+
+
+@pytest.mark.parametrize(("cfg", "key"), [
+    ({"name": "causal1d", "query_init": "random"}, "causal1d.query_init"),
+    ({"name": "crt", "crt_target": "mid"}, "crt.crt_target"),
+    ({"name": "vq", "precision": "64-true"}, "vq.precision"),
+])
+def test_choices_are_checked_without_load_config(cfg: dict, key: str) -> None:
+    """build_tokenizer alone (no YAML schema) still refuses a value outside a field's choices."""
+    with pytest.raises(ValueError, match=key):
+        build_tokenizer(cfg, 32)

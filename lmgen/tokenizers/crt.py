@@ -156,9 +156,6 @@ class CRTTokenizer(LearnedTokenizer):
 
 def _check(cfg: CRTConfig) -> None:
     """ValueError naming ``crt.<field>`` for an impossible regulariser."""
-    for key, valid in (("quantizer", QUANTIZERS), ("crt_target", TARGETS), ("crt_loss", LOSSES)):
-        if getattr(cfg, key) not in valid:
-            raise ValueError(f"{cfg.name}.{key} must be one of {valid}, got {getattr(cfg, key)!r}")
     if cfg.quantizer == "vq" and cfg.num_subcodes != 1:
         raise ValueError(f"{cfg.name}.num_subcodes={cfg.num_subcodes} splits LFQ bits; it needs quantizer='lfq'")
     if cfg.crt_weight < 0 or cfg.crt_ramp_steps < 0 or cfg.crt_layers < 1:

@@ -1,9 +1,10 @@
 """What the learned tokenizers (vq, lfq, bae, crt, causal1d) share.
 
 A learned tokenizer is an ``nn.Module``: the conv encoder of ``autoencoder.py``, one
-quantizer from ``quantizers.py``, and the mirrored decoder. Subclasses only say which
+quantizer from ``quantizers.py``, and the mirrored decoder. Subclasses say which
 quantizer (``build_quantizer``) and, where a code is split into sub-codes, how
-(``subcodes``). Stage 1 trains them by gradient in ``lmgen.tokenizer_module`` (which owns
+(``subcodes``); stage-2-aware ones also replace the encoder/decoder and token grid
+(causal1d) or add a stage-1 loss term (``aux_terms``, CRT). Stage 1 trains them by gradient in ``lmgen.tokenizer_module`` (which owns
 the losses, optimiser and logging); this module imports neither Lightning nor MLflow.
 
 Token ids are the quantizer's indices in raster order (row by row, left to right), so a
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -96,8 +98,7 @@ class LearnedTokenizer(nn.Module, abc.ABC):
 
     def __init__(self, cfg: LearnedConfig, image_size: tuple[int, int]) -> None:
         super().__init__()
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"{cfg.name}.precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+        _check_choices(cfg)
         cfg.check(cfg.name)
         h, w = image_size
         if h % cfg.downsample or w % cfg.downsample:
@@ -217,6 +218,16 @@ class LearnedTokenizer(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, vocab_size={self.vocab_size}, subcodes={self.subcodes}"
+
+
+def _check_choices(cfg: LearnedConfig) -> None:
+    """ValueError naming ``<name>.<field>`` for any string field outside its declared ``choices``
+    (precision, crt's quantizer/crt_target/crt_loss, causal1d's query_init, ...), so a tokenizer
+    built without ``load_config`` is checked like one built from a YAML."""
+    for f in dataclasses.fields(cfg):
+        valid = f.metadata.get("choices")
+        if valid is not None and getattr(cfg, f.name) not in valid:
+            raise ValueError(f"{cfg.name}.{f.name} must be one of {valid}, got {getattr(cfg, f.name)!r}")
 
 
 def split_bits(bits: int, num_subcodes: int, name: str) -> tuple[int, ...]:
