@@ -22,9 +22,10 @@ CFG_SCHEDULES = ("constant", "linear")
 class Generation:
     """Sampled continuations of B prompts.
 
-    tokens: (B, max_new_tokens) int64; a finished row holds its EOS at index lengths[i] and
-        pad_id after it (also pad_id at the tail when generation stopped early for all rows).
-    lengths: (B,) int64, generated tokens before EOS (EOS excluded); max_new_tokens if none.
+    tokens: (B, max budget) int64, row i's new ids from column 0 (right after its own
+        prompt); a finished row holds its EOS at index lengths[i] and pad_id after it (pad_id
+        also past a row's budget, and at the tail when generation stopped early for all rows).
+    lengths: (B,) int64, generated tokens before EOS (EOS excluded); the row's budget if none.
     finished: (B,) bool, True where EOS was produced.
     """
 
@@ -96,12 +97,42 @@ def _check_subcode_args(model: Llama, allowed: Tensor | None, eos_id: int | None
                          f"[0, {model.cfg.image_vocab}) (masking composite ids is not supported)")
 
 
+def _guide(logits: Tensor, step: Tensor, budget: Tensor, cfg_scale: float, cfg_schedule: str) -> Tensor:
+    """(2B, C) cond-then-uncond logits → (B, C) guided u + s·(c − u), s per row from its own
+    0-based new-token index ``step`` (B,) and budget (B,)."""
+    cond, uncond = logits.chunk(2)
+    scale = torch.as_tensor(cfg_scale_at(step, budget, cfg_scale, cfg_schedule), dtype=logits.dtype,
+                            device=logits.device).expand(cond.shape[0])
+    return uncond + scale[:, None] * (cond - uncond)
+
+
+def _check_args(prompt: Tensor, max_new_tokens: int | Tensor, prompt_lengths: Tensor | None,  # noqa: PLR0913
+                temperature: float, cfg_schedule: str, uncond_prompt: Tensor | None) -> tuple[Tensor, Tensor]:
+    """ValueError for arguments `generate` cannot honour; else the (B,) int64 budgets and prompt lengths."""
+    B, P = prompt.shape
+    budget = torch.as_tensor(max_new_tokens, dtype=torch.long, device=prompt.device).expand(B).clone()
+    if B == 0 or int(budget.min()) < 1 or temperature < 0:
+        raise ValueError(f"need a non-empty prompt, max_new_tokens >= 1 and temperature >= 0, got "
+                         f"{B} rows, {max_new_tokens}, {temperature}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+    if uncond_prompt is not None and uncond_prompt.shape != prompt.shape:
+        raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} != prompt {tuple(prompt.shape)}")
+    if prompt_lengths is None:
+        return budget, torch.full((B,), P, dtype=torch.long, device=prompt.device)
+    plen = prompt_lengths.to(device=prompt.device, dtype=torch.long)
+    if plen.shape != (B,) or int(plen.min()) < 1 or int(plen.max()) > P:
+        raise ValueError(f"prompt_lengths must be (B,) = ({B},) values in [1, {P}], got {prompt_lengths}")
+    return budget, plen
+
+
 @torch.no_grad()
 def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config field
     model: Llama,
     prompt: Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | Tensor,
     *,
+    prompt_lengths: Tensor | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -114,67 +145,79 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Generation:
-    """Sample `max_new_tokens` ids after each prompt row.
+    """Sample up to `max_new_tokens` ids after each prompt row.
 
-    prompt: (B, P) int64, e.g. [BOS, class id]; uncond_prompt: (B, P) int64, the same layout
-    with the null class, used for classifier-free guidance when cfg_scale != 1. Cond and
+    prompt: (B, P) int64, e.g. [BOS, class id], or [class id, first image ids] for prefix
+    completion. prompt_lengths: (B,) int64 in [1, P] when rows have prompts of different
+    lengths (row i's prompt is prompt[i, :prompt_lengths[i]], right-padded with anything);
+    None means every row's prompt is all P columns. max_new_tokens: an int, or (B,) int64
+    per-row budgets (>= 1) counted after each row's own prompt.
+
+    uncond_prompt: (B, P) int64, the same layout with the null class, used for
+    classifier-free guidance when cfg_scale != 1; it shares `prompt_lengths`. Cond and
     uncond rows run as one 2B batch (LlamaGen) and both are fed the sampled token; the
     guided logits are u + s * (c - u). allowed: (V,) bool, ids outside it are never sampled
     (masked to -inf before filtering; so EOS is only produced if allowed). With use_cache,
-    the prompt is prefilled in one forward and each step feeds one token to a cache of
-    P + max_new_tokens; use_cache=False recomputes the full sequence every step (reference
-    path). Softmax and filters run in fp32, so the call works under bf16 autocast.
+    the shortest prompt is prefilled in one forward and each step feeds one token to a
+    cache of max(P_i + budget_i); rows whose prompt is longer are fed their own prompt ids
+    (teacher forcing) until it ends, then sample. use_cache=False recomputes the full
+    sequence every step (reference path). Softmax and filters run in fp32, so the call
+    works under bf16 autocast. The linear CFG schedule counts each row's own new tokens.
 
     Sub-code models: guidance mixes the concatenated logits of the n heads, then each head is
     sampled independently (temperature 0: argmax per head; top-k/top-p per head) and the
     composite id is fed back and returned. `allowed` must then allow every image id (as
     `layout.allowed()` of a fixed grid does) and is otherwise unused; eos_id must be None.
+
+    Returns tokens (B, max budget) aligned at each row's prompt end.
     """
-    if max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"need max_new_tokens >= 1 and temperature >= 0, got {max_new_tokens}, {temperature}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"unknown cfg_schedule {cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
-    if uncond_prompt is not None and uncond_prompt.shape != prompt.shape:
-        raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} != prompt {tuple(prompt.shape)}")
+    B, P = prompt.shape
+    device = prompt.device
+    budget, plen = _check_args(prompt, max_new_tokens, prompt_lengths, temperature, cfg_schedule, uncond_prompt)
     subcodes = model.cfg.subcodes
     if subcodes:
         _check_subcode_args(model, allowed, eos_id)
         allowed = None  # every image id is allowed, and the heads cannot emit specials
-    B, P = prompt.shape
     guided = cfg_scale != 1.0 and uncond_prompt is not None
-    seq = torch.cat([prompt, uncond_prompt]) if guided else prompt  # (B or 2B, P)
-    device = prompt.device
+    full = torch.cat([prompt, uncond_prompt]) if guided else prompt  # (B or 2B, P): forced ids
+    start = int(plen.min())  # positions < start are prefilled together
+    end = int((plen + budget).max())  # one past the last position any row fills
+    width = int(budget.max())
 
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    tokens = torch.full((B, width), pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    cache: KVCache | None = model.new_cache(seq.shape[0], P + max_new_tokens) if use_cache else None
+    rows = torch.arange(B, device=device)
+    seq = full[:, :start]
+    cache: KVCache | None = model.new_cache(seq.shape[0], end) if use_cache else None
     logits = model(seq, cache)[:, -1]  # (B or 2B, C) fp32: prefill
-    for t in range(max_new_tokens):
+    for pos in range(start, end):
+        new = pos - plen  # (B,) index of this position among each row's new tokens (< 0: prompt)
+        out = (new >= 0) & (new < budget)  # rows whose position lands in `tokens` (pad after EOS)
+        sampling = out & ~finished  # rows that sample at this position
         if guided:
-            cond, uncond = logits[:B], logits[B:]
-            scale = cfg_scale_at(t, max_new_tokens, cfg_scale, cfg_schedule)
-            logits = uncond + scale * (cond - uncond)  # (B, C)
+            logits = _guide(logits, new.clamp(min=0), budget, cfg_scale, cfg_schedule)  # (B, C)
         if allowed is not None:
             logits = logits.masked_fill(~allowed.to(device), float("-inf"))
         if subcodes:
             nxt = _sample_subcodes(logits, subcodes, temperature, top_k, top_p, generator)  # (B,)
         else:
             nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        tokens[:, t] = nxt
-        if eos_id is not None:
-            is_eos = ~finished & (nxt == eos_id)
-            lengths += (~finished & ~is_eos).long()
-            finished |= is_eos
-        else:
-            lengths += 1
-        if t == max_new_tokens - 1 or bool(finished.all()):
+        nxt = torch.where(sampling, nxt, torch.full_like(nxt, pad_id))
+        tokens[rows[out], new[out]] = nxt[out]
+        is_eos = sampling & (nxt == (-1 if eos_id is None else eos_id))  # ids are >= 0: never -1
+        lengths += (sampling & ~is_eos).long()
+        finished |= is_eos
+        if pos == end - 1 or bool((finished | (new + 1 >= budget)).all()):
             break
-        step = torch.cat([nxt, nxt]) if guided else nxt  # (B or 2B,)
+        prompt_pos = min(pos, P - 1)
+        forced = new < 0  # still inside the row's own prompt: feed the prompt id
+        feed = torch.where(forced, full[:B, prompt_pos], nxt)  # (B,)
+        if guided:
+            feed = torch.cat([feed, torch.where(forced, full[B:, prompt_pos], nxt)])  # (2B,)
         if cache is not None:
-            logits = model(step[:, None], cache)[:, -1]
+            logits = model(feed[:, None], cache)[:, -1]
         else:
-            seq = torch.cat([seq, step[:, None]], dim=1)
+            seq = torch.cat([seq, feed[:, None]], dim=1)
             logits = model(seq)[:, -1]
     return Generation(tokens=tokens, lengths=lengths, finished=finished)

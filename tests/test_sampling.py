@@ -258,3 +258,49 @@ def test_subcode_rejects_eos_and_narrow_masks(sub_model: Llama) -> None:
     narrow[3] = False
     with pytest.raises(ValueError, match="allowed"):
         generate(sub_model, sub_prompts(), 2, allowed=narrow)
+
+
+# --- prompts of different lengths (prefix completion) and per-row budgets ----------------------
+
+
+def test_ragged_prompts_match_one_row_at_a_time(model: Llama) -> None:
+    """Rows fed their own longer prompts (teacher forcing past the shortest) continue exactly as
+    each row alone would, greedy, with and without CFG and with and without the cache."""
+    prompt, plen, budget = prompts(4, 7, seed=3), torch.tensor([2, 7, 4, 5]), torch.tensor([6, 3, 5, 1])
+    uncond = torch.cat([torch.full((4, 1), 37), prompt[:, 1:]], 1)
+    for kwargs in ({}, {"cfg_scale": 3.0, "uncond_prompt": uncond, "cfg_schedule": "linear"}):
+        for use_cache in (True, False):
+            out = generate(model, prompt, budget, prompt_lengths=plen, temperature=0, use_cache=use_cache, **kwargs)
+            assert out.tokens.shape == (4, 6)
+            assert torch.equal(out.lengths, budget) and not out.finished.any()
+            for i in range(4):
+                p, n = int(plen[i]), int(budget[i])
+                one = {k: (v[i : i + 1, :p] if k == "uncond_prompt" else v) for k, v in kwargs.items()}
+                alone = generate(model, prompt[i : i + 1, :p], n, temperature=0, **one)
+                assert torch.equal(out.tokens[i, :n], alone.tokens[0]), (i, kwargs, use_cache)
+                assert out.tokens[i, n:].eq(0).all()  # pad past the row's budget
+
+
+def test_ragged_prompts_with_eos_and_seeded_sampling(model: Llama) -> None:
+    prompt, plen = prompts(5, 6, seed=4), torch.tensor([6, 2, 3, 6, 4])
+    allowed = torch.ones(V, dtype=torch.bool)
+    allowed[PAD] = False
+    a = generate(model, prompt, 20, prompt_lengths=plen, allowed=allowed, eos_id=EOS, pad_id=PAD,
+                 temperature=2.0, generator=seeded(2))
+    b = generate(model, prompt, 20, prompt_lengths=plen, allowed=allowed, eos_id=EOS, pad_id=PAD,
+                 temperature=2.0, generator=seeded(2), use_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    for i in range(5):
+        n = int(a.lengths[i])
+        assert not a.tokens[i, :n].eq(EOS).any() and not a.tokens[i, :n].eq(PAD).any()
+        if a.finished[i]:
+            assert a.tokens[i, n] == EOS and a.tokens[i, n + 1 :].eq(PAD).all()
+
+
+def test_prompt_lengths_and_budgets_are_checked(model: Llama) -> None:
+    prompt = prompts(3, 4)
+    for plen in (torch.tensor([0, 2, 3]), torch.tensor([5, 2, 3]), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="prompt_lengths"):
+            generate(model, prompt, 3, prompt_lengths=plen)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, torch.tensor([2, 0, 1]))
