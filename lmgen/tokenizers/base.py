@@ -6,6 +6,7 @@ layout, Llama, sampler, metrics) sees only this protocol, never a tokenizer's na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -65,6 +66,11 @@ class ImageTokenizer(Protocol):
     - ``state_dict()/load_state_dict()``: whatever ``fit`` learned, so a token cache can
       restore the exact tokenizer that wrote it.
     - ``decode`` never raises on a bad stream: it marks it ``valid=False``.
+    - ``prefix_lengths(tokens, ratio)``: (B,) int64, how many leading ids of each stream
+      form a prompt that shows the top ``ratio`` of the image, cut where the stream can be
+      continued (a row of the token grid, a JPEG restart marker); prefix completion
+      (JPEG-LM's protocol) prompts the LM with them. ValueError where the tokenizer has no
+      such boundary (e.g. JPEG without restart markers).
     """
 
     vocab_size: int
@@ -83,6 +89,8 @@ class ImageTokenizer(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
+    def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor: ...
+
 
 def grey_images(n: int, height: int, width: int) -> Tensor:
     """(n, 3, H, W) uint8 mid-grey: what an undecodable stream decodes to."""
@@ -97,3 +105,19 @@ def pad_token_lists(streams: list[Tensor]) -> TokenBatch:
     for i, s in enumerate(streams):
         ids[i, : len(s)] = s
     return TokenBatch(ids=ids, lengths=lengths)
+
+
+def kept_rows(rows: int, ratio: float) -> int:
+    """Rows of a ``rows``-row raster a prompt of the top ``ratio`` keeps: ratio·rows rounded
+    half up, at least 1 and at most rows − 1, so there is always a prompt and something to complete."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"a prefix ratio must be in (0, 1), got {ratio}")
+    if rows < 2:
+        raise ValueError(f"a prefix needs at least 2 rows to cut between, got {rows}")
+    return min(max(math.floor(ratio * rows + 0.5), 1), rows - 1)
+
+
+def row_prefix_lengths(tokens: TokenBatch, rows: int, row_tokens: int, ratio: float) -> Tensor:
+    """``prefix_lengths`` of a fixed raster of ``rows`` rows of ``row_tokens`` ids each: the
+    ids of the top ``kept_rows(rows, ratio)`` rows, the same for every item. (B,) int64."""
+    return torch.full((len(tokens),), kept_rows(rows, ratio) * row_tokens, dtype=torch.int64)

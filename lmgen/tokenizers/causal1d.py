@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import AutoencoderConfig, Decoder, Encoder
+from .base import TokenBatch, row_prefix_lengths
 from .learned import LearnedTokenizer
 from .transformer import Transformer, check_width, sincos_1d, sincos_2d
 from .vq import VQConfig, vector_quantizer
@@ -113,6 +114,12 @@ class Causal1DTokenizer(LearnedTokenizer):
 
     def token_grid(self, cfg: Causal1DConfig) -> tuple[int, int]:
         return 1, cfg.num_tokens
+
+    def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor:
+        """The first round(ratio·num_tokens) tokens: a 1-D causal code has no rows, and any
+        token is a place to continue from (what the prefix shows is the encoder's choice, not
+        the top of the image)."""
+        return row_prefix_lengths(tokens, self.max_tokens, 1, ratio)
 
     def build_quantizer(self, cfg: Causal1DConfig) -> nn.Module:
         return vector_quantizer(cfg)

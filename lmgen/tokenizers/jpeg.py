@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .base import Decoded, TokenBatch, grey_images, pad_token_lists
+from .base import Decoded, TokenBatch, grey_images, kept_rows, pad_token_lists
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,35 @@ def header_ok(data: bytes, height: int, width: int) -> bool:
                          != (height, width) for f in frames):
         return False
     return data.find(EOI, segments[-1][2]) >= 0
+
+
+def restart_prefix_length(data: bytes, ratio: float) -> int:
+    """Bytes of ``data`` (one JPEG stream) up to and including the restart marker that ends
+    the top ``kept_rows(R, ratio)`` MCU rows of the image (R = MCU rows): the header, then
+    whole 8·Hmax × 8·Vmax patches. The MCU size comes from the frame's sampling factors and
+    the interval from the DRI segment. ValueError if the stream has no restart interval or
+    too few markers for the cut.
+    """
+    segments = _marker_segments(data)
+    sof = next((data[a:b] for m, a, b in segments if m in _SOF), None)
+    dri = next((data[a:b] for m, a, b in segments if m == _DRI), None)
+    if sof is None or len(sof) < 6 + 3 * sof[5] or not segments or segments[-1][0] != _SOS:
+        raise ValueError("jpeg: cannot find the frame and scan headers to cut a prefix")
+    interval = int.from_bytes(dri[:2], "big") if dri is not None and len(dri) >= 2 else 0
+    if interval == 0:
+        raise ValueError("jpeg: a prefix is cut at restart markers, but the stream has none; "
+                         "set tokenizer.restart_markers=true")
+    height, width = int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big")
+    factors = [sof[7 + 3 * c] for c in range(sof[5])]                 # H<<4 | V per component
+    mcu_w, mcu_h = 8 * max(f >> 4 for f in factors), 8 * max(f & 15 for f in factors)
+    per_row, rows = math.ceil(width / mcu_w), math.ceil(height / mcu_h)
+    markers = (kept_rows(rows, ratio) * per_row) // interval          # RSTs before the cut
+    scan = np.frombuffer(data, dtype=np.uint8)[segments[-1][2]:]
+    # Entropy-coded data escapes every 0xFF as FF 00, so FF D0..D7 is always a restart marker.
+    found = np.flatnonzero((scan[:-1] == 0xFF) & (scan[1:] >= 0xD0) & (scan[1:] <= 0xD7))
+    if markers < 1 or len(found) < markers:
+        raise ValueError(f"jpeg: the stream has {len(found)} restart markers, the prefix needs {markers}")
+    return segments[-1][2] + int(found[markers - 1]) + 2
 
 
 class JpegTokenizer:
@@ -259,6 +288,18 @@ class JpegTokenizer:
                 images[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
                 valid[i] = True
         return Decoded(images=images.to(tokens.ids.device), valid=valid.to(tokens.ids.device))
+
+    def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor:
+        """Per stream, the bytes through the restart marker that closes the top round(ratio·R)
+        of its R MCU rows (JPEG-LM: "a prompt can be cut at a patch boundary"); needs
+        ``restart_markers``. (B,) int64."""
+        if not self.cfg.restart_markers:
+            raise ValueError("jpeg: prefix completion cuts streams at restart markers; "
+                             "set tokenizer.restart_markers=true")
+        ids = tokens.ids.detach().cpu()
+        cuts = [restart_prefix_length(ids[i, : int(tokens.lengths[i])].to(torch.uint8).numpy().tobytes(), ratio)
+                for i in range(len(tokens))]
+        return torch.tensor(cuts, dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"tables": (T,) uint8}``: the DQT/DHT bytes spliced back into abbreviated streams."""

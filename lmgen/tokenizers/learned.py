@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .autoencoder import AutoencoderConfig, Decoder, Encoder, to_uint8, to_unit
-from .base import Decoded, TokenBatch, grey_images
+from .base import Decoded, TokenBatch, grey_images, row_prefix_lengths
 from .quantizers import QuantizerOutput
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
@@ -215,6 +215,10 @@ class LearnedTokenizer(nn.Module, abc.ABC):
         return Decoded(images=torch.where(valid[:, None, None, None], images, grey), valid=valid)
 
     # nn.Module's state_dict / load_state_dict are the protocol's: the weights are the state.
+
+    def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor:
+        """Ids of the top round(ratio·h) rows of the (h, w) token grid."""
+        return row_prefix_lengths(tokens, self.grid[0], self.grid[1], ratio)
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, vocab_size={self.vocab_size}, subcodes={self.subcodes}"

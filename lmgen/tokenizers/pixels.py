@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Decoded, TokenBatch, grey_images
+from .base import Decoded, TokenBatch, grey_images, row_prefix_lengths
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,11 @@ class PixelTokenizer:
         grey = grey_images(b, h, w).to(images.device)
         images = torch.where(valid[:, None, None, None], images, grey)
         return Decoded(images=images, valid=valid)
+
+    def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor:
+        """Ids of the top round(ratio·H) pixel rows (3·W ids per row raw, W with a palette)."""
+        h, w = self.image_size
+        return row_prefix_lengths(tokens, h, self.max_tokens // h, ratio)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"palette": (K, 3) uint8}`` in palette mode once fitted, else ``{}``."""
