@@ -1,4 +1,5 @@
-"""The offline fidelity metrics: probe training and caching, probe FD/KID/PR through torch-fidelity, Inception skips.
+"""The offline fidelity metrics: probe training and caching, probe FD/KID/PR through torch-fidelity, Inception skips,
+and the reference-feature cache (``lmgen.metrics.refcache``).
 
 One probe is trained per session (~25 s on one thread) on 2000 ``shapes`` images; every
 other test reuses it, or its cache file.
@@ -6,7 +7,10 @@ other test reuses it, or its cache file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import multiprocessing
+import queue
 import time
 
 import numpy as np
@@ -19,7 +23,8 @@ import lmgen.metrics.fidelity as fidelity
 import lmgen.metrics.probe as probe_mod
 from lmgen.datasets import ShapesDataset, iter_batches
 from lmgen.metrics.fidelity import class_accuracy, fidelity_metrics, resolve_inception_weights, rfid_metrics
-from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe, registered_probe
+from lmgen.metrics.probe import EXTRACTOR_NAME, Probe, ProbeConfig, load_or_train_probe, registered_probe
+from lmgen.metrics.refcache import ReferenceCache, file_digest, inception_space_id, probe_space_id, reference_digest
 
 # 2000 images x 15 epochs measured 0.655 val accuracy (majority class: ~0.5 of val); the
 # assertion keeps ~0.07 of margin for other CPUs / BLAS builds.
@@ -212,6 +217,28 @@ def test_inception_auto_uses_the_cached_file_without_network(tmp_path, monkeypat
     assert resolve_inception_weights("auto") == cached
 
 
+def test_failed_download_is_tried_once_per_process(tmp_path, monkeypatch):
+    """An evaluation makes several fidelity calls; offline, only the first one touches the network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(fidelity, "_FAILED_DOWNLOADS", {})
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionRefusedError("refused")
+
+    monkeypatch.setattr(fidelity, "_download", refused)
+    reasons = []
+    for _ in range(3):
+        with pytest.raises(fidelity.InceptionUnavailable, match="refused") as err:
+            resolve_inception_weights("auto")
+        reasons.append(str(err.value))
+    assert len(calls) == 1 and len(set(reasons)) == 1
+    fidelity.inception_cache_path().parent.mkdir(parents=True)
+    fidelity.inception_cache_path().write_bytes(b"weights placed by hand")  # found again once it is there
+    assert resolve_inception_weights("auto") == fidelity.inception_cache_path()
+
+
 def test_inception_metrics_with_a_weights_file(probe, halves, tmp_path, monkeypatch):
     """The Inception path end to end, with random weights (the real ones need a network): every key arrives."""
     from torch_fidelity import feature_extractor_inceptionv3 as inception
@@ -224,10 +251,16 @@ def test_inception_metrics_with_a_weights_file(probe, halves, tmp_path, monkeypa
     weights = tmp_path / "inception.pth"
     torch.save({k: v.half() for k, v in model.state_dict().items()}, weights)  # half: a smaller temp file
     monkeypatch.undo()
-    result = fidelity_metrics(halves[0][:5], halves[1][:5], probe=probe, inception_weights=str(weights))
+    refs = tmp_path / "refs"  # cached: the entry is named by the weights file's content, not its extractor name
+    result = fidelity_metrics(halves[0][:5], halves[1][:5], probe=probe, inception_weights=str(weights), cache_dir=refs)
     assert set(INCEPTION_KEYS) <= set(result.metrics), result.skipped
     assert all(np.isfinite(result.metrics[k]) for k in INCEPTION_KEYS)
     assert result.params["gen.inception.weights"] == str(weights) and not result.skipped
+    space = inception_space_id(weights)
+    assert result.params["gen.inception.space_id"] == space
+    cache = ReferenceCache(refs, reference_digest(halves[1][:5]))
+    entry = cache.files(space, "inception-v3-compat", [fidelity._TF_METRICS[k] for k in fidelity.KINDS])
+    assert len(entry) == 3 and all((refs / f).is_file() for f in entry), entry  # 2048, logits_unbiased, FID stats
 
 
 def test_inception_bad_paths_are_skipped_with_the_path(probe, halves, tmp_path):
@@ -277,3 +310,172 @@ def test_class_accuracy_matches_probe_val_accuracy(probe, val_data):
                        atol=0.05)  # fmt: skip
     with pytest.raises(ValueError, match="one label per image"):
         class_accuracy(probe, images, labels[:-1])
+
+
+# --- reference cache --------------------------------------------------------------------------
+
+
+def _count_extracted(monkeypatch) -> list[int]:
+    """Records the batch size of every forward of the probe's torch-fidelity extractor (all its copies)."""
+    seen: list[int] = []
+    forward = probe_mod.ProbeFeatureExtractor.forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(probe_mod.ProbeFeatureExtractor, "forward", counting)
+    return seen
+
+
+def _entry_files(root, probe: Probe, reference: torch.Tensor, kinds=fidelity.KINDS) -> set[str]:
+    """The files one complete probe entry consists of, its lock file included."""
+    cache = ReferenceCache(root, reference_digest(reference))
+    space = probe_space_id(probe)
+    metrics = [fidelity._TF_METRICS[k] for k in kinds if k != "is"]  # no probe IS
+    return {*cache.files(space, EXTRACTOR_NAME, metrics), f".{cache.entry(space)}.lock"}
+
+
+def test_reference_digest_is_exact(halves):
+    images = halves[1][:8]
+    digest = reference_digest(images)
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert reference_digest(images.clone()) == digest
+    strided = images.transpose(2, 3).contiguous().transpose(2, 3)  # equal values, another memory layout
+    assert not strided.is_contiguous() and reference_digest(strided) == digest
+    pixel = images.clone()
+    pixel[3, 1, 5, 7] ^= 1
+    assert not torch.equal(images[0], images[1])
+    swapped = images[[1, 0, *range(2, 8)]]
+    resized = images.reshape(8, 3, 16, 64)  # the same bytes in another shape
+    digests = {digest, reference_digest(pixel), reference_digest(swapped), reference_digest(resized)}
+    assert len(digests) == 4
+    with pytest.raises(ValueError, match="uint8"):
+        reference_digest(images.float())
+
+
+def test_reference_sha_is_always_a_param(probe, halves):
+    gen, ref = halves[0][:16], halves[1][:16]
+    expected = reference_digest(ref)[:16]
+    result = fidelity_metrics(gen, ref, probe=probe, inception_weights="none", kinds=("fd",))
+    assert result.params["gen.reference_sha"] == expected
+    assert result.params["gen.probe.space_id"] == probe_space_id(probe)
+    assert rfid_metrics(gen, ref, None, "none").params["tok.reference_sha"] == expected
+
+
+@pytest.mark.parametrize("kinds", [fidelity.KINDS, ("fd",)])  # ("fd",) alone takes torch-fidelity's statistics path
+def test_reference_cache_reuses_only_the_exact_reference(probe, halves, tmp_path, monkeypatch, kinds):
+    gen, ref, other_gen = halves[0][:64], halves[1][:64], _noisy(halves[0][:64], 32.0)
+    kw = dict(probe=probe, inception_weights="none", kinds=kinds)
+    plain = fidelity_metrics(gen, ref, **kw).metrics
+    seen = _count_extracted(monkeypatch)
+    first = fidelity_metrics(gen, ref, cache_dir=tmp_path, **kw).metrics
+    assert sum(seen) == 128  # miss: generated and reference
+    seen.clear()
+    second = fidelity_metrics(gen, ref, cache_dir=tmp_path, **kw).metrics
+    assert sum(seen) == 64  # hit: the generated images only
+    assert first == plain and second == plain  # bitwise: the cached features are the ones computed
+    # the generated side is never served from the cache: another sample set gets its own value
+    seen.clear()
+    fresh = fidelity_metrics(other_gen, ref, **kw).metrics
+    assert fidelity_metrics(other_gen, ref, cache_dir=tmp_path, **kw).metrics == fresh
+    assert sum(seen) == 128 + 64
+    # one entry, written atomically: nothing else (no temp files, nothing about input 1)
+    assert {p.name for p in tmp_path.iterdir()} == _entry_files(tmp_path, probe, ref, kinds)
+    # one changed pixel is another reference: extracted again, a second entry
+    changed = ref.clone()
+    changed[10, 0, 3, 3] ^= 1
+    seen.clear()
+    fidelity_metrics(gen, changed, cache_dir=tmp_path, **kw)
+    assert sum(seen) == 128
+    assert {p.name for p in tmp_path.iterdir()} == _entry_files(tmp_path, probe, ref, kinds) | _entry_files(
+        tmp_path, probe, changed, kinds
+    )
+
+
+def test_reference_cache_keeps_probes_apart(probe, halves, tmp_path, monkeypatch):
+    """A probe with another key, or the same key and other weights, never reads this probe's entry."""
+    gen, ref = halves[0][:32], halves[1][:32]
+    renamed = Probe(copy.deepcopy(probe.net), dataclasses.replace(probe.info, key="0" * 16))
+    net = copy.deepcopy(probe.net)
+    with torch.no_grad():
+        net.trunk[0][0].weight[0, 0, 0, 0] += 0.5  # the features change; the key does not
+    retrained = Probe(net, probe.info)
+    kw = dict(inception_weights="none", kinds=("fd", "kid"), cache_dir=tmp_path)
+    fidelity_metrics(gen, ref, probe=probe, **kw)
+    seen = _count_extracted(monkeypatch)
+    for other in (renamed, retrained):
+        seen.clear()
+        cached = fidelity_metrics(gen, ref, probe=other, **kw).metrics
+        assert sum(seen) == 64, "the reference must be extracted again in another feature space"
+        assert cached == fidelity_metrics(gen, ref, probe=other, inception_weights="none", kinds=("fd", "kid")).metrics
+    assert len({probe_space_id(p) for p in (probe, renamed, retrained)}) == 3
+    assert len({p.name for p in tmp_path.glob("*-features-*.pt")}) == 3
+
+
+def test_damaged_reference_entry_is_recomputed(probe, halves, tmp_path, caplog):
+    gen, ref = halves[0][:32], halves[1][:32]
+    kw = dict(probe=probe, inception_weights="none", kinds=("fd", "kid"))
+    plain = fidelity_metrics(gen, ref, cache_dir=tmp_path, **kw).metrics
+    (features,) = tmp_path.glob("*-features-*.pt")
+    features.write_bytes(b"half a file")
+    assert fidelity_metrics(gen, ref, cache_dir=tmp_path, **kw).metrics == plain
+    assert "unreadable" in caplog.text
+    assert torch.load(features, weights_only=False).shape == (32, TEST_CFG.feature_dim)
+
+
+def test_inception_space_id_is_the_weights_content(tmp_path):
+    a, same, other = tmp_path / "a.pth", tmp_path / "weights-6726825d.pth", tmp_path / "c.pth"
+    a.write_bytes(b"weights one")
+    same.write_bytes(b"weights one")
+    other.write_bytes(b"weights two")
+    assert inception_space_id(a) == inception_space_id(same) != inception_space_id(other)
+    assert file_digest(a)[:16] in inception_space_id(a) and torch_fidelity.__version__ in inception_space_id(a)
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    a.write_bytes(b"weights two")  # rewritten in place, same size: the remembered digest must not be reused
+    assert inception_space_id(a) == inception_space_id(other)
+
+
+def _cache_worker(probe_path, generated, reference, cache_dir, barrier, results) -> None:
+    """One sweep point in its own process, started in step with the others; reports metrics and images extracted."""
+    try:
+        torch.set_num_threads(1)
+        seen: list[int] = []
+        forward = probe_mod.ProbeFeatureExtractor.forward
+        probe_mod.ProbeFeatureExtractor.forward = lambda self, x: seen.append(len(x)) or forward(self, x)
+        probe = Probe.load(probe_path)
+        barrier.wait(timeout=60)
+        result = fidelity_metrics(torch.from_numpy(generated), torch.from_numpy(reference), probe=probe,
+                                  inception_weights="none", cache_dir=cache_dir)  # fmt: skip
+        results.put((result.metrics, sum(seen)))
+    except BaseException as err:  # the parent must hear of it, not time out
+        results.put((repr(err), -1))
+        raise
+
+
+def test_concurrent_processes_compute_one_reference_entry(probe, halves, cache_dir, tmp_path, monkeypatch):
+    """Two sweep points, this process and a spawned one, same reference, same moment: one extracts it, both are right."""
+    ref, gens = halves[1], [halves[0][:64], _noisy(halves[0][64:128], 16.0)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    probe_path = cache_dir / f"probe-{probe.info.key}.pt"
+    other = ctx.Process(
+        target=_cache_worker, args=(probe_path, gens[1].numpy(), ref.numpy(), tmp_path, barrier, results)
+    )
+    other.start()
+    try:
+        seen = _count_extracted(monkeypatch)
+        barrier.wait(timeout=60)
+        mine = fidelity_metrics(gens[0], ref, probe=probe, inception_weights="none", cache_dir=tmp_path).metrics
+        theirs, their_count = results.get(timeout=60)
+    except queue.Empty:
+        pytest.fail("the other process gave no result")
+    finally:
+        other.join(timeout=30)
+    assert their_count >= 0, theirs
+    monkeypatch.undo()
+    expected = [fidelity_metrics(g, ref, probe=probe, inception_weights="none").metrics for g in gens]
+    assert [mine, theirs] == expected
+    assert sum(seen) + their_count == 64 + 64 + len(ref)  # the reference was extracted once, by one of the two
+    assert {p.name for p in tmp_path.iterdir()} == _entry_files(tmp_path, probe, ref)
+    assert other.exitcode == 0

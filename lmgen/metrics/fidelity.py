@@ -1,7 +1,7 @@
 """Generation and reconstruction fidelity through torch-fidelity: probe metrics offline, Inception where possible.
 
 Two feature spaces, one code path (torch-fidelity's ``calculate_metrics`` on in-memory uint8
-tensors, no PNG round trip, no feature cache):
+tensors, no PNG round trip):
 
 - the probe (``lmgen.metrics.probe``): ``{prefix}/fd_probe``, ``precision_probe``,
   ``recall_probe``, ``kid_probe``. Always available: the suite trains it.
@@ -13,6 +13,11 @@ tensors, no PNG round trip, no feature cache):
 
 Convention (torch-fidelity's): input 1 is generated, input 2 the reference, so precision is
 the fraction of generated samples on the reference manifold and recall the converse.
+
+Every result records ``{prefix}.reference_sha``, the digest of the exact reference images. With
+``cache_dir``, the reference side's features and FID statistics are cached there under that
+digest and the feature space, and reused by every later call on the same images
+(``lmgen.metrics.refcache``); the generated side is always extracted afresh.
 """
 
 from __future__ import annotations
@@ -40,13 +45,17 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from lmgen.metrics.probe import EXTRACTOR_NAME, FEATURE_LAYER, Probe, per_class_accuracy, registered_probe
+from lmgen.metrics.refcache import ReferenceCache, inception_space_id, probe_space_id, reference_digest
 
 log = logging.getLogger(__name__)
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_URL = URL_INCEPTION_V3  # a module attribute so tests can point it at an unreachable host
 DOWNLOAD_TIMEOUT_S = 10.0  # per socket operation and for the DNS lookup: offline must fail in seconds
+_FAILED_DOWNLOADS: dict[tuple[str, str], str] = {}  # (url, destination) -> why it failed, in this process
+_WARNED: set[str] = set()  # reasons for skipping Inception already logged as warnings
 KINDS = ("fd", "kid", "prc", "is")  # what fidelity_metrics can compute; "is" only in Inception space
+_TF_METRICS = {"fd": "fid", "kid": "kid", "prc": "prc", "is": "isc"}  # kind -> torch-fidelity's metric name
 _TF_KEYS = {  # torch-fidelity result key -> (probe metric, Inception metric)
     torch_fidelity.KEY_METRIC_FID: ("fd_probe", "fid"),
     torch_fidelity.KEY_METRIC_KID_MEAN: ("kid_probe", "kid"),
@@ -155,15 +164,18 @@ def resolve_inception_weights(spec: str) -> Path:
     cached = inception_cache_path()
     if cached.is_file():
         return cached
+    failed = _FAILED_DOWNLOADS.get((INCEPTION_URL, str(cached)))
+    if failed is not None:  # one evaluation makes several fidelity calls: try the network once per process
+        raise InceptionUnavailable(failed)
     start = time.perf_counter()
     try:
         log.info("Inception weights not in %s; downloading %s", cached, INCEPTION_URL)
         _download(INCEPTION_URL, cached, DOWNLOAD_TIMEOUT_S)
     except OSError as err:  # URLError, timeouts, refused connections and DNS failures are all OSErrors
-        raise InceptionUnavailable(
-            f"Inception weights are not in {cached} and downloading {INCEPTION_URL} failed after "
-            f"{time.perf_counter() - start:.1f} s ({err}); set metrics.inception_weights=PATH to a local copy"
-        ) from err
+        reason = (f"Inception weights are not in {cached} and downloading {INCEPTION_URL} failed after "
+                  f"{time.perf_counter() - start:.1f} s ({err}); set metrics.inception_weights=PATH to a local copy")
+        _FAILED_DOWNLOADS[(INCEPTION_URL, str(cached))] = reason
+        raise InceptionUnavailable(reason) from err
     return cached
 
 
@@ -184,22 +196,38 @@ def _check_images(generated: Tensor, reference: Tensor) -> None:
         )
 
 
-def _calculate(generated: Tensor, reference: Tensor, kinds: Collection[str], **options: Any) -> dict[str, float]:
-    """One ``torch_fidelity.calculate_metrics`` call on in-memory images; returns torch-fidelity's keys."""
-    return torch_fidelity.calculate_metrics(
-        input1=_UInt8Images(generated),
-        input2=_UInt8Images(reference),
-        fid="fd" in kinds,
-        kid="kid" in kinds,
-        prc="prc" in kinds,
-        isc="is" in kinds,
-        isc_splits=min(10, len(generated)),
-        batch_size=64,
-        cache=False,  # in-memory inputs have no stable name to cache under
-        save_cpu_ram=True,  # DataLoader without worker processes: the images are already in memory
-        verbose=False,
-        **options,
-    )
+def _calculate(
+    generated: Tensor,
+    reference: Tensor,
+    kinds: Collection[str],
+    cache: ReferenceCache | None,
+    space_id: str,
+    **options: Any,
+) -> dict[str, float]:
+    """One ``torch_fidelity.calculate_metrics`` call on in-memory images; returns torch-fidelity's keys.
+
+    With ``cache``, the reference side is read from (or written to) its entry for ``space_id``.
+    """
+
+    def run(**cache_options: Any) -> dict[str, float]:
+        return torch_fidelity.calculate_metrics(
+            input1=_UInt8Images(generated),
+            input2=_UInt8Images(reference),
+            fid="fd" in kinds,
+            kid="kid" in kinds,
+            prc="prc" in kinds,
+            isc="is" in kinds,
+            isc_splits=min(10, len(generated)),
+            batch_size=64,
+            save_cpu_ram=True,  # DataLoader without worker processes: the images are already in memory
+            verbose=False,
+            **options,
+            **cache_options,
+        )
+
+    if cache is None:
+        return run(cache=False)
+    return cache.calculate(run, space_id, options["feature_extractor"], [_TF_METRICS[k] for k in kinds])
 
 
 def _rename(raw: dict[str, float], prefix: str, space: int) -> dict[str, float]:
@@ -222,7 +250,13 @@ def fidelity_keys(prefix: str, kinds: Collection[str] = KINDS) -> list[str]:
 
 
 def _inception_metrics(
-    generated: Tensor, reference: Tensor, kinds: Collection[str], weights: str, prefix: str, options: dict[str, Any]
+    generated: Tensor,
+    reference: Tensor,
+    kinds: Collection[str],
+    weights: str,
+    prefix: str,
+    options: dict[str, Any],
+    cache: ReferenceCache | None,
 ) -> FidelityResult:
     keys = _keys(kinds, 1, prefix)
     if not keys:
@@ -230,8 +264,10 @@ def _inception_metrics(
     try:
         path = resolve_inception_weights(weights)
     except InceptionUnavailable as err:
-        # asked-for "none" is routine; anything else is a metric the user expected and will miss
-        log.log(logging.INFO if weights == "none" else logging.WARNING, "skipping %s: %s", ", ".join(keys), err)
+        # asked-for "none" is routine; anything else is a metric the user expected and will miss (said once)
+        routine = weights == "none" or str(err) in _WARNED
+        _WARNED.add(str(err))
+        log.log(logging.INFO if routine else logging.WARNING, "skipping %s: %s", ", ".join(keys), err)
         return FidelityResult({}, {f"{prefix}.inception.weights": "unavailable"}, dict.fromkeys(keys, str(err)))
     params = {
         f"{prefix}.inception.extractor": INCEPTION_EXTRACTOR,
@@ -239,7 +275,9 @@ def _inception_metrics(
         f"{prefix}.inception.weights": str(path),
     }
     try:
-        raw = _calculate(generated, reference, kinds, feature_extractor=INCEPTION_EXTRACTOR,
+        space_id = inception_space_id(path)  # inside the try: an unreadable file is a skip, not a crash
+        params[f"{prefix}.inception.space_id"] = space_id
+        raw = _calculate(generated, reference, kinds, cache, space_id, feature_extractor=INCEPTION_EXTRACTOR,
                          feature_extractor_weights_path=str(path), **options)  # fmt: skip
     except Exception as err:  # broad on purpose: a bad weights file must not crash a finished run (DESIGN §7)
         log.warning("Inception metrics failed with weights %s; skipping them", path, exc_info=True)
@@ -249,13 +287,20 @@ def _inception_metrics(
 
 
 def _probe_metrics(
-    generated: Tensor, reference: Tensor, kinds: Collection[str], probe: Probe, prefix: str, options: dict[str, Any]
+    generated: Tensor,
+    reference: Tensor,
+    kinds: Collection[str],
+    probe: Probe,
+    prefix: str,
+    options: dict[str, Any],
+    cache: ReferenceCache | None,
 ) -> FidelityResult:
     probe_kinds = [k for k in kinds if _KIND_KEYS[k][0]]
     if not probe_kinds:
         return FidelityResult({})
+    space_id = probe_space_id(probe)
     with registered_probe(probe) as probe_id:
-        raw = _calculate(generated, reference, probe_kinds, feature_extractor=EXTRACTOR_NAME,
+        raw = _calculate(generated, reference, probe_kinds, cache, space_id, feature_extractor=EXTRACTOR_NAME,
                          feature_extractor_weights_path=probe_id, **options)  # fmt: skip
     params = {
         f"{prefix}.probe.extractor": EXTRACTOR_NAME,
@@ -263,6 +308,7 @@ def _probe_metrics(
         f"{prefix}.probe.id": probe.info.key,
         f"{prefix}.probe.val_accuracy": f"{probe.val_accuracy:.4f}",
         f"{prefix}.probe.image_size": str(probe.image_size),
+        f"{prefix}.probe.space_id": space_id,
     }
     return FidelityResult(_rename(raw, prefix, 0), params, {})
 
@@ -280,6 +326,7 @@ def fidelity_metrics(  # noqa: PLR0913 -- keyword-only knobs, each a torch-fidel
     seed: int = 0,
     kinds: Collection[str] = KINDS,
     cuda: bool = False,
+    cache_dir: Path | None = None,
 ) -> FidelityResult:
     """Fréchet distance, KID, precision/recall (and IS) of ``generated`` against ``reference``.
 
@@ -287,8 +334,11 @@ def fidelity_metrics(  # noqa: PLR0913 -- keyword-only knobs, each a torch-fidel
     Probe metrics need ``probe``; Inception metrics need ``inception_weights`` ("auto" |
     "none" | a path). ``kid_subset_size`` defaults to min(1000, N, M); precision/recall need
     N, M > ``prc_neighborhood``. ``kinds`` picks among ``KINDS``; ``cuda`` runs the extractors
-    on the default CUDA device (torch-fidelity moves its own copy of the probe). Every
-    requested key is either in ``metrics`` or, with a reason, in ``skipped``.
+    on the default CUDA device (torch-fidelity moves its own copy of the probe). With
+    ``cache_dir``, the reference side's features are cached there per (exact images, feature
+    space) and reused (``lmgen.metrics.refcache``); never the generated side. Every requested
+    key is either in ``metrics`` or, with a reason, in ``skipped``; ``params`` always holds
+    ``{prefix}.reference_sha``, the first 16 hex of ``reference_digest(reference)``.
     """
     _check_images(generated, reference)
     unknown = set(kinds) - set(KINDS)
@@ -297,8 +347,10 @@ def fidelity_metrics(  # noqa: PLR0913 -- keyword-only knobs, each a torch-fidel
     n, m = len(generated), len(reference)
     kid_size = min(kid_subset_size or 1000, n, m)
     metrics = {f"{prefix}/num_samples": float(n), f"{prefix}/num_reference": float(m)}
+    reference_sha = reference_digest(reference)
     params = {
         f"{prefix}.reference": reference_name,
+        f"{prefix}.reference_sha": reference_sha[:16],
         f"{prefix}.num_samples": str(n),
         f"{prefix}.num_reference": str(m),
         f"{prefix}.image_size": f"{generated.shape[2]}x{generated.shape[3]}",
@@ -315,11 +367,12 @@ def fidelity_metrics(  # noqa: PLR0913 -- keyword-only knobs, each a torch-fidel
     kid_subsets = 1 if kid_size == n == m else 100
     options = {"kid_subset_size": kid_size, "kid_subsets": kid_subsets, "prc_neighborhood": prc_neighborhood,
                "rng_seed": seed, "cuda": cuda}  # fmt: skip
-    parts = [_inception_metrics(generated, reference, kinds, inception_weights, prefix, options)]
+    cache = None if cache_dir is None else ReferenceCache(Path(cache_dir), reference_sha)
+    parts = [_inception_metrics(generated, reference, kinds, inception_weights, prefix, options, cache)]
     if probe is None:
         skipped.update(dict.fromkeys(_keys(kinds, 0, prefix), "no probe given"))
     else:
-        parts.append(_probe_metrics(generated, reference, kinds, probe, prefix, options))
+        parts.append(_probe_metrics(generated, reference, kinds, probe, prefix, options, cache))
     for part in parts:
         metrics.update(part.metrics)
         params.update(part.params)
@@ -333,7 +386,8 @@ def rfid_metrics(
     """Reconstruction FID: ``tok/rfid_probe`` (and ``tok/rfid`` with Inception weights) of decoded vs original images.
 
     reconstructions, originals: uint8 (N, 3, H, W), pairwise the same images. Only the
-    Fréchet distance is computed; ``kwargs`` go to ``fidelity_metrics``.
+    Fréchet distance is computed; ``kwargs`` go to ``fidelity_metrics`` (``cache_dir`` caches
+    the originals' side).
     """
     result = fidelity_metrics(
         reconstructions, originals, probe=probe, inception_weights=inception_weights, prefix="tok",
