@@ -1,4 +1,4 @@
-"""The ``lmgen`` console entry point: ``lmgen run | ui``.
+"""The ``lmgen`` console entry point: ``lmgen run | eval | ui``.
 
 Every subcommand that runs something takes an experiment YAML plus dotlist overrides:
 ``lmgen run experiments/quickstart_jpeg.yaml train.max_steps=100 lm.size=nano``.
@@ -48,6 +48,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmgen.experiment import eval_run  # heavy imports only when something runs
+
+    try:
+        summary = eval_run(args.run_id, args.overrides, uri=args.uri)
+    except ConfigError as err:
+        print(f"lmgen: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lmgen eval: {err}", file=sys.stderr)
+        return 2
+    print("\n" + summary.format())
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from lmgen.tracking import lmgen_home, resolve_tracking_uri
 
@@ -74,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. lm.size=mini train.max_steps=200")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="re-evaluate a finished LM run from its checkpoint (more samples, other "
+                                     "sampling settings) into a child run")
+    ev.add_argument("run_id", help="MLflow run id of an LM run (tag lmgen.stage=lm)")
+    ev.add_argument("overrides", nargs="*", help="sample.*, metrics.* and seed overrides, e.g. sample.num_samples=1000")
+    ev.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
+    ev.set_defaults(func=cmd_eval)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the lmgen store")
     ui.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")

@@ -114,6 +114,11 @@ class MetricsConfig:
     probe: bool = True  # train/load the dataset's probe classifier: gen/fd_probe, tok/rfid_probe, ...
     inception_weights: str = "auto"  # auto: torch-fidelity's cache/download; none: skip; or a file path
     num_reference: int = 0  # val images used as the reference set (0 = the whole val split)
+    # Prefix completion (JPEG-LM): the first prefix_samples val images are cut at the top r of
+    # their tokens (a grid row / JPEG restart marker), completed by the LM, scored against the
+    # originals: gen/prefix_r{100r}/fd_probe. 0 samples or no ratios = off.
+    prefix_samples: int = 64
+    prefix_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 
 @dataclass
@@ -210,6 +215,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
     if not 0.0 < cfg.sample.top_p <= 1.0:
         raise ConfigError(f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}")
+    for key in ("sample.num_samples", "metrics.num_reference", "metrics.prefix_samples"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    bad = [r for r in cfg.metrics.prefix_ratios if not 0.0 < r < 1.0]
+    if bad:
+        raise ConfigError(f"metrics.prefix_ratios must lie in (0, 1), got {bad}")
     _check_tokenizer(cfg)
 
 

@@ -1,15 +1,15 @@
 """One run, end to end: data → tokenizer (stage 1) → token cache → Llama (stage 2) → samples.
 
-``run_experiment(cfg)`` is what ``lmgen run`` calls; a sweep runs it once per point. The
-path is the same for every tokenizer: nothing here looks at a tokenizer's name.
+``run_experiment(cfg)`` is what ``lmgen run`` calls; a sweep runs it once per point.
+``eval_run(run_id, overrides)`` (``lmgen eval``) re-evaluates a finished run from its
+checkpoint — more samples, other sampling settings — into a child run. The path is the
+same for every tokenizer: nothing here looks at a tokenizer's name.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,23 +20,24 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lmgen.ar_module import ARModule, OptimConfig, position_loss_csv
-from lmgen.config import config_hash, resolve_precision, to_dict
+from lmgen.config import ConfigError, config_hash, load_config, resolve_precision, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
-from lmgen.datasets import ImageBatch, build_dataset, load_batch
-from lmgen.llama import Llama, llama_config
-from lmgen.metrics.fidelity import class_accuracy, fidelity_keys, fidelity_metrics
-from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd
+from lmgen.datasets import build_dataset
+from lmgen.evaluate import evaluate_model
+from lmgen.llama import llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
-from lmgen.sampling import generate
-from lmgen.stage1 import log_fidelity_context, prepare_tokenizer, to_grid
-from lmgen.tokenizers import ImageTokenizer, TokenBatch, build_tokenizer
+from lmgen.stage1 import load_tokenizer_state, prepare_tokenizer, reference_cache, tokenizer_key, tokenizer_state_path
+from lmgen.tokenizers import ImageTokenizer, build_tokenizer
 from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/rfid_probe", "tok/rfid",
                 "lm/params", "lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s",
-                "gen/decode_valid_rate", "gen/fd_probe", "gen/fid", "gen/class_accuracy", "gen/images_per_s")
+                "gen/decode_valid_rate", "gen/fd_probe", "gen/fid", "gen/class_accuracy", "gen/images_per_s",
+                "gen/prefix_r25/fd_probe", "gen/prefix_r50/fd_probe", "gen/prefix_r75/fd_probe", "gen/eval_seconds")
+# What `lmgen eval` may change: how the trained model is sampled and scored, never what was trained.
+EVAL_SECTIONS = ("sample", "metrics", "tracking", "seed")
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,10 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
     val_ds = build_dataset(cfg.data, "val")
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
     # The probe classifier behind the offline metrics: trained once per dataset, cached.
-    probe = load_or_train_probe(train_ds, val_ds, home / "probes", ProbeConfig()) if cfg.metrics.probe else None
+    probe = _probe(cfg, train_ds, val_ds, home)
     stage1 = prepare_tokenizer(cfg, tokenizer, train_ds, val_ds, tracker, home, probe)
 
-    layout = SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, train_ds.num_classes,
-                            tokenizer.variable_length, cfg.lm.class_conditional)
+    layout = _layout(cfg, tokenizer, train_ds)
     optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                         betas=(cfg.train.beta1, cfg.train.beta2), warmup_steps=cfg.train.warmup_steps,
                         max_steps=cfg.train.max_steps, min_lr_ratio=cfg.train.min_lr_ratio,
@@ -89,9 +89,7 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
     # Seed here, after stage 1 and the probe: whether those were cached or trained must not
     # change the LM's initialisation or data order.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model_cfg = llama_config(cfg.lm.size, layout.total_vocab, layout.seq_len, subcodes=tuple(tokenizer.subcodes),
-                             subcode_embed=cfg.lm.subcode_embed)
-    module = ARModule(model_cfg, layout, optim)
+    module = ARModule(_model_config(cfg, tokenizer, layout), layout, optim)
     datamodule = TokenDataModule(stage1.train, stage1.val, layout, cfg.train.batch_size,
                                  num_workers=cfg.data.num_workers, seed=cfg.seed)
 
@@ -105,9 +103,8 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
         _train(cfg, module, datamodule, tracker, run_id, home)
         tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
-        if cfg.sample.num_samples > 0:
-            samples = _generate(cfg, module.model, layout, tokenizer)
-            _evaluate_samples(cfg, samples, layout, train_ds, val_ds, probe, tracker, run_id)
+        evaluate_model(cfg, module.model, layout, tokenizer, train_ds, val_ds, probe, tracker, run_id,
+                       reference_cache(home))
     except KeyboardInterrupt:
         tracker.end_run(run_id, "KILLED")
         raise
@@ -125,7 +122,7 @@ def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, track
     t = cfg.train
     callbacks = []
     if t.checkpoint:
-        callbacks.append(ModelCheckpoint(dirpath=home / "checkpoints" / run_id, save_last=True,
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_path(home, run_id).parent, save_last=True,
                                          save_top_k=0, every_n_train_steps=t.val_every))
     trainer = L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
@@ -137,115 +134,108 @@ def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, track
     trainer.fit(module, datamodule=datamodule)
     if t.max_steps % t.val_every:  # always end on a validation of the final weights
         trainer.validate(module, datamodule=datamodule, verbose=False)
+    if t.checkpoint:  # last.ckpt holds the final weights whatever val_every was (lmgen eval reads it)
+        trainer.save_checkpoint(checkpoint_path(home, run_id))
 
 
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision.startswith("bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def checkpoint_path(home: Path, run_id: str) -> Path:
+    """``last.ckpt`` of LM run ``run_id``: the final weights (and optimizer state) when ``train.checkpoint``."""
+    return home / "checkpoints" / run_id / "last.ckpt"
 
 
-@dataclass(frozen=True)
-class SampleSet:
-    """Decoded samples: images (N, 3, H, W) uint8, valid (N,) bool, labels (N,) int64 (the
-    class asked for), lengths (N,) int64 tokens generated, seconds spent sampling + decoding."""
-
-    images: torch.Tensor
-    valid: torch.Tensor
-    labels: torch.Tensor
-    lengths: torch.Tensor
-    seconds: float
+def _layout(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds) -> SequenceLayout:
+    return SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, train_ds.num_classes,
+                          tokenizer.variable_length, cfg.lm.class_conditional)
 
 
-@torch.no_grad()
-def _generate(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer) -> SampleSet:
-    """Sample ``sample.num_samples`` images (classes round-robin) and decode them."""
-    s = cfg.sample
-    model.eval()
-    device = next(model.parameters()).device
-    labels = torch.arange(s.num_samples) % layout.num_classes
-    images, valid, lengths = [], [], []
+def _model_config(cfg: DictConfig, tokenizer: ImageTokenizer, layout: SequenceLayout):
+    return llama_config(cfg.lm.size, layout.total_vocab, layout.seq_len, subcodes=tuple(tokenizer.subcodes),
+                        subcode_embed=cfg.lm.subcode_embed)
+
+
+def _probe(cfg: DictConfig, train_ds, val_ds, home: Path) -> Probe | None:
+    """The probe classifier behind the offline metrics: trained once per dataset, cached."""
+    return load_or_train_probe(train_ds, val_ds, home / "probes", ProbeConfig()) if cfg.metrics.probe else None
+
+
+def _eval_config(client, run_id: str, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
+    """(the run's resolved config, the same with ``overrides``), both validated; ConfigError
+    if an override reaches outside ``EVAL_SECTIONS``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(client.download_artifacts(run_id, "config.yaml", tmp))
+        trained = load_config(path)
+        cfg = load_config(path, overrides)
+    before, after = to_dict(trained), to_dict(cfg)
+    changed = sorted(k for k in set(before) | set(after) if k not in EVAL_SECTIONS and before.get(k) != after.get(k))
+    if changed:
+        raise ConfigError(f"lmgen eval re-evaluates the trained model: only {', '.join(EVAL_SECTIONS)} may change, "
+                          f"but the overrides change {', '.join(changed)}")
+    return trained, cfg
+
+
+def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = None) -> RunSummary:
+    """Recompute the gen/* metrics of finished LM run ``run_id`` from its ``last.ckpt``.
+
+    ``overrides`` change sampling and scoring only (``sample.num_samples=1000``,
+    ``metrics.prefix_samples=256``, ``seed=1`` ...). Results go to a new child run of
+    ``run_id`` (tags ``lmgen.stage=eval``, ``lmgen.eval_of``; ``mlflow.parentRunId``), so the
+    original run's params and metrics are never rewritten; the child also carries the
+    original's tok/* and lm/* metrics and lmgen.* tags, so it reads on its own. The stage-1
+    tokenizer is restored from ``$LMGEN_HOME/tokenizers/<lmgen.tokenizer_hash>`` — never retrained.
+    """
     start = time.perf_counter()
-    for chunk in labels.split(s.batch_size):
-        prompt = layout.cond_tokens(chunk, len(chunk)).to(device)
-        uncond = layout.null_tokens(len(chunk)).to(device) if s.cfg_scale != 1.0 else None
-        with _autocast(resolve_precision(cfg.train.precision, cfg.train.accelerator), device):
-            gen = generate(model, prompt, layout.max_tokens + int(layout.variable_length),
-                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
-                           cfg_schedule=s.cfg_schedule, uncond_prompt=uncond, allowed=layout.allowed().to(device),
-                           eos_id=layout.eos if layout.variable_length else None, pad_id=layout.pad)
-        ids = gen.tokens[:, : layout.max_tokens].cpu()
-        ids = torch.where(ids < layout.vocab_size, ids, torch.zeros_like(ids))
-        tokens = TokenBatch(ids=ids, lengths=gen.lengths.clamp(max=layout.max_tokens).cpu())
-        decoded = tokenizer.decode(tokens)  # never raises: undecodable streams come back valid=False
-        images.append(decoded.images)
-        valid.append(decoded.valid)
-        lengths.append(tokens.lengths)
-    model.train()
-    return SampleSet(torch.cat(images), torch.cat(valid), labels, torch.cat(lengths), time.perf_counter() - start)
+    uri = resolve_tracking_uri(uri)
+    check_tracking(uri)
+    home = lmgen_home()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        original = client.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"no run {run_id!r} in {uri} ({err.error_code})") from None
+    tags = original.data.tags
+    if tags.get("lmgen.stage") != "lm":
+        raise ValueError(f"run {run_id} is not an lmgen LM run (lmgen.stage={tags.get('lmgen.stage')!r})")
+    ckpt = checkpoint_path(home, run_id)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint for run {run_id} at {ckpt}: it was trained with train.checkpoint=false "
+                                "or under another LMGEN_HOME")
+    trained, cfg = _eval_config(client, run_id, overrides or [])
+    train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
+    key = tokenizer_key(cfg, train_ds)
+    if key != tags.get("lmgen.tokenizer_hash", key):
+        raise ValueError(f"run {run_id} used tokenizer {tags['lmgen.tokenizer_hash']} but its config now hashes to "
+                         f"{key}: the dataset or lmgen's cache format changed since it was trained")
+    load_tokenizer_state(tokenizer, tokenizer_state_path(home, key))
+    layout = _layout(cfg, tokenizer, train_ds)
+    module = ARModule(_model_config(cfg, tokenizer, layout), layout, OptimConfig())
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    model = module.model.to(_eval_device(cfg))
+    probe = _probe(cfg, train_ds, val_ds, home)
+
+    tracker = Tracker(uri, client.get_experiment(original.info.experiment_id).name)
+    run_name = cfg.tracking.run_name if cfg.tracking.run_name != trained.tracking.run_name else None
+    run_name = run_name or f"{original.info.run_name}-eval-n{cfg.sample.num_samples}-s{cfg.seed}"
+    child_tags = {**{k: v for k, v in tags.items() if k.startswith("lmgen.")}, "lmgen.stage": "eval",
+                  "lmgen.eval_of": run_id, "mlflow.parentRunId": run_id}
+    eval_id = tracker.start_run(run_name, child_tags)
+    try:
+        tracker.log_config(eval_id, to_dict(cfg))
+        tracker.log_metrics(eval_id, {k: v for k, v in original.data.metrics.items() if k.startswith(("tok/", "lm/"))})
+        L.seed_everything(cfg.seed, verbose=False)
+        evaluate_model(cfg, model, layout, tokenizer, train_ds, val_ds, probe, tracker, eval_id, reference_cache(home))
+    except BaseException:
+        tracker.end_run(eval_id, "FAILED")
+        raise
+    tracker.end_run(eval_id, "FINISHED")
+    return RunSummary(run_id=eval_id, run_name=run_name, experiment=tracker.experiment, tracking_uri=uri,
+                      tokenizer_run_id=tags.get("lmgen.tokenizer_run_id", ""), artifact_uri=tracker.artifact_dir(eval_id),
+                      wall_time_s=time.perf_counter() - start, metrics=tracker.metrics(eval_id))
 
 
-def _evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout, train_ds, val_ds,  # noqa: PLR0913
-                      probe: Probe | None, tracker: Tracker, run_id: str) -> dict[str, float]:
-    """gen/* metrics of the decodable samples against the val split; samples.png; per-class CSV.
-
-    Undecodable samples are counted (``gen/num_invalid``) and left out of every fidelity
-    metric — never replaced.
-    """
-    good = samples.images[samples.valid]
-    metrics = {"gen/decode_valid_rate": float(samples.valid.float().mean()),
-               "gen/num_invalid": float((~samples.valid).sum()),
-               "gen/images_per_s": len(samples.images) / samples.seconds,
-               "gen/tokens_per_image": float(samples.lengths.float().mean())}
-    reference = None
-    if probe is not None and len(good) >= 2:
-        reference = load_batch(val_ds, cfg.metrics.num_reference, cfg.data.encode_batch_size)
-        result = fidelity_metrics(good, reference.images, probe=probe, inception_weights=cfg.metrics.inception_weights,
-                                  prefix="gen", seed=cfg.seed)
-        metrics.update(result.metrics)
-        log_fidelity_context(tracker, run_id, result, "gen")
-    elif probe is not None:
-        reason = f"{len(good)} of {len(samples.images)} samples decodable; fidelity needs at least 2"
-        log.warning("gen fidelity metrics skipped: %s", reason)
-        tracker.log_text(run_id, json.dumps(dict.fromkeys(fidelity_keys("gen"), reason), indent=1),
-                         "gen_metrics_skipped.json")
-    if probe is not None and layout.class_conditional and len(good) > 0:
-        if reference is None:
-            reference = load_batch(val_ds, cfg.metrics.num_reference, cfg.data.encode_batch_size)
-        metrics.update(_per_class_metrics(probe, good, samples.labels[samples.valid], reference, train_ds,
-                                          tracker, run_id))
-    tracker.log_metrics(run_id, metrics)
-    nrow = layout.num_classes if layout.class_conditional else 8
-    tracker.log_image(run_id, to_grid(samples.images, nrow=min(nrow, len(samples.images))), "samples.png")
-    return metrics
-
-
-def _per_class_metrics(probe: Probe, images: torch.Tensor, labels: torch.Tensor, reference: ImageBatch,
-                       train_ds, tracker: Tracker, run_id: str) -> dict[str, float]:
-    """Class accuracy and the long-tail view (per-class probe FD vs train frequency) of class-conditional samples.
-
-    images: uint8 (N, 3, H, W) decodable samples; labels: int64 (N,) the class asked for.
-    Samples are class-balanced (round-robin), so per-class FD rests on ~N / num_classes
-    images per class: noisy and biased upwards with a handful (NaN below 2); the rank
-    correlations with frequency are only worth reading with tens of samples per class.
-    Logs ``per_class.csv``; returns the ``gen/*`` metrics.
-    """
-    acc = class_accuracy(probe, images, labels)
-    fd = per_class_fd(probe, images, labels, reference.images, reference.labels, probe.num_classes)
-    tracker.log_text(run_id, _per_class_csv(train_ds, acc, fd), "per_class.csv")
-    counts = train_ds.class_counts().double()
-    return {"gen/class_accuracy": acc["accuracy"], "gen/class_accuracy_balanced": acc["balanced_accuracy"],
-            **longtail_metrics(counts / counts.sum(), fd.fd, acc["per_class_accuracy"], prefix="gen")}
-
-
-def _per_class_csv(train_ds, acc: dict, fd: PerClassFD) -> str:
-    """class, name, train frequency, samples, probe accuracy, probe FD (empty where NaN), reference images:
-    the long-tail view of the samples (JPEG-LM Fig. 4, with exact frequencies)."""
-    counts = train_ds.class_counts().double()
-    freq = counts / counts.sum()
-    rows = ["class,name,train_frequency,num_samples,class_accuracy,fd_probe,num_reference"]
-    for c, name in enumerate(train_ds.class_names):
-        fd_c = float(fd.fd[c])
-        rows.append(f"{c},{name},{freq[c]:.6f},{int(acc['per_class_count'][c])},{acc['per_class_accuracy'][c]:.4f},"
-                    f"{'' if math.isnan(fd_c) else f'{fd_c:.6g}'},{int(fd.num_reference[c])}")
-    return "\n".join(rows) + "\n"
+def _eval_device(cfg: DictConfig) -> torch.device:
+    use_cuda = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if use_cuda else "cpu")

@@ -48,6 +48,30 @@ class Stage1Result:
     val: TokenCache
 
 
+def tokenizer_key(cfg: DictConfig, train_ds) -> str:
+    """Hash of everything that determines a stage-1 tokenizer and its tokens (``lmgen.tokenizer_hash``).
+    The cache format is part of it so a layout change never reads stale caches."""
+    return config_hash("tokenizer", CACHE_FORMAT, cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
+
+
+def tokenizer_state_path(home: Path, key: str) -> Path:
+    """Where stage 1 stores the state of the tokenizer with ``tokenizer_key`` ``key``."""
+    return home / "tokenizers" / key / "state.pt"
+
+
+def reference_cache(home: Path) -> Path:
+    """Where reference-set features are cached, keyed by a hash of the exact images (``lmgen.metrics.refcache``)."""
+    return home / "fidelity"
+
+
+def load_tokenizer_state(tokenizer: ImageTokenizer, state_path: Path) -> None:
+    """Restore a stage-1 state; FileNotFoundError naming the path if it is not there."""
+    if not state_path.is_file():
+        raise FileNotFoundError(f"stage-1 tokenizer state {state_path} is missing: was the run made with another "
+                                "LMGEN_HOME? (set LMGEN_HOME to the directory that holds tokenizers/)")
+    tokenizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
+
+
 def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds,  # noqa: PLR0913
                       tracker: Tracker, home: Path, probe: Probe | None = None) -> Stage1Result:
     """Fit/train (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run.
@@ -58,9 +82,8 @@ def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_
     also get ``tok/rfid_probe`` (and ``tok/rfid`` where Inception weights exist) on up to
     ``metrics.num_reference`` val images.
     """
-    # The cache format is part of the key so a layout change never reads stale caches.
-    key = config_hash("tokenizer", CACHE_FORMAT, cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
-    directory = home / "tokenizers" / key
+    key = tokenizer_key(cfg, train_ds)
+    directory = tokenizer_state_path(home, key).parent
     tags = {"lmgen.stage": "tokenizer", "lmgen.config_hash": key, "lmgen.tokenizer": cfg.tokenizer.name}
     run_id = tracker.find_finished(tags)
     if run_id is not None and (directory / "state.pt").is_file():
@@ -73,7 +96,8 @@ def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_
         tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
         fit_stats = _fit_or_load(cfg, tokenizer, train_ds, val_ds, directory, (tracker, run_id))
         caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
-        metrics = {**fit_stats, **_evaluate(cfg, tokenizer, val_ds, caches["val"], tracker, run_id, probe)}
+        metrics = {**fit_stats, **_evaluate(cfg, tokenizer, val_ds, caches["val"], tracker, run_id, probe,
+                                                  reference_cache(home))}
         if isinstance(tokenizer, nn.Module):
             metrics["tok/params"] = float(sum(p.numel() for p in tokenizer.parameters()))
         if tokenizer.learned:
@@ -109,7 +133,7 @@ def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds, d
     to ``data.fit_images`` train images. The state is written atomically."""
     state_path = directory / "state.pt"
     if state_path.is_file():
-        tokenizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
+        load_tokenizer_state(tokenizer, state_path)
         return {}
     if tokenizer.learned:
         stats = _train_learned(cfg, tokenizer, train_ds, val_ds, directory, logging_to)
@@ -143,7 +167,8 @@ def _train_learned(cfg: DictConfig, tokenizer, train_ds, val_ds, directory: Path
 
 
 def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: TokenCache,  # noqa: PLR0913
-              tracker: Tracker, run_id: str, probe: Probe | None, batch_size: int = 256) -> dict[str, float]:
+              tracker: Tracker, run_id: str, probe: Probe | None, cache_dir: Path | None = None,
+              batch_size: int = 256) -> dict[str, float]:
     """tok/psnr, tok/ssim, rFID, rate, code usage and decode validity on the val split; logs ``recon.png``."""
     psnrs, ssims, valid, originals, recons, codes = [], [], [], [], [], []
     # Images held in memory: the rFID set with a probe, else only what recon.png shows.
@@ -172,7 +197,8 @@ def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: Tok
         **code_metrics(torch.cat(codes), tokenizer.vocab_size, tuple(tokenizer.subcodes)),
     }
     if probe is not None and len(originals_t) >= 2:
-        result = rfid_metrics(recons_t, originals_t, probe, cfg.metrics.inception_weights, seed=cfg.seed)
+        result = rfid_metrics(recons_t, originals_t, probe, cfg.metrics.inception_weights, seed=cfg.seed,
+                              cache_dir=cache_dir)
         metrics.update(result.metrics)
         log_fidelity_context(tracker, run_id, result, "tok")
     tracker.log_image(run_id, _pairs_grid(originals_t[:RECON_IMAGES], recons_t[:RECON_IMAGES]), "recon.png")

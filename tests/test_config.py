@@ -46,6 +46,11 @@ def test_every_experiment_yaml_validates(path):
         (["data.train_size=0"], "data.train_size"),
         (["data.name=imagefolder", "data.root=/x", "data.val_size=-1"], "data.val_size"),
         (["sample.top_p=0"], "sample.top_p"),
+        (["sample.num_samples=-1"], "sample.num_samples"),
+        (["metrics.prefix_samples=-4"], "metrics.prefix_samples"),
+        (["metrics.prefix_ratios=[0.5,1.0]"], "metrics.prefix_ratios"),
+        (["metrics.prefix_ratios=[0]"], "metrics.prefix_ratios"),
+        (["metrics.prefix_ratios=[half]"], "metrics.prefix_ratios"),
     ],
 )
 def test_bad_config_fails_naming_the_key(overrides, needle):

@@ -82,6 +82,33 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
         assert 0 < tok[0].data.metrics["tok/crt_flops_share"] < 1
     assert (lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt").is_file()
     _check_position_loss(client, run)
+    _check_prefix_completion(client, run)
+
+
+PREFIX_KEYS = [f"gen/prefix_r{p}/{k}" for p in (25, 50, 75) for k in ("decode_valid_rate", "num_invalid")]
+
+
+def _check_prefix_completion(client: MlflowClient, run) -> None:
+    """Every ratio completed and counted — or skipped with the tokenizer's reason (16-px JPEG
+    has a single MCU row of 4:2:0 patches: nothing to cut between)."""
+    import json
+
+    metrics, artifacts = run.data.metrics, _artifacts(client, run.info.run_id)
+    skipped = {}
+    if "gen_prefix_skipped.json" in artifacts:
+        skipped = json.loads(Path(client.download_artifacts(run.info.run_id, "gen_prefix_skipped.json")).read_text())
+    for p in (25, 50, 75):
+        key = f"gen/prefix_r{p}"
+        if f"{key}/*" in skipped:
+            assert "rows" in skipped[f"{key}/*"] or "restart" in skipped[f"{key}/*"]
+            continue
+        assert {f"{key}/decode_valid_rate", f"{key}/num_invalid", f"{key}/prompt_fraction"} <= set(metrics)
+        if metrics[f"{key}/decode_valid_rate"] * 16 >= 2:  # TINY: 16 val images completed, FD against them
+            assert f"{key}/fd_probe" in metrics and run.data.params[f"{key}.reference"] == "prefix originals"
+        if f"{key}/fid" not in metrics:  # offline: Inception skipped with its reason
+            assert "Inception" in skipped[f"{key}/fid"]
+        assert "prefix_completion.png" in artifacts
+    assert metrics["gen/eval_seconds"] > 0
 
 
 def _check_position_loss(client: MlflowClient, run) -> None:
@@ -120,7 +147,7 @@ def test_a_crash_marks_the_run_failed(lmgen_home, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(lmgen.experiment, "_evaluate_samples", boom)
+    monkeypatch.setattr(lmgen.experiment, "evaluate_model", boom)
     with pytest.raises(RuntimeError, match="injected"):
         main(["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "train.max_steps=1"])
     _, runs = _runs(lmgen_home)
@@ -223,3 +250,48 @@ def test_same_seed_same_run_whether_stage1_and_probe_were_cached(lmgen_home):
     assert len(histories) == 2 and len(histories[0]) == 6
     assert histories[0] == histories[1]
     assert lm[0].data.metrics["lm/val_bits_per_image"] == lm[1].data.metrics["lm/val_bits_per_image"]
+
+
+def test_lmgen_eval_rescores_a_run_into_a_child_run(lmgen_home, capsys):
+    """`lmgen eval RUN_ID` reloads the LM from last.ckpt and the tokenizer from stage 1, samples
+    again with more samples, and logs into a child run; the original run is left as it was."""
+    experiment = str(ROOT / "experiments/quickstart_jpeg.yaml")
+    assert main(["run", experiment, *TINY, "data.image_size=32", "sample.num_samples=4", "metrics.prefix_samples=0"]) == 0
+    client, runs = _runs(lmgen_home)
+    (run,) = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
+    before = (dict(run.data.params), dict(run.data.metrics))
+    assert "gen/prefix_r50/decode_valid_rate" not in run.data.metrics  # prefix completion was off
+
+    assert main(["eval", run.info.run_id, "sample.num_samples=12", "metrics.prefix_samples=6",
+                 "metrics.prefix_ratios=[0.5]"]) == 0
+    assert "gen/decode_valid_rate" in capsys.readouterr().out
+    client, runs = _runs(lmgen_home)
+    (child,) = [r for r in runs if r.data.tags["lmgen.stage"] == "eval"]
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == run.info.run_id == child.data.tags["lmgen.eval_of"]
+    assert child.data.tags["lmgen.tokenizer_hash"] == run.data.tags["lmgen.tokenizer_hash"]
+    assert child.data.params["sample.num_samples"] == "12"
+    assert child.data.metrics["gen/num_invalid"] + child.data.metrics["gen/decode_valid_rate"] * 12 == 12
+    # 32-px JPEG has two 16-px MCU rows: r = 0.5 cuts after the first, at a restart marker
+    assert "gen/prefix_r50/decode_valid_rate" in child.data.metrics
+    assert child.data.metrics["lm/val_bits_per_image"] == run.data.metrics["lm/val_bits_per_image"]
+    assert {"samples.png", "prefix_completion.png"} <= _artifacts(client, child.info.run_id)
+    (again,) = [r for r in runs if r.info.run_id == run.info.run_id]
+    assert (dict(again.data.params), dict(again.data.metrics)) == before
+    assert sum(r.data.tags["lmgen.stage"] == "tokenizer" for r in runs) == 1  # stage 1 restored, not retrained
+
+
+def test_lmgen_eval_refuses_what_it_cannot_do(lmgen_home, capsys):
+    experiment = str(ROOT / "experiments/quickstart_pixels.yaml")
+    assert main(["run", experiment, *TINY, "sample.num_samples=0", "train.checkpoint=false"]) == 0
+    _, runs = _runs(lmgen_home)
+    (run,) = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
+    assert main(["eval", run.info.run_id]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["run", experiment, *TINY, "sample.num_samples=0", "seed=3"]) == 0
+    _, runs = _runs(lmgen_home)
+    trained = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm" and r.data.params["seed"] == "3")
+    assert main(["eval", trained.info.run_id, "lm.size=micro"]) == 2  # would evaluate another model
+    assert "overrides change lm" in capsys.readouterr().err
+    assert main(["eval", "0123456789abcdef"]) == 2
+    assert "no run" in capsys.readouterr().err

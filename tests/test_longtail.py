@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 
 from lmgen.datasets import ShapesDataset, iter_batches
-from lmgen.experiment import _per_class_csv
+from lmgen.evaluate import _per_class_csv
 from lmgen.metrics.fidelity import fidelity_metrics
 from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd, rank_correlation
 from lmgen.metrics.probe import Probe, ProbeInfo, ProbeNet

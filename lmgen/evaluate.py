@@ -1,0 +1,282 @@
+"""Everything after training: sample, decode, score. Shared by ``lmgen run`` and ``lmgen eval``.
+
+- ``sample_images``: class-conditional (round-robin) or unconditional samples, decoded.
+- ``complete_prefixes``: JPEG-LM's prefix completion — the LM is prompted with the first
+  tokens of real val images (the top ``r`` of each image, cut where the tokenizer says a
+  stream can be continued: a row of the token grid, a JPEG restart marker) and samples the
+  rest; the completions are scored against the originals.
+- ``evaluate_model``: both, with every ``gen/*`` metric, ``samples.png``,
+  ``prefix_completion.png`` and ``per_class.csv`` logged to one MLflow run.
+
+Undecodable streams are counted and left out of every fidelity metric, never replaced.
+Nothing here looks at a tokenizer's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from lmgen.config import resolve_precision
+from lmgen.data import SequenceLayout
+from lmgen.datasets import ImageBatch, load_batch
+from lmgen.llama import Llama
+from lmgen.metrics.fidelity import KINDS, FidelityResult, class_accuracy, fidelity_keys, fidelity_metrics
+from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd
+from lmgen.metrics.probe import Probe
+from lmgen.sampling import generate
+from lmgen.stage1 import log_fidelity_context, to_grid
+from lmgen.tokenizers import ImageTokenizer, TokenBatch
+from lmgen.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+PREFIX_SHEET_IMAGES = 8  # originals (and their completions per ratio) shown in prefix_completion.png
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """Decoded samples: images (N, 3, H, W) uint8, valid (N,) bool, labels (N,) int64 (the
+    class asked for), lengths (N,) int64 image tokens per stream, seconds spent sampling +
+    decoding; for prefix completions, prompt_fraction (N,) float: prompt tokens / the
+    original's tokens."""
+
+    images: Tensor
+    valid: Tensor
+    labels: Tensor
+    lengths: Tensor
+    seconds: float
+    prompt_fraction: Tensor | None = None
+
+
+def prefix_key(ratio: float) -> str:
+    """Metric prefix of prefix completion at ``ratio``: 0.25 → ``gen/prefix_r25``."""
+    return f"gen/prefix_r{round(ratio * 100):d}"
+
+
+def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if resolve_precision(cfg.train.precision, cfg.train.accelerator).startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sample_chunk(cfg: DictConfig, model: Llama, layout: SequenceLayout, labels: Tensor,
+                  prefix: TokenBatch | None = None) -> TokenBatch:
+    """Image tokens of one batch: sampled after the cond token, or after cond + ``prefix``.
+
+    labels: (B,) int64. prefix: the first ids of each image (``lengths`` per row, at least
+    1) or None. Returns the whole image streams (prefix included), clipped to ``max_tokens``,
+    with ids outside the image vocabulary replaced by 0 (the decoder then judges them).
+    """
+    s, b = cfg.sample, len(labels)
+    device = next(model.parameters()).device
+    cond = layout.cond_tokens(labels, b)  # (B, 1)
+    if prefix is None:
+        kept = torch.zeros(b, dtype=torch.int64)
+        prompt = cond
+    else:
+        kept = prefix.lengths.cpu()
+        prompt = torch.cat([cond, prefix.ids[:, : int(kept.max())].cpu()], 1)  # (B, 1 + longest prefix)
+    uncond = torch.cat([layout.null_tokens(b), prompt[:, 1:]], 1) if s.cfg_scale != 1.0 else None
+    budget = layout.max_tokens + int(layout.variable_length) - kept  # room left for new ids (+ EOS)
+    with _autocast(cfg, device):
+        gen = generate(model, prompt.to(device), budget.to(device), prompt_lengths=(1 + kept).to(device),
+                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
+                       cfg_schedule=s.cfg_schedule, uncond_prompt=None if uncond is None else uncond.to(device),
+                       allowed=layout.allowed().to(device), eos_id=layout.eos if layout.variable_length else None,
+                       pad_id=layout.pad)
+    new, new_len = gen.tokens.cpu(), gen.lengths.cpu()
+    ids = torch.zeros(b, layout.max_tokens, dtype=torch.int64)
+    lengths = (kept + new_len).clamp(max=layout.max_tokens)
+    for i in range(b):
+        k = int(kept[i])
+        if k:
+            ids[i, :k] = prefix.ids[i, :k]
+        ids[i, k : int(lengths[i])] = new[i, : int(lengths[i]) - k]
+    ids = torch.where(ids < layout.vocab_size, ids, torch.zeros_like(ids))
+    return TokenBatch(ids=ids, lengths=lengths)
+
+
+@torch.no_grad()
+def sample_images(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer) -> SampleSet:
+    """``sample.num_samples`` images (classes round-robin, so per-class metrics are balanced), decoded."""
+    labels = torch.arange(cfg.sample.num_samples) % layout.num_classes
+    return _sample_and_decode(cfg, model, layout, tokenizer, labels, None)
+
+
+def _sample_and_decode(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,
+                       labels: Tensor, prefixes: TokenBatch | None) -> SampleSet:
+    was_training = model.training
+    model.eval()
+    images, valid, lengths = [], [], []
+    start = time.perf_counter()
+    try:
+        for chunk in torch.arange(len(labels)).split(cfg.sample.batch_size):
+            prefix = None if prefixes is None else TokenBatch(prefixes.ids[chunk], prefixes.lengths[chunk])
+            tokens = _sample_chunk(cfg, model, layout, labels[chunk], prefix)
+            decoded = tokenizer.decode(tokens)  # never raises: undecodable streams come back valid=False
+            images.append(decoded.images.cpu())
+            valid.append(decoded.valid.cpu())
+            lengths.append(tokens.lengths)
+    finally:
+        model.train(was_training)
+    return SampleSet(torch.cat(images), torch.cat(valid), labels, torch.cat(lengths), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def complete_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,
+                      originals: ImageBatch, ratio: float) -> SampleSet:
+    """Prompt with the top ``ratio`` of each original's tokens (``tokenizer.prefix_lengths``)
+    and its class (BOS for an unconditional model), sample the rest, decode.
+
+    originals: uint8 images with labels. Raises ValueError where the tokenizer cannot cut a
+    prefix (e.g. JPEG without restart markers).
+    """
+    tokens = tokenizer.encode(originals.images)
+    cuts = tokenizer.prefix_lengths(tokens, ratio).cpu()
+    prefixes = TokenBatch(ids=tokens.ids.cpu(), lengths=cuts)
+    done = _sample_and_decode(cfg, model, layout, tokenizer, originals.labels.cpu(), prefixes)
+    return dataclasses.replace(done, prompt_fraction=cuts / tokens.lengths.cpu())
+
+
+def _fidelity(cfg: DictConfig, generated: Tensor, reference: ImageBatch, probe: Probe, prefix: str,  # noqa: PLR0913
+              reference_name: str, cache_dir: Path | None, kinds: tuple[str, ...] = KINDS) -> FidelityResult:
+    return fidelity_metrics(generated, reference.images, probe=probe, inception_weights=cfg.metrics.inception_weights,
+                            prefix=prefix, reference_name=reference_name, seed=cfg.seed, cache_dir=cache_dir,
+                            kinds=kinds)
+
+
+def evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout, train_ds,  # noqa: PLR0913
+                     reference: ImageBatch, probe: Probe | None, tracker: Tracker, run_id: str,
+                     cache_dir: Path | None = None) -> dict[str, float]:
+    """gen/* metrics of the decodable samples against ``reference`` (val images); samples.png; per_class.csv.
+
+    Undecodable samples are counted (``gen/num_invalid``) and left out of every fidelity
+    metric — never replaced.
+    """
+    good = samples.images[samples.valid]
+    metrics = {"gen/decode_valid_rate": float(samples.valid.float().mean()),
+               "gen/num_invalid": float((~samples.valid).sum()),
+               "gen/images_per_s": len(samples.images) / samples.seconds,
+               "gen/tokens_per_image": float(samples.lengths.float().mean())}
+    if probe is not None and len(good) >= 2:
+        result = _fidelity(cfg, good, reference, probe, "gen", "val", cache_dir)
+        metrics.update(result.metrics)
+        log_fidelity_context(tracker, run_id, result, "gen")
+    elif probe is not None:
+        reason = f"{len(good)} of {len(samples.images)} samples decodable; fidelity needs at least 2"
+        log.warning("gen fidelity metrics skipped: %s", reason)
+        tracker.log_text(run_id, json.dumps(dict.fromkeys(fidelity_keys("gen"), reason), indent=1),
+                         "gen_metrics_skipped.json")
+    if probe is not None and layout.class_conditional and len(good) > 0:
+        metrics.update(_per_class_metrics(probe, good, samples.labels[samples.valid], reference, train_ds,
+                                          tracker, run_id))
+    tracker.log_metrics(run_id, metrics)
+    nrow = layout.num_classes if layout.class_conditional else 8
+    tracker.log_image(run_id, to_grid(samples.images, nrow=min(nrow, len(samples.images))), "samples.png")
+    return metrics
+
+
+def evaluate_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,  # noqa: PLR0913
+                      originals: ImageBatch, probe: Probe | None, tracker: Tracker, run_id: str,
+                      cache_dir: Path | None = None) -> dict[str, float]:
+    """Prefix completion at every ``metrics.prefix_ratios``: ``gen/prefix_r{pct}/fd_probe``
+    (and ``/fid`` with Inception weights) of the decodable completions against the
+    originals, ``/decode_valid_rate``, ``/num_invalid``; ``prefix_completion.png`` shows
+    originals then one row of completions per ratio. A ratio the tokenizer cannot cut is
+    skipped with the reason in ``gen_prefix_skipped.json``; it never fails the run.
+    """
+    metrics: dict[str, float] = {}
+    params: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    rows = [originals.images[:PREFIX_SHEET_IMAGES]]
+    for ratio in cfg.metrics.prefix_ratios:
+        key = prefix_key(ratio)
+        try:
+            done = complete_prefixes(cfg, model, layout, tokenizer, originals, ratio)
+        except ValueError as err:
+            skipped[f"{key}/*"] = str(err)
+            continue
+        good = done.images[done.valid]
+        metrics[f"{key}/decode_valid_rate"] = float(done.valid.float().mean())
+        metrics[f"{key}/num_invalid"] = float((~done.valid).sum())
+        metrics[f"{key}/images_per_s"] = len(done.images) / done.seconds
+        metrics[f"{key}/prompt_fraction"] = float(done.prompt_fraction.mean())  # tokens given, not the ratio asked
+        if probe is not None and len(good) >= 2:
+            result = _fidelity(cfg, good, originals, probe, key, "prefix originals", cache_dir, kinds=("fd",))
+            metrics.update(result.metrics)
+            params.update(result.params)
+            skipped.update(result.skipped)
+        elif probe is not None:
+            skipped[f"{key}/fd_probe"] = f"{len(good)} of {len(done.images)} completions decodable; FD needs 2"
+        rows.append(done.images[:PREFIX_SHEET_IMAGES])
+    if skipped:  # one file for every ratio: why a prefix metric is missing
+        log.warning("prefix completion: %d metric(s) skipped (first: %s: %s)", len(skipped), *next(iter(skipped.items())))
+        tracker.log_text(run_id, json.dumps(skipped, indent=1), "gen_prefix_skipped.json")
+    tracker.log_params(run_id, params)
+    tracker.log_metrics(run_id, metrics)
+    if len(rows) > 1:
+        tracker.log_image(run_id, to_grid(torch.cat(rows), nrow=len(rows[0])), "prefix_completion.png")
+    return metrics
+
+
+def evaluate_model(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,  # noqa: PLR0913
+                   train_ds, val_ds, probe: Probe | None, tracker: Tracker, run_id: str,
+                   cache_dir: Path | None = None) -> dict[str, float]:
+    """Samples (``sample.num_samples``) and prefix completions (``metrics.prefix_samples`` val
+    images × ``metrics.prefix_ratios``), every gen/* metric logged to ``run_id``;
+    ``gen/eval_seconds`` is the wall time of it all."""
+    start = time.perf_counter()
+    metrics: dict[str, float] = {}
+    if cfg.sample.num_samples > 0:
+        reference = load_batch(val_ds, cfg.metrics.num_reference, cfg.data.encode_batch_size)
+        samples = sample_images(cfg, model, layout, tokenizer)
+        metrics.update(evaluate_samples(cfg, samples, layout, train_ds, reference, probe, tracker, run_id, cache_dir))
+    if cfg.metrics.prefix_samples > 0 and cfg.metrics.prefix_ratios:
+        originals = load_batch(val_ds, cfg.metrics.prefix_samples, cfg.data.encode_batch_size)
+        metrics.update(evaluate_prefixes(cfg, model, layout, tokenizer, originals, probe, tracker, run_id,
+                                         cache_dir))
+    metrics["gen/eval_seconds"] = time.perf_counter() - start
+    tracker.log_metrics(run_id, {"gen/eval_seconds": metrics["gen/eval_seconds"]})
+    return metrics
+
+
+def _per_class_metrics(probe: Probe, images: Tensor, labels: Tensor, reference: ImageBatch,
+                       train_ds, tracker: Tracker, run_id: str) -> dict[str, float]:
+    """Class accuracy and the long-tail view (per-class probe FD vs train frequency) of class-conditional samples.
+
+    images: uint8 (N, 3, H, W) decodable samples; labels: int64 (N,) the class asked for.
+    Samples are class-balanced (round-robin), so per-class FD rests on ~N / num_classes
+    images per class: noisy and biased upwards with a handful (NaN below 2); the rank
+    correlations with frequency are only worth reading with tens of samples per class.
+    Logs ``per_class.csv``; returns the ``gen/*`` metrics.
+    """
+    acc = class_accuracy(probe, images, labels)
+    fd = per_class_fd(probe, images, labels, reference.images, reference.labels, probe.num_classes)
+    tracker.log_text(run_id, _per_class_csv(train_ds, acc, fd), "per_class.csv")
+    counts = train_ds.class_counts().double()
+    return {"gen/class_accuracy": acc["accuracy"], "gen/class_accuracy_balanced": acc["balanced_accuracy"],
+            **longtail_metrics(counts / counts.sum(), fd.fd, acc["per_class_accuracy"], prefix="gen")}
+
+
+def _per_class_csv(train_ds, acc: dict, fd: PerClassFD) -> str:
+    """class, name, train frequency, samples, probe accuracy, probe FD (empty where NaN), reference images:
+    the long-tail view of the samples (JPEG-LM Fig. 4, with exact frequencies)."""
+    counts = train_ds.class_counts().double()
+    freq = counts / counts.sum()
+    rows = ["class,name,train_frequency,num_samples,class_accuracy,fd_probe,num_reference"]
+    for c, name in enumerate(train_ds.class_names):
+        fd_c = float(fd.fd[c])
+        rows.append(f"{c},{name},{freq[c]:.6f},{int(acc['per_class_count'][c])},{acc['per_class_accuracy'][c]:.4f},"
+                    f"{'' if math.isnan(fd_c) else f'{fd_c:.6g}'},{int(fd.num_reference[c])}")
+    return "\n".join(rows) + "\n"
