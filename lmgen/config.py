@@ -126,6 +126,8 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under $LMGEN_HOME
     experiment: str | None = None  # None: the experiment's `name`
     run_name: str | None = None  # None: "<tokenizer>-<lm.size>-s<seed>"
+    parent_run_id: str | None = None  # set by `lmgen sweep`: the sweep's parent run (mlflow.parentRunId)
+    sweep: str | None = None  # set by `lmgen sweep`: tag lmgen.sweep
 
 
 @dataclass
@@ -245,6 +247,12 @@ def config_hash(*parts: Any) -> str:
     norm = [to_dict(p) if isinstance(p, DictConfig) else p for p in parts]
     blob = json.dumps(norm, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def run_config_hash(cfg: DictConfig) -> str:
+    """``lmgen.config_hash`` of a run: everything but ``tracking`` (where a run is logged does not
+    change what it computes), so a sweep rerun finds the run of the same point."""
+    return config_hash({k: v for k, v in to_dict(cfg).items() if k != "tracking"})
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

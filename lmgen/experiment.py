@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lmgen.ar_module import ARModule, OptimConfig, position_loss_csv
-from lmgen.config import ConfigError, config_hash, load_config, resolve_precision, to_dict
+from lmgen.concurrency import is_global_zero, share_from_rank_zero
+from lmgen.config import ConfigError, load_config, resolve_precision, run_config_hash, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
 from lmgen.datasets import build_dataset
 from lmgen.evaluate import evaluate_model
@@ -67,17 +68,30 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def run_experiment(cfg: DictConfig) -> RunSummary:
-    """Train and sample one (dataset, tokenizer, LM, seed) point, logging everything to MLflow."""
+def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
+    """Train and sample one (dataset, tokenizer, LM, seed) point, logging everything to MLflow.
+
+    ``resume`` (what ``lmgen sweep`` asks for): a FINISHED LM run with this config hash is
+    returned as it is, without compute; an unfinished one (RUNNING, FAILED, KILLED) with a
+    ``last.ckpt`` is reopened and its training continues from that checkpoint. Without
+    ``resume`` every call trains a new run. In a distributed run every rank calls this; only
+    rank 0 logs, writes and evaluates.
+    """
     start = time.perf_counter()
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)  # before any compute: never fail after hours of training
     home = lmgen_home()
-    tracker = Tracker(uri, cfg.tracking.experiment or cfg.name)
+    lead = is_global_zero()
+    tracker = Tracker(uri, cfg.tracking.experiment or cfg.name, writes=lead)
+    run_hash = run_config_hash(cfg)
+    if resume and lead:
+        done = tracker.find_finished({"lmgen.stage": "lm", "lmgen.config_hash": run_hash})
+        if done is not None:
+            log.info("run %s: a FINISHED run with config hash %s exists; nothing to do", done, run_hash)
+            return _summary(tracker, done, time.perf_counter() - start)
     train_ds = build_dataset(cfg.data, "train")
     val_ds = build_dataset(cfg.data, "val")
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
-    # The probe classifier behind the offline metrics: trained once per dataset, cached.
     probe = _probe(cfg, train_ds, val_ds, home)
     stage1 = prepare_tokenizer(cfg, tokenizer, train_ds, val_ds, tracker, home, probe)
 
@@ -94,14 +108,17 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
                                  num_workers=cfg.data.num_workers, seed=cfg.seed)
 
     run_name = cfg.tracking.run_name or f"{cfg.tokenizer.name}-{cfg.lm.size}-s{cfg.seed}"
-    tags = {"lmgen.stage": "lm", "lmgen.tokenizer": cfg.tokenizer.name,
-            "lmgen.config_hash": config_hash({k: v for k, v in to_dict(cfg).items() if k != "tracking"}),
-            "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key}
-    run_id = tracker.start_run(run_name, tags)
+    run_id, resume_from = None, ""
+    if lead:
+        run_id, resume_from = _open_lm_run(cfg, tracker, stage1, run_name, run_hash, home, resume)
+    run_id, resume_from = share_from_rank_zero("LMGEN_LM_RUN", f"{run_id}\n{resume_from}" if lead else None).split("\n")
     try:
-        tracker.log_config(run_id, to_dict(cfg))
+        if not resume_from:
+            tracker.log_config(run_id, to_dict(cfg))
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
-        _train(cfg, module, datamodule, tracker, run_id, home)
+        _train(cfg, module, datamodule, tracker, run_id, home, resume_from or None)
+        if not lead:  # the other ranks' part ends with training; rank 0 evaluates
+            return RunSummary(run_id, run_name, tracker.experiment, uri, stage1.run_id, "", time.perf_counter() - start)
         tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
         evaluate_model(cfg, module.model, layout, tokenizer, train_ds, val_ds, probe, tracker, run_id,
                        reference_cache(home))
@@ -112,13 +129,37 @@ def run_experiment(cfg: DictConfig) -> RunSummary:
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.end_run(run_id, "FINISHED")
-    return RunSummary(run_id=run_id, run_name=run_name, experiment=tracker.experiment, tracking_uri=uri,
-                      tokenizer_run_id=stage1.run_id, artifact_uri=tracker.artifact_dir(run_id),
-                      wall_time_s=time.perf_counter() - start, metrics=tracker.metrics(run_id))
+    return _summary(tracker, run_id, time.perf_counter() - start)
 
 
-def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, tracker: Tracker,
-           run_id: str, home: Path) -> None:
+def _open_lm_run(cfg: DictConfig, tracker: Tracker, stage1, run_name: str, run_hash: str,  # noqa: PLR0913
+                 home: Path, resume: bool) -> tuple[str, str]:
+    """(run id, checkpoint to resume from or ""): the unfinished run of this config reopened when
+    ``resume`` finds one with a checkpoint, else a new run (child of ``tracking.parent_run_id``)."""
+    if resume:
+        earlier = tracker.find_run({"lmgen.stage": "lm", "lmgen.config_hash": run_hash})
+        if earlier is not None and checkpoint_path(home, earlier).is_file():
+            log.info("run %s: resuming from %s", earlier, checkpoint_path(home, earlier))
+            tracker.reopen_run(earlier)
+            return earlier, str(checkpoint_path(home, earlier))
+    tags = {"lmgen.stage": "lm", "lmgen.tokenizer": cfg.tokenizer.name, "lmgen.config_hash": run_hash,
+            "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key}
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    if cfg.tracking.sweep:
+        tags["lmgen.sweep"] = cfg.tracking.sweep
+    return tracker.start_run(run_name, tags), ""
+
+
+def _summary(tracker: Tracker, run_id: str, seconds: float) -> RunSummary:
+    run = tracker.client.get_run(run_id)
+    return RunSummary(run_id=run_id, run_name=run.info.run_name, experiment=tracker.experiment, tracking_uri=tracker.uri,
+                      tokenizer_run_id=run.data.tags.get("lmgen.tokenizer_run_id", ""),
+                      artifact_uri=run.info.artifact_uri, wall_time_s=seconds, metrics=dict(run.data.metrics))
+
+
+def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, tracker: Tracker,  # noqa: PLR0913
+           run_id: str, home: Path, resume_from: str | None = None) -> None:
     t = cfg.train
     callbacks = []
     if t.checkpoint:
@@ -131,7 +172,7 @@ def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, track
         limit_val_batches=t.val_batches or 1.0, log_every_n_steps=t.log_every,
         logger=MlflowMetricLogger(tracker, run_id), callbacks=callbacks, num_sanity_val_steps=0,
         enable_model_summary=False, default_root_dir=str(home), enable_checkpointing=t.checkpoint)
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     if t.max_steps % t.val_every:  # always end on a validation of the final weights
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if t.checkpoint:  # last.ckpt holds the final weights whatever val_every was (lmgen eval reads it)

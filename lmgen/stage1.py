@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from lmgen.concurrency import barrier, file_lock
 from lmgen.config import config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import load_images
@@ -85,6 +86,29 @@ def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_
     key = tokenizer_key(cfg, train_ds)
     directory = tokenizer_state_path(home, key).parent
     tags = {"lmgen.stage": "tokenizer", "lmgen.config_hash": key, "lmgen.tokenizer": cfg.tokenizer.name}
+    if not tracker.writes:  # a non-zero rank of a distributed run
+        return _follow_rank_zero(cfg, tokenizer, key, directory, train_ds, val_ds, tracker, tags, home)
+    # Sweep points that need the same tokenizer at once: the first builds it, the others wait and reuse it.
+    with file_lock(directory.parent / f".{key}.lock"):
+        result = _prepare(cfg, tokenizer, key, directory, train_ds, val_ds, tracker, tags, home, probe)
+    barrier()  # ranks that trained stage 1 with us wait here for the state and caches written above
+    return result
+
+
+def _follow_rank_zero(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Path,  # noqa: PLR0913
+                      train_ds, val_ds, tracker: Tracker, tags: dict[str, str], home: Path) -> Stage1Result:
+    """Stage 1 on a non-zero rank: join rank 0's training of a learned tokenizer (its ``fit``
+    needs every rank), then use the state and caches rank 0 wrote; log and write nothing."""
+    if tokenizer.learned and not (directory / "state.pt").is_file():
+        _train_learned(cfg, tokenizer, train_ds, val_ds, directory, None)
+    barrier()
+    load_tokenizer_state(tokenizer, directory / "state.pt")
+    caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
+    return Stage1Result(tokenizer, key, tracker.find_finished(tags) or "", {}, caches["train"], caches["val"])
+
+
+def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Path, train_ds, val_ds,  # noqa: PLR0913
+             tracker: Tracker, tags: dict[str, str], home: Path, probe: Probe | None) -> Stage1Result:
     run_id = tracker.find_finished(tags)
     if run_id is not None and (directory / "state.pt").is_file():
         log.info("stage 1: reusing tokenizer run %s", run_id)

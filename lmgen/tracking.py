@@ -73,50 +73,82 @@ def git_sha() -> str:
 
 
 class Tracker:
-    """A thin, typed wrapper over ``MlflowClient`` for one experiment."""
+    """A thin, typed wrapper over ``MlflowClient`` for one experiment.
 
-    def __init__(self, uri: str, experiment: str) -> None:
+    ``writes=False`` (what non-zero ranks get): reads work, every write is a no-op, and
+    ``start_run`` hands back a placeholder id, so a distributed run logs exactly one run.
+    """
+
+    def __init__(self, uri: str, experiment: str, writes: bool = True) -> None:
         self.uri = uri
+        self.writes = writes
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
+        self.experiment = experiment
         if found is not None:
             self.experiment_id = found.experiment_id
+        elif not writes:
+            self.experiment_id = None  # rank 0 creates it; a reader has nothing to find yet
         else:
             location = None
             if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        self.experiment = experiment
 
     def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
         """Create a RUNNING run with the standard tags; returns its id."""
+        if not self.writes:
+            return f"rank-{os.getpid()}-{run_name}"
         all_tags = {"lmgen.git_sha": git_sha(), **tags}
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         return run.info.run_id
 
-    def find_finished(self, tags: Mapping[str, str]) -> str | None:
-        """Id of the newest FINISHED run of this experiment carrying all ``tags``."""
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]
+    def find_run(self, tags: Mapping[str, str], status: str | None = None) -> str | None:
+        """Id of the newest run of this experiment carrying all ``tags`` (and ``status``, if given)."""
+        if self.experiment_id is None:
+            return None
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        clauses += [f"attributes.status = '{status}'"] if status else []
         runs = self.client.search_runs([self.experiment_id], " and ".join(clauses),
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def find_finished(self, tags: Mapping[str, str]) -> str | None:
+        """Id of the newest FINISHED run of this experiment carrying all ``tags``."""
+        return self.find_run(tags, "FINISHED")
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a sweep rerun, a resumed point)."""
+        if self.writes:
+            self.client.update_run(run_id, status="RUNNING")
+
     def log_config(self, run_id: str, config: dict[str, Any]) -> None:
         """The resolved config as flattened params and as ``config.yaml``."""
+        if not self.writes:
+            return
         import yaml
 
         self.log_params(run_id, flatten(config))
         self.client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        if not self.writes:
+            return
         batch = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
         for start in range(0, len(batch), BATCH_LIMIT):
             self.client.log_batch(run_id, params=batch[start : start + BATCH_LIMIT])
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
+        if not self.writes:
+            return
         self.client.log_text(run_id, text, name)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        if not self.writes:
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]  # NaN stays visible
         for start in range(0, len(batch), BATCH_LIMIT * 10):
@@ -124,12 +156,18 @@ class Tracker:
 
     def log_image(self, run_id: str, image: np.ndarray, name: str) -> None:
         """(H, W, 3) uint8 image as a PNG artifact."""
+        if not self.writes:
+            return
         self.client.log_image(run_id, image, name)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        if not self.writes:
+            return
         self.client.set_terminated(run_id, status=status)
 
     def metrics(self, run_id: str) -> dict[str, float]:
+        if not self.writes and run_id.startswith("rank-"):
+            return {}
         return dict(self.client.get_run(run_id).data.metrics)
 
     def artifact_dir(self, run_id: str) -> str:

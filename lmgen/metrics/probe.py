@@ -38,6 +38,7 @@ from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from lmgen.concurrency import file_lock
 from lmgen.datasets import iter_batches
 from lmgen.datasets.base import short_hash
 
@@ -328,6 +329,11 @@ def load_or_train_probe(
 ) -> Probe:
     """The probe cached at ``cache_dir / f"probe-{key}.pt"``, training (and caching) it on a miss."""
     path = Path(cache_dir) / f"probe-{probe_key(train_ds, val_ds, cfg)}.pt"
+    with file_lock(path.with_name(f".{path.stem}.lock")):  # sweep points at once: one trains, the others load
+        return _load_or_train(path, train_ds, val_ds, cfg, device)
+
+
+def _load_or_train(path: Path, train_ds: Any, val_ds: Any, cfg: ProbeConfig, device: str | torch.device) -> Probe:
     if path.is_file():
         try:
             probe = Probe.load(path)

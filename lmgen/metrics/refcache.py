@@ -31,11 +31,9 @@ waiters); they are empty.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,7 @@ import torch_fidelity
 from torch import Tensor
 from torch_fidelity.utils import resolve_feature_layer_for_metric
 
+from lmgen.concurrency import file_lock
 from lmgen.metrics.probe import Probe
 
 log = logging.getLogger(__name__)
@@ -100,17 +99,6 @@ def inception_space_id(weights: Path) -> str:
     return f"inception{file_digest(weights)[:16]}-tf{torch_fidelity.__version__}"
 
 
-@contextmanager
-def _entry_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing, never truncated), blocking until it is ours."""
-    with open(path, "ab") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _loads(path: Path) -> bool:
     try:
         torch.load(path, map_location="cpu", weights_only=False)  # torch-fidelity pickles numpy statistics
@@ -163,7 +151,7 @@ class ReferenceCache:
                 log.warning("reference cache: %s unreadable; recomputing", ", ".join(p.name for p in damaged))
                 for p in damaged:
                     p.unlink(missing_ok=True)
-        with _entry_lock(root / f".{name}.lock"):
+        with file_lock(root / f".{name}.lock"):
             if not all(p.is_file() for p in paths):
                 log.info("reference cache: computing %s in %s", name, root)
                 return run(**options)
