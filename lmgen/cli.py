@@ -1,4 +1,4 @@
-"""The ``lmgen`` console entry point: ``lmgen run | eval | ui``.
+"""The ``lmgen`` console entry point: ``lmgen run | sweep | eval | ui``.
 
 Every subcommand that runs something takes an experiment YAML plus dotlist overrides:
 ``lmgen run experiments/quickstart_jpeg.yaml train.max_steps=100 lm.size=nano``.
@@ -40,11 +40,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from lmgen.concurrency import is_global_zero
     from lmgen.experiment import run_experiment  # heavy imports only when something runs
 
-    summary = run_experiment(cfg)
-    print("\n" + summary.format())
-    print(f"\nopen the MLflow UI with: lmgen ui   (store: {summary.tracking_uri})")
+    summary = run_experiment(cfg, resume=args.resume)
+    if is_global_zero():  # the other ranks of a distributed run have nothing of their own to report
+        print("\n" + summary.format())
+        print(f"\nopen the MLflow UI with: lmgen ui   (store: {summary.tracking_uri})")
     return 0
 
 
@@ -61,6 +63,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     print("\n" + summary.format())
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lmgen.sweep import plan_sweep, run_sweep, summary_table
+
+    try:
+        if args.dry_run:  # validate every point, show what would run
+            _, points, hashes = plan_sweep(args.sweep)
+            for p in points:
+                print(f"{p.name}\t{hashes[p.name]}\tlmgen run {' '.join(p.argv())}")
+            return 0
+        results = run_sweep(args.sweep, launcher=args.launcher, max_parallel=args.max_parallel, uri=args.uri,
+                            slurm_cluster=args.slurm_cluster)
+    except ConfigError as err:
+        print(f"lmgen: config error: {err}", file=sys.stderr)
+        return 2
+    print("\n" + summary_table(results))
+    for r in results:
+        if r.error:
+            print(f"\n--- {r.name} ({r.status}), last lines of its log:\n{r.error}", file=sys.stderr)
+    failed = [r.name for r in results if r.status not in ("FINISHED", "SKIPPED")]
+    if failed:
+        print(f"\n{len(failed)} point(s) did not finish: {', '.join(failed)}; rerun the same command to retry "
+              "them (finished points are skipped)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -88,7 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", type=Path, help="experiment YAML (deltas from the schema)")
     run.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. lm.size=mini train.max_steps=200")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--resume", action="store_true", help="skip if a FINISHED run of this config exists; continue "
+                                                           "an unfinished one from its last.ckpt")
     run.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="run every point of a sweep file (a grid over experiments), idempotently")
+    sw.add_argument("sweep", type=Path, help="sweep YAML (sweeps/*.yaml)")
+    sw.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    sw.add_argument("--max-parallel", type=int, default=None, help="local launcher: points at once "
+                                                                  "(default: the file's max_parallel, else 1)")
+    sw.add_argument("--dry-run", action="store_true", help="validate every point and print them; run nothing")
+    sw.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
+    sw.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default="slurm",
+                    help="submitit backend of the slurm launcher; local runs the jobs as processes here (testing)")
+    sw.set_defaults(func=cmd_sweep)
 
     ev = sub.add_parser("eval", help="re-evaluate a finished LM run from its checkpoint (more samples, other "
                                      "sampling settings) into a child run")

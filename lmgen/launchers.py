@@ -1,0 +1,70 @@
+"""The SLURM sweep launcher: one job per point (a job array), through submitit.
+
+Each job runs the point as ``lmgen run --resume`` in a fresh interpreter, so a job that is
+preempted or runs out of time is requeued (submitit's ``Checkpointable``) and the rerun
+resumes from the run's ``last.ckpt``. GPUs, nodes and time come from the sweep file's
+``slurm`` block; ``tasks_per_node`` = ``gpus_per_node`` so Lightning's SLURM environment gives
+one rank per GPU. ``cluster="local"`` runs the same jobs through submitit's local executor
+(subprocesses on this machine): how the plumbing is tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from lmgen.sweep import Launch, run_point_process
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_MIN = 24 * 60
+
+
+class PointJob(submitit.helpers.Checkpointable):
+    """One sweep point as a submitit job. On preemption or timeout submitit calls ``checkpoint``,
+    which (``Checkpointable``'s default) resubmits this same call: ``--resume`` continues the run."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.argv, self.log_path = list(argv), Path(log_path)
+
+    def __call__(self) -> int:
+        return run_point_process(self.argv, self.log_path)
+
+
+def executor_parameters(slurm: dict[str, Any]) -> dict[str, Any]:
+    """submitit ``update_parameters`` keywords from a sweep file's ``slurm`` block."""
+    gpus = int(slurm.get("gpus_per_node") or 0)
+    params: dict[str, Any] = {"timeout_min": int(slurm.get("timeout_min") or DEFAULT_TIMEOUT_MIN),
+                              "nodes": int(slurm.get("nodes") or 1), "tasks_per_node": max(gpus, 1)}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    for ours, theirs in (("cpus_per_task", "cpus_per_task"), ("mem_gb", "mem_gb"), ("partition", "slurm_partition"),
+                         ("account", "slurm_account"), ("constraint", "slurm_constraint")):
+        if slurm.get(ours) is not None:
+            params[theirs] = slurm[ours]
+    return params
+
+
+def slurm_launcher(slurm: dict[str, Any], folder: Path, cluster: str = "slurm") -> Launch:
+    """A launcher submitting every point as one job of a job array; waits for all and returns
+    exit codes by point (a job that failed in SLURM counts as exit code 1)."""
+
+    def launch(jobs: list[tuple[str, list[str], Path]]) -> dict[str, int]:
+        kwargs = {"slurm_max_num_timeout": int(slurm["max_num_timeout"])} if slurm.get("max_num_timeout") else {}
+        executor = submitit.AutoExecutor(folder=folder, cluster=None if cluster == "slurm" else cluster, **kwargs)
+        executor.update_parameters(**executor_parameters(slurm))
+        with executor.batch():
+            submitted = [executor.submit(PointJob(argv, log_path)) for _, argv, log_path in jobs]
+        codes = {}
+        for (name, _, _), job in zip(jobs, submitted, strict=True):
+            try:
+                codes[name] = int(job.result())
+            except Exception as err:  # submitit's FailedJobError / UncompletedJobError: the point failed
+                log.error("sweep point %s (job %s) failed: %s", name, job.job_id, err)
+                codes[name] = 1
+        return codes
+
+    return launch

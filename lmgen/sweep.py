@@ -1,0 +1,395 @@
+"""Sweeps: a base experiment plus a grid of overrides, expanded to runs (pure) and run by a launcher.
+
+A sweep file (``sweeps/*.yaml``)::
+
+    name: quickstart                       # MLflow experiment (and parent run) of the sweep
+    experiment: ../experiments/quickstart_vq.yaml   # base experiment, relative to this file
+    overrides: [train.max_steps=200]       # applied to every point
+    grid:                                  # cartesian product, in file order
+      experiment: [../experiments/quickstart_pixels.yaml, ../experiments/quickstart_jpeg.yaml]
+      lm.size: [nano, micro]
+    zip:                                   # groups of axes that move together (equal lengths)
+      - {tokenizer.downsample: [8, 4, 2], metrics.prefix_samples: [32, 64, 64]}
+    max_parallel: 1                        # local launcher: points at once (default 1)
+    slurm: {gpus_per_node: 1, nodes: 1, timeout_min: 240, partition: null}
+
+Axes that only exist for some experiments (VQ's ``tokenizer.codebook_size``, LFQ's
+``tokenizer.bits``) go in ``blocks``: a list of {experiment, overrides, grid, zip} whose points
+are concatenated (the top-level ``overrides`` apply to every block).
+
+The ``experiment`` axis swaps the base experiment file (e.g. one per tokenizer); every other
+key is a dotlist override. ``expand`` is a pure function of the file: the same points in the
+same order with the same readable names every time (axes that vary, ``leaf=value`` joined by
+``,``, the experiment axis by its file stem).
+
+``run_sweep`` validates every point before launching any, opens (or reopens) the sweep's
+parent MLflow run, skips points whose config hash already has a FINISHED LM run, and runs the
+rest through a launcher, each point in its own process (``lmgen run --resume``: an unfinished
+run resumes from its ``last.ckpt``). A failing point is FAILED with its error and the others
+go on; a rerun runs only what is not FINISHED. The end is a summary table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lmgen.config import ConfigError, config_hash, load_config, run_config_hash
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_AXIS = "experiment"
+SWEEP_KEYS = ("name", "experiment", "overrides", "grid", "zip", "blocks", "max_parallel", "slurm")
+BLOCK_KEYS = ("experiment", "overrides", "grid", "zip")
+SLURM_KEYS = ("gpus_per_node", "nodes", "timeout_min", "partition", "cpus_per_task", "mem_gb", "account",
+              "constraint", "max_num_timeout")
+SUMMARY_METRICS = ("tok/bits_per_image", "tok/psnr", "lm/params", "lm/val_bits_per_image", "gen/fd_probe",
+                   "gen/decode_valid_rate")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of a sweep: its readable name, base experiment and dotlist overrides (sweep-wide first)."""
+
+    name: str
+    experiment: Path
+    overrides: tuple[str, ...]
+
+    def argv(self) -> list[str]:
+        """``lmgen run`` arguments of this point (experiment file, then overrides)."""
+        return [str(self.experiment), *self.overrides]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One grid of a sweep: a base experiment (or an experiment axis), overrides, grid axes, zip groups."""
+
+    experiment: Path | None
+    overrides: tuple[str, ...] = ()
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    zips: tuple[tuple[tuple[str, tuple[Any, ...]], ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed sweep file: see the module docstring."""
+
+    name: str
+    path: Path
+    blocks: tuple[Block, ...]
+    overrides: tuple[str, ...] = ()
+    max_parallel: int = 1
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+
+def _values(key: str, raw: Any, where: str, unique: bool = True) -> tuple[Any, ...]:
+    if not isinstance(raw, (list, ListConfig)) or len(raw) == 0:
+        raise ConfigError(f"{where}.{key}: needs a non-empty list of values, got {raw!r}")
+    values = tuple(OmegaConf.to_container(raw, resolve=True) if isinstance(raw, ListConfig) else raw)
+    if unique and len(set(map(_render, values))) != len(values):
+        raise ConfigError(f"{where}.{key}: repeated values {list(values)}")
+    return values
+
+
+def _block(raw: DictConfig, path: Path, where: str, default_experiment: Any = None) -> Block:
+    grid = tuple((str(k), _values(str(k), v, f"{where}grid")) for k, v in (raw.get("grid") or {}).items())
+    zips = []
+    for i, group in enumerate(raw.get("zip") or []):
+        axes = tuple((str(k), _values(str(k), v, f"{where}zip[{i}]", unique=False)) for k, v in group.items())
+        if len({len(v) for _, v in axes}) > 1:
+            raise ConfigError(f"{where}zip[{i}]: the axes {[k for k, _ in axes]} must have equal lengths, "
+                              f"got {[len(v) for _, v in axes]}")
+        rows = [tuple(_render(v[j]) for _, v in axes) for j in range(len(axes[0][1]))]
+        if len(set(rows)) != len(rows):
+            raise ConfigError(f"{where}zip[{i}]: repeated rows {rows}")
+        zips.append(axes)
+    keys = [k for k, _ in grid] + [k for axes in zips for k, _ in axes]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: {where}axis {repeated} appears more than once in grid/zip")
+    base = raw.get("experiment", default_experiment)
+    if base is None and EXPERIMENT_AXIS not in keys:
+        raise ConfigError(f"{path}: {where}give a base 'experiment' file or an '{EXPERIMENT_AXIS}' axis")
+    return Block(experiment=None if base is None else path.parent / str(base),
+                 overrides=tuple(str(o) for o in (raw.get("overrides") or [])), grid=grid, zips=tuple(zips))
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Parse and check a sweep file; ConfigError naming the key for anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(raw) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key(s) {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
+    if not raw.get("name"):
+        raise ConfigError(f"{path}: 'name' is required (the MLflow experiment of the sweep)")
+    if raw.get("blocks"):
+        if raw.get("grid") or raw.get("zip"):
+            raise ConfigError(f"{path}: use either top-level grid/zip or blocks, not both")
+        blocks = []
+        for i, block in enumerate(raw.blocks):
+            bad = sorted(set(block) - set(BLOCK_KEYS))
+            if bad:
+                raise ConfigError(f"{path}: blocks[{i}]: unknown key(s) {bad}; valid keys: {', '.join(BLOCK_KEYS)}")
+            blocks.append(_block(block, path, f"blocks[{i}].", raw.get("experiment")))
+    else:
+        blocks = [_block(OmegaConf.masked_copy(raw, [k for k in ("experiment", "grid", "zip") if k in raw]), path, "")]
+    slurm = OmegaConf.to_container(raw.get("slurm") or OmegaConf.create({}), resolve=True)
+    bad = sorted(set(slurm) - set(SLURM_KEYS))
+    if bad:
+        raise ConfigError(f"slurm: unknown key(s) {bad}; valid keys: {', '.join(SLURM_KEYS)}")
+    max_parallel = int(raw.get("max_parallel") or 1)
+    if max_parallel < 1:
+        raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
+    return SweepSpec(name=str(raw.name), path=path, blocks=tuple(blocks),
+                     overrides=tuple(str(o) for o in (raw.get("overrides") or [])), max_parallel=max_parallel,
+                     slurm=slurm)
+
+
+def _render(value: Any) -> str:
+    """A value as a dotlist override writes it (lists in brackets, no spaces)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_render(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def _label(key: str, value: Any, leaves: dict[str, int]) -> str:
+    if key == EXPERIMENT_AXIS:
+        return Path(str(value)).stem
+    leaf = key.rsplit(".", 1)[-1]
+    return f"{leaf if leaves[leaf] == 1 else key}={_render(value)}"
+
+
+def _block_points(spec: SweepSpec, block: Block, name_experiment: bool) -> list[SweepPoint]:
+    axes: list[list[tuple[tuple[str, Any], ...]]] = [[((k, v),) for v in values] for k, values in block.grid]
+    for group in block.zips:
+        axes.append([tuple((k, values[i]) for k, values in group) for i in range(len(group[0][1]))])
+    varying = [k for k, values in block.grid if len(values) > 1]
+    varying += [k for group in block.zips for k, values in group if len(values) > 1]
+    leaves: dict[str, int] = {}
+    for key in varying:
+        leaf = key.rsplit(".", 1)[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + 1
+    points = []
+    for combo in itertools.product(*axes):
+        assignment = dict(pair for part in combo for pair in part)
+        experiment = Path(os.path.normpath(spec.path.parent / str(assignment.pop(EXPERIMENT_AXIS))
+                                           if EXPERIMENT_AXIS in assignment else block.experiment))
+        labels = [Path(experiment).stem] if name_experiment and EXPERIMENT_AXIS not in varying else []
+        labels += [_label(k, experiment if k == EXPERIMENT_AXIS else assignment[k], leaves) for k in varying]
+        overrides = (*spec.overrides, *block.overrides, *(f"{k}={_render(v)}" for k, v in assignment.items()))
+        points.append(SweepPoint(name=",".join(labels) or spec.name, experiment=experiment, overrides=overrides))
+    return points
+
+
+def expand(spec: SweepSpec) -> list[SweepPoint]:
+    """Every point of the sweep, in a fixed order (blocks in order; in each, grid axes in file
+    order, then zip groups); names say only what varies and are unique. Pure: no file besides
+    the spec is read."""
+    name_experiment = len(spec.blocks) > 1  # blocks differ by their experiment: say which
+    points = [p for block in spec.blocks for p in _block_points(spec, block, name_experiment)]
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):  # e.g. two blocks on one experiment with equal labels
+        raise ConfigError(f"sweep {spec.name}: point names collide: {sorted({n for n in names if names.count(n) > 1})}")
+    return points
+
+
+def point_config(spec: SweepSpec, point: SweepPoint, parent_run_id: str | None = None) -> list[str]:
+    """The full override list of a point as the runner launches it: the point's overrides plus
+    where it is tracked (the sweep's experiment, its parent run, its readable run name)."""
+    tracking = [f"tracking.experiment={spec.name}", f"tracking.run_name={point.name}", f"tracking.sweep={spec.name}"]
+    if parent_run_id:
+        tracking.append(f"tracking.parent_run_id={parent_run_id}")
+    return [*point.overrides, *tracking]
+
+
+def validate_points(spec: SweepSpec, points: Sequence[SweepPoint]) -> dict[str, DictConfig]:
+    """Load every point's config before anything runs; ConfigError naming the point and the key."""
+    configs = {}
+    for point in points:
+        try:
+            configs[point.name] = load_config(point.experiment, point_config(spec, point))
+        except ConfigError as err:
+            raise ConfigError(f"sweep {spec.name}, point {point.name!r}: {err}") from None
+    return configs
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PointResult:
+    """How one point ended: FINISHED | FAILED | SKIPPED (already FINISHED) | KILLED, with its run id,
+    key metrics, wall time and, for a failure, the last lines of its log."""
+
+    name: str
+    status: str
+    run_id: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str = ""
+
+
+def run_command(argv: Sequence[str]) -> list[str]:
+    """The command line of ``lmgen run --resume`` with ``argv`` in a fresh interpreter."""
+    return [sys.executable, "-m", "lmgen", "run", "--resume", *argv]
+
+
+def run_point_process(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> int:
+    """Run one point as ``lmgen run --resume`` in its own process; stdout/stderr go to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run_command(argv))}\n".encode())
+        out.flush()
+        return subprocess.call(run_command(argv), stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+Launch = Callable[[list[tuple[str, list[str], Path]]], dict[str, int]]
+
+
+def local_launcher(max_parallel: int) -> Launch:
+    """At most ``max_parallel`` points at once, each a subprocess; returns exit codes by point.
+
+    Points side by side share the cores: each gets ``cpu_count // max_parallel`` intra-op threads
+    (``OMP_NUM_THREADS``, unless the caller set it), since oversubscribed BLAS threads make the
+    whole sweep several times slower than running the points one by one.
+    """
+    env = os.environ.copy()
+    if max_parallel > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max_parallel))
+
+    def launch(jobs: list[tuple[str, list[str], Path]]) -> dict[str, int]:
+        with ThreadPoolExecutor(max_workers=max_parallel) as pool:
+            codes = pool.map(lambda job: run_point_process(job[1], job[2], env), jobs)
+            return {name: code for (name, _, _), code in zip(jobs, codes, strict=True)}
+
+    return launch
+
+
+def summary_table(results: Sequence[PointResult]) -> str:
+    """A markdown table: point, status, key metrics, wall time."""
+    head = ["point", "status", *SUMMARY_METRICS, "wall time (s)"]
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for r in results:
+        values = [f"{r.metrics[k]:.4g}" if k in r.metrics else "" for k in SUMMARY_METRICS]
+        rows.append("| " + " | ".join([r.name, r.status, *values, f"{r.seconds:.0f}"]) + " |")
+    return "\n".join(rows)
+
+
+def plan_sweep(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str, str]]:
+    """The sweep in ``path``, its points, and each point's run config hash; every point's config is
+    validated here (ConfigError naming the point and the key), before anything runs."""
+    spec = load_sweep(path)
+    points = expand(spec)
+    return spec, points, {name: run_config_hash(cfg) for name, cfg in validate_points(spec, points).items()}
+
+
+def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | None = None,
+              uri: str | None = None, slurm_cluster: str = "slurm") -> list[PointResult]:
+    """Expand, validate, and run the sweep in ``path``; returns one result per point (see module docstring)."""
+    from lmgen.tracking import Tracker, check_tracking, lmgen_home, resolve_tracking_uri
+
+    if launcher not in ("local", "slurm"):
+        raise ConfigError(f"unknown launcher {launcher!r}; valid choices: local, slurm")
+    spec, points, hashes = plan_sweep(path)
+    uri = resolve_tracking_uri(uri)
+    check_tracking(uri)
+    tracker, home, start = Tracker(uri, spec.name), lmgen_home(), time.perf_counter()
+    parent = _parent_run(tracker, spec, points, hashes, launcher)
+    results: dict[str, PointResult] = {}
+    jobs = []
+    for p in points:
+        done = tracker.find_finished({"lmgen.stage": "lm", "lmgen.config_hash": hashes[p.name]})
+        if done is not None:
+            results[p.name] = PointResult(p.name, "SKIPPED", done, _pick(tracker.metrics(done)), _seconds(tracker, done))
+            continue
+        argv = [str(p.experiment), *point_config(spec, p, parent)]
+        if uri != resolve_tracking_uri(None):
+            argv.append(f"tracking.uri={uri}")
+        jobs.append((p.name, argv, home / "sweeps" / spec.name / f"{p.name}.log"))
+    log.info("sweep %s: %d points, %d already FINISHED, %d to run (%s)", spec.name, len(points),
+             len(points) - len(jobs), len(jobs), launcher)
+    if launcher == "slurm":
+        from lmgen.launchers import slurm_launcher
+
+        launch = slurm_launcher(spec.slurm, home / "sweeps" / spec.name / "slurm", cluster=slurm_cluster)
+    else:
+        launch = local_launcher(max_parallel or spec.max_parallel)
+    codes = launch(jobs) if jobs else {}
+    for name, _, log_path in jobs:
+        results[name] = _result(tracker, name, hashes[name], codes.get(name), log_path)
+    ordered = [results[p.name] for p in points]
+    _finish(tracker, parent, ordered, time.perf_counter() - start)
+    return ordered
+
+
+def _parent_run(tracker, spec: SweepSpec, points: Sequence[SweepPoint], hashes: dict[str, str], launcher: str) -> str:
+    """The sweep's parent run: the one of an earlier run of the same points (reopened), else a new one."""
+    sweep_hash = config_hash("sweep", [(p.name, hashes[p.name]) for p in points])
+    tags = {"lmgen.stage": "sweep", "lmgen.sweep": spec.name, "lmgen.sweep_hash": sweep_hash}
+    parent = tracker.find_run(tags)
+    if parent is not None:
+        tracker.reopen_run(parent)
+        return parent
+    parent = tracker.start_run(f"sweep-{spec.name}", tags)
+    tracker.log_params(parent, {"sweep.file": str(spec.path), "sweep.points": len(points), "sweep.launcher": launcher})
+    return parent
+
+
+def _result(tracker, name: str, run_hash: str, code: int | None, log_path: Path) -> PointResult:
+    """How a launched point ended, from its MLflow run and its process's exit code."""
+    run_id = tracker.find_run({"lmgen.stage": "lm", "lmgen.config_hash": run_hash}) or ""
+    status = tracker.status(run_id) if run_id else "FAILED"
+    if code != 0 and status in ("RUNNING", "FINISHED"):
+        status = "FAILED"  # the process died (or was killed) before its run could say so itself
+        if run_id:
+            tracker.end_run(run_id, "FAILED")
+    metrics = _pick(tracker.metrics(run_id)) if run_id else {}
+    return PointResult(name, status, run_id, metrics, _seconds(tracker, run_id),
+                       "" if status == "FINISHED" else _tail(log_path))
+
+
+def _finish(tracker, parent: str, results: Sequence[PointResult], seconds: float) -> None:
+    """Summary table and counts on the parent run; it ends FAILED if any point did."""
+    tracker.log_text(parent, summary_table(results) + "\n", "summary.md")
+    tracker.log_text(parent, json.dumps([r.__dict__ for r in results], indent=1), "summary.json")
+    ok = [r.status in ("FINISHED", "SKIPPED") for r in results]
+    tracker.log_metrics(parent, {"sweep/finished": sum(ok), "sweep/failed": len(ok) - sum(ok),
+                                 "sweep/wall_time_s": seconds})
+    tracker.end_run(parent, "FINISHED" if all(ok) else "FAILED")
+
+
+def _pick(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in SUMMARY_METRICS}
+
+
+def _seconds(tracker, run_id: str) -> float:
+    if not run_id:
+        return 0.0
+    info = tracker.client.get_run(run_id).info
+    return ((info.end_time or info.start_time) - info.start_time) / 1000.0
