@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,13 @@ class TokenCache(Dataset):
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         row = self._ids[shard][i - self._starts[shard]]
         return torch.from_numpy(row.astype(np.int64)), int(self.lengths[i]), int(self.labels[i])
+
+    def batches(self, batch_size: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:
+        """(ids (B, max_tokens) int64, lengths (B,)) over the whole split, read shard by shard."""
+        for shard, start in zip(self._ids, self._starts):
+            for lo in range(0, len(shard), batch_size):
+                rows = np.asarray(shard[lo : lo + batch_size], dtype=np.int64)
+                yield torch.from_numpy(rows), self.lengths[start + lo : start + lo + len(rows)]
 
     @property
     def skipped(self) -> int:

@@ -72,7 +72,7 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
         assert "gen_metrics_skipped.json" in _artifacts(client, run.info.run_id)
     assert tok[0].info.status == "FINISHED" and TOK_KEYS <= set(tok[0].data.metrics)
     assert "recon.png" in _artifacts(client, tok[0].info.run_id)
-    assert {"tok/codebook_usage", "tok/perplexity"} <= set(tok[0].data.metrics)
+    assert {"tok/codebook_usage", "tok/perplexity", "tok/unigram_kl_uniform", "tok/bigram_kl_uniform"} <= set(tok[0].data.metrics)
     if experiment in LEARNED:  # trained by gradient: its curves are in the stage-1 run
         history = client.get_metric_history(tok[0].info.run_id, "tok/train_loss")
         assert len(history) >= 2 and "tok/val_psnr" in tok[0].data.metrics

@@ -23,6 +23,11 @@ class BAEConfig(LearnedConfig):
     deterministic: bool = False  # ELM's deterministic variant: b = 1[σ > 0.5] also in training
     num_subcodes: int = 2  # ELM: two sub-codes is best
 
+    def label(self) -> str:
+        """Short preset-style name for plots and tables: code bits and downsampling factor."""
+        split = f" {self.num_subcodes}×{self.bits // self.num_subcodes}" if self.num_subcodes > 1 else ""
+        return f"{self.name} {self.bits}-bit{split} f{self.downsample}"
+
 
 class BAETokenizer(LearnedTokenizer):
     """vocab_size = 2^bits; id = Σ_i 2^i · b_i."""

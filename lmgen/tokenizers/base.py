@@ -92,6 +92,11 @@ class ImageTokenizer(Protocol):
     def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor: ...
 
 
+def count_label(n: int) -> str:
+    """1024 → "1k", 16384 → "16k", 1000 → "1000": vocabulary sizes as papers write them."""
+    return f"{n >> 10}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def grey_images(n: int, height: int, width: int) -> Tensor:
     """(n, 3, H, W) uint8 mid-grey: what an undecodable stream decodes to."""
     return torch.full((n, 3, height, width), 128, dtype=torch.uint8)

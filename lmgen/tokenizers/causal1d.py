@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import AutoencoderConfig, Decoder, Encoder
-from .base import TokenBatch, row_prefix_lengths
+from .base import TokenBatch, count_label, row_prefix_lengths
 from .learned import LearnedTokenizer
 from .transformer import Transformer, check_width, sincos_1d, sincos_2d
 from .vq import VQConfig, vector_quantizer
@@ -44,6 +44,10 @@ class Causal1DConfig(VQConfig):
     # num_tokens equal raster chunks of the map, and each decoder position query gets the
     # token of its chunk; "learned": the learned vectors alone (SEED).
     query_init: str = field(default="pooled", metadata={"choices": QUERY_INITS})
+
+    def label(self) -> str:
+        """Short preset-style name for plots and tables: tokens per image × codebook size."""
+        return f"{self.name} {self.num_tokens}×{count_label(self.codebook_size)}"
 
 
 class QueryEncoder(nn.Module):

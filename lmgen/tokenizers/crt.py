@@ -58,6 +58,11 @@ class CRTConfig(VQConfig, LFQConfig):
     crt_stop_grad: bool = False
     crt_loss: str = field(default="l2", metadata={"choices": LOSSES})
 
+    def label(self) -> str:
+        """Short preset-style name for plots and tables: the quantizer's label plus λ."""
+        base = VQConfig.label(self) if self.quantizer == "vq" else LFQConfig.label(self)
+        return f"{base.replace(self.name, f'{self.name} {self.quantizer}', 1)} λ{self.crt_weight:g}"
+
 
 class CausalPredictor(nn.Module):
     """Latents (B, D, h, w) read in raster order → (B, h·w, out) predictions; output t sees

@@ -60,6 +60,11 @@ class JpegConfig:
     abbreviated: bool = True          # streamtype=2: tables stored once, spliced back on decode
     max_tokens: int = 0               # 0 = derive from noise images (see JpegTokenizer)
 
+    def label(self) -> str:
+        """Short preset-style name for plots and tables: quality, then what departs from JPEG-LM."""
+        extra = "" if self.subsampling == "4:2:0" else f" {self.subsampling}"
+        return f"jpeg q{self.quality}{extra}" + ("" if self.restart_markers else " no-RST")
+
 
 def _marker_segments(data: bytes) -> list[tuple[int, int, int]]:
     """Walk the marker segments of a JPEG header up to and including the first SOS.

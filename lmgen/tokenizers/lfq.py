@@ -25,6 +25,11 @@ class LFQConfig(LearnedConfig):
     max_entropy_group_bits: int = 12  # exact batch entropy up to 2^12 codes, grouped above
     num_subcodes: int = 1  # LM factorisation: n sub-codes of bits/n bits (1 = one vocabulary)
 
+    def label(self) -> str:
+        """Short preset-style name for plots and tables: code bits and downsampling factor."""
+        split = f" {self.num_subcodes}×{self.bits // self.num_subcodes}" if self.num_subcodes > 1 else ""
+        return f"{self.name} {self.bits}-bit{split} f{self.downsample}"
+
 
 class LFQTokenizer(LearnedTokenizer):
     """vocab_size = 2^bits; id = Σ_i 2^i · 1[z_i > 0]."""

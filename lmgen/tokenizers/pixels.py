@@ -41,6 +41,10 @@ class PixelsConfig:
     kmeans_samples: int = 200_000
     seed: int = 0
 
+    def label(self) -> str:
+        """Short preset-style name for plots and tables."""
+        return f"pixels palette{self.palette_size}" if self.palette_size else "pixels raw"
+
 
 def _check_images(images: Tensor, image_size: tuple[int, int]) -> None:
     h, w = image_size

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .base import count_label
 from .learned import LearnedConfig, LearnedTokenizer
 from .quantizers import VectorQuantizer
 
@@ -25,6 +26,10 @@ class VQConfig(LearnedConfig):
     ema_decay: float = 0.99
     restart_every: int = 100  # steps between dead-code restarts (0 = never)
     restart_threshold: float = 0.01  # restart codes used < this × the uniform share 1/K
+
+    def label(self) -> str:
+        """Short preset-style name for plots and tables: codebook size and downsampling factor."""
+        return f"{self.name} {count_label(self.codebook_size)} f{self.downsample}"
 
 
 class VQTokenizer(LearnedTokenizer):
