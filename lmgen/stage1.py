@@ -28,7 +28,7 @@ from lmgen.concurrency import barrier, file_lock
 from lmgen.config import config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import load_images
-from lmgen.metrics import bigram_metrics, code_metrics, psnr, rate_metrics, ssim
+from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim, token_statistics
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
@@ -126,8 +126,8 @@ def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Pa
             metrics["tok/params"] = float(sum(p.numel() for p in tokenizer.parameters()))
         if tokenizer.learned:
             metrics.update(tokenizer.stage1_metrics())  # e.g. CRT's tok/crt_flops_share
-        # Bigram statistics need many pairs per cell (vocab²): the train split has 16× the val's.
-        metrics.update(bigram_metrics(caches["train"].batches(), tokenizer.vocab_size))
+        # KL to uniform needs many tokens per cell (V, and V² for bigrams): the train split has 16× the val's.
+        metrics.update(token_statistics(caches["train"].batches(), tokenizer.vocab_size))
         metrics["data/train_items"] = float(len(caches["train"]))
         metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
         tracker.log_metrics(run_id, metrics)

@@ -5,7 +5,7 @@
 are imported from their modules rather than re-exported here.
 """
 
-from lmgen.metrics.rate import bigram_metrics, code_metrics, rate_metrics
+from lmgen.metrics.rate import code_metrics, rate_metrics, token_statistics
 from lmgen.metrics.recon import psnr, ssim
 
-__all__ = ["bigram_metrics", "code_metrics", "psnr", "rate_metrics", "ssim"]
+__all__ = ["code_metrics", "psnr", "rate_metrics", "ssim", "token_statistics"]

@@ -42,15 +42,13 @@ def code_metrics(ids: Tensor, vocab_size: int, subcodes: tuple[int, ...] = ()) -
 
     ids: (N,) int64, every valid token of the split. Returns ``tok/codebook_usage`` (fraction
     of the vocab_size ids that occur), ``tok/perplexity`` (exp of the unigram entropy),
-    ``tok/unigram_kl_uniform`` (log vocab_size − unigram entropy, nats; ELM: BAE 0.24, VQGAN
-    1.00, text 3.25) and, with sub-codes, ``tok/subcode_usage`` (mean usage per sub-code:
+    and, with sub-codes, ``tok/subcode_usage`` (mean usage per sub-code:
     a 2^16 code seen 32k times cannot use all its ids, its 2^8 halves can).
     Counted with ``unique`` so a 2^32 vocabulary costs memory O(N), not O(vocab).
     """
     ids = ids.flatten().to(torch.int64)
     distinct, entropy = unigram_stats(ids)
-    out = {"tok/codebook_usage": distinct / vocab_size, "tok/perplexity": math.exp(entropy),
-           "tok/unigram_kl_uniform": math.log(vocab_size) - entropy}
+    out = {"tok/codebook_usage": distinct / vocab_size, "tok/perplexity": math.exp(entropy)}
     if subcodes:
         usage, stride = [], 1
         for size in subcodes:
@@ -60,34 +58,44 @@ def code_metrics(ids: Tensor, vocab_size: int, subcodes: tuple[int, ...] = ()) -
     return out
 
 
-def bigram_metrics(batches: Iterable[tuple[Tensor, Tensor]], vocab_size: int) -> dict[str, float]:
-    """How predictable a token is from the one before it, over a split's token sequences.
+def _entropy_mm(counts: Tensor) -> float:
+    """Entropy (nats) of observed counts with the Miller–Madow correction: plug-in + (K − 1) / 2N."""
+    n = float(counts.sum())
+    p = counts.to(torch.float64) / n
+    return float(-(p * p.log()).sum()) + (counts.numel() - 1) / (2 * n)
 
-    batches: (ids (B, L) int64, lengths (B,) int64) pairs, right-padded; pairs are taken
-    inside each image only. Returns ``tok/bigram_kl_uniform`` = log vocab_size − H(x_t+1 | x_t)
-    in nats (the KL from uniform of the next-token distribution given the previous token,
-    averaged over the previous token: 0 for i.i.d. uniform tokens; ELM Table 1's bigram
-    column) and ``tok/bigram_pairs_per_cell`` = pairs / vocab_size². The conditional entropy
-    is the plug-in estimate with the Miller–Madow correction (+(K−1)/2N per entropy); below
-    ~1 pair per cell it is still biased low, so the KL reads high: compare tokenizers at a
-    similar ``pairs_per_cell``. Counted with ``unique`` over pairs: O(pairs) memory.
+
+def token_statistics(batches: Iterable[tuple[Tensor, Tensor]], vocab_size: int) -> dict[str, float]:
+    """How far a split's tokens are from i.i.d. uniform (ELM Table 1), in nats.
+
+    batches: (ids (B, L) int64, lengths (B,) int64) pairs, right-padded; bigrams are taken
+    inside each image only. Returns
+    - ``tok/unigram_kl_uniform`` = log V − H(x): 0 when every id is equally frequent
+      (ELM: BAE 0.24, VQGAN 1.00, text 3.25);
+    - ``tok/bigram_kl_uniform`` = log V − H(x_t+1 | x_t): the KL from uniform of the next id
+      given the previous one, averaged over the previous one; 0 for i.i.d. uniform ids;
+    - ``tok/unigram_tokens_per_cell`` = N / V and ``tok/bigram_pairs_per_cell`` = pairs / V².
+    Entropies are plug-in estimates with the Miller–Madow correction. Below ~1 sample per
+    cell they are still biased low, so a KL reads high: compare tokenizers at similar
+    ``*_per_cell``. Counted with ``unique``: O(tokens) memory for any vocabulary.
     """
-    pairs = []
+    unigrams, pairs = [], []
     for ids, lengths in batches:
         ids = ids.to(torch.int64)
-        inside = torch.arange(1, ids.shape[1], device=ids.device) < lengths[:, None]  # (B, L-1)
+        steps = torch.arange(ids.shape[1], device=ids.device)
+        unigrams.append(ids[steps < lengths[:, None]])
+        inside = steps[1:] < lengths[:, None]  # (B, L-1): pair (t, t+1) lies inside the image
         pairs.append(torch.stack([ids[:, :-1][inside], ids[:, 1:][inside]], 1))
-    pairs_t = torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.int64)
-    n = len(pairs_t)
-    if n == 0:
+    if not unigrams or sum(len(u) for u in unigrams) == 0:
         return {}
-
-    def entropy_mm(counts: Tensor) -> float:  # Miller–Madow: plug-in + (K − 1) / 2N
-        p = counts.to(torch.float64) / n
-        return float(-(p * p.log()).sum()) + (counts.numel() - 1) / (2 * n)
-
-    joint = torch.unique(pairs_t, dim=0, return_counts=True)[1]
-    prev = torch.unique(pairs_t[:, 0], return_counts=True)[1]
-    conditional = max(entropy_mm(joint) - entropy_mm(prev), 0.0)
-    return {"tok/bigram_kl_uniform": math.log(vocab_size) - conditional,
-            "tok/bigram_pairs_per_cell": n / float(vocab_size) ** 2}
+    ids_t = torch.cat(unigrams)
+    out = {"tok/unigram_kl_uniform": math.log(vocab_size) - _entropy_mm(torch.unique(ids_t, return_counts=True)[1]),
+           "tok/unigram_tokens_per_cell": len(ids_t) / float(vocab_size)}
+    pairs_t = torch.cat(pairs)
+    if len(pairs_t):
+        joint = torch.unique(pairs_t, dim=0, return_counts=True)[1]
+        prev = torch.unique(pairs_t[:, 0], return_counts=True)[1]
+        conditional = max(_entropy_mm(joint) - _entropy_mm(prev), 0.0)
+        out["tok/bigram_kl_uniform"] = math.log(vocab_size) - conditional
+        out["tok/bigram_pairs_per_cell"] = len(pairs_t) / float(vocab_size) ** 2
+    return out

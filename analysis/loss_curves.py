@@ -1,0 +1,39 @@
+"""Loss curves (ELM Fig. 3): validation bits per image against training step, and the training
+loss per token, one colour per tokenizer and one line style per LM size. Per image is the
+axis on which tokenizers with different token counts compare; per token is what the
+optimiser sees (ELM: image tokens plateau high, near uniform, yet the model learns)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.style import FigureSkipped, label_colors, log_if_wide, new_figure, outside_legends, size_linestyle
+
+TITLE = "Loss curves"
+KEYS = ("lm/val_bits_per_image", "lm/train_loss")
+SMOOTH = 0.8  # EMA weight on the training-loss display (logged every train.log_every steps)
+
+
+def loss_curves_figure(histories: pd.DataFrame) -> Figure:
+    """``histories``: ``load_histories(runs, KEYS)``; needs a run with ≥2 validation points."""
+    val = histories[histories["key"] == "lm/val_bits_per_image"] if "key" in histories else histories.iloc[:0]
+    if val.empty or val.groupby("run_id")["step"].nunique().max() < 2:
+        raise FigureSkipped("no run has ≥2 validations (train.val_every ≥ train.max_steps)")
+    colors, sizes = label_colors(histories), list(histories["lm_size"].unique())
+    fig, (left, right) = new_figure(2)
+    for key, ax in zip(KEYS, (left, right)):
+        for _, curve in histories[histories["key"] == key].groupby("run_id", sort=False):
+            curve = curve.sort_values("step")
+            label, size = curve["tokenizer_label"].iloc[0], curve["lm_size"].iloc[0]
+            y = curve["value"].ewm(alpha=1 - SMOOTH).mean() if key == "lm/train_loss" else curve["value"]
+            ax.plot(curve["step"], y, size_linestyle(size, sizes), color=colors[label], lw=1.3,
+                    marker="o" if key != "lm/train_loss" else None, ms=3)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3, which="both")
+    log_if_wide(left, "y", val["value"])
+    left.set_ylabel("validation bits per image ↓")
+    right.set_ylabel(f"training loss, nats per token (EMA {SMOOTH}) ↓")
+    outside_legends(fig, histories.drop_duplicates("run_id"))
+    fig.suptitle(TITLE)
+    return fig

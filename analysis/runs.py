@@ -1,0 +1,209 @@
+"""MLflow → pandas: the one loader every figure and table reads (STYLE.md rule 15).
+
+``load_runs(name)`` returns one row per FINISHED LM run of an experiment or sweep: tags as
+named columns, every metric under its MLflow key (``gen/fd_probe``), every param under its
+dotted key parsed back to a Python value (``lm.size`` → "micro", ``tokenizer.codebook_size``
+→ 1024), and the columns the figures group by:
+
+- ``tokenizer``: the family (the registry name: jpeg, vq, lfq, ...);
+- ``tokenizer_label``: the preset-style name the tokenizer's config gives itself
+  (``vq 1k f4``, ``jpeg q25``), so two VQ presets are two series;
+- ``lm_size``, ``lm_params``, ``lm_flops`` (training FLOPs), ``seed``.
+
+``lmgen eval`` re-scorings (``lmgen.stage=eval`` runs) are folded into the run they
+re-score: the one with the most samples supplies every ``gen/*`` metric and its run id is
+in ``scored_by``. ``load_histories`` gives metric curves, ``load_table``/``load_images``
+the per-run CSV and PNG artifacts, all as tidy frames keyed by ``run_id``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from lmgen.llama import LLAMA_SIZES
+from lmgen.tokenizers import TOKENIZERS
+from lmgen.tracking import resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+# Columns that identify a run in every tidy frame (histories, tables, images).
+ID_COLUMNS = ["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "lm_params", "seed"]
+_TAGS = {"lmgen.stage": "stage", "lmgen.sweep": "sweep", "lmgen.tokenizer": "tokenizer",
+         "lmgen.tokenizer_hash": "tokenizer_hash", "lmgen.config_hash": "config_hash",
+         "lmgen.git_sha": "git_sha", "mlflow.parentRunId": "parent_run_id", "lmgen.eval_of": "eval_of"}
+
+
+def parse_param(value: str) -> Any:
+    """An MLflow param string back to the value it was logged from: "1024" → 1024,
+    "True" → True, "None" → None, "[0.25, 0.5]" → [0.25, 0.5]; anything else stays a string."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return value
+
+
+def tokenizer_label(params: dict[str, Any]) -> str:
+    """The tokenizer's own short name for its config (``vq 1k f4``), from a run's parsed params.
+
+    Fields the run did not log keep their defaults; a run from an older schema that cannot
+    build its config falls back to the family name.
+    """
+    name = params.get("tokenizer.name")
+    if name not in TOKENIZERS:
+        return str(name)
+    config_cls = TOKENIZERS[name].Config
+    valid = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("tokenizer.")}
+    try:
+        return config_cls(**{k: v for k, v in fields.items() if k in valid}).label()
+    except (TypeError, ValueError, AttributeError):
+        return str(name)
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    return MlflowClient(resolve_tracking_uri(tracking_uri))
+
+
+def _search(client: MlflowClient, name: str) -> list:
+    """Every run of experiment ``name``, or, failing that, of sweep ``name`` in any experiment."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        ids, query = [experiment.experiment_id], ""
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        query = f"tags.`lmgen.sweep` = '{name}'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs(ids, query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _row(run) -> dict[str, Any]:
+    params = {k: parse_param(v) for k, v in run.data.params.items()}
+    row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
+                           "status": run.info.status, "start_time": run.info.start_time}
+    row.update({column: run.data.tags.get(tag) for tag, column in _TAGS.items()})
+    row.update(params)
+    row.update(run.data.metrics)
+    row["tokenizer"] = row["tokenizer"] or params.get("tokenizer.name")
+    row["tokenizer_label"] = tokenizer_label(params)
+    row["lm_size"] = params.get("lm.size")
+    row["seed"] = params.get("seed")
+    row["lm_params"] = run.data.metrics.get("lm/params")
+    row["lm_flops"] = run.data.metrics.get("lm/flops")
+    return row
+
+
+def _fold_rescorings(lm: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
+    """gen/* of each LM run from its ``lmgen eval`` re-scoring with the most samples, if any."""
+    lm = lm.copy()
+    lm["scored_by"] = lm["run_id"]
+    if evals.empty:
+        return lm
+    evals = evals.sort_values(["gen/num_samples", "start_time"], ascending=False, na_position="last")
+    best = evals.drop_duplicates("eval_of").set_index("eval_of")
+    gen_columns = [c for c in evals.columns if c.startswith("gen/")]
+    for i, run_id in lm["run_id"].items():
+        if run_id in best.index:
+            lm.loc[i, gen_columns] = best.loc[run_id, gen_columns].to_numpy()
+            lm.loc[i, "scored_by"] = best.loc[run_id, "run_id"]
+    return lm
+
+
+def _sort(df: pd.DataFrame) -> pd.DataFrame:
+    """Registry order of tokenizer families, then label, LM size (small → large), seed, name."""
+    families = {name: i for i, name in enumerate(TOKENIZERS)}
+    sizes = {name: i for i, name in enumerate(LLAMA_SIZES)}
+    keys = pd.DataFrame({"family": df["tokenizer"].map(lambda t: families.get(t, len(families))),
+                         "size": df["lm_size"].map(lambda s: sizes.get(s, len(sizes)))}, index=df.index)
+    order = pd.concat([keys, df[["tokenizer", "tokenizer_label", "seed", "run_name", "run_id"]].astype(str)], axis=1)
+    return df.loc[order.sort_values(list(order.columns)).index].reset_index(drop=True)
+
+
+def load_runs(name: str, tracking_uri: str | None = None, *, statuses: Iterable[str] = ("FINISHED",)) -> pd.DataFrame:
+    """One row per LM run of experiment (or sweep) ``name`` whose status is in ``statuses``.
+
+    When one config (``config_hash``) has several such runs, only the newest is kept. Empty
+    frame (with the id columns) when there are none; ValueError when ``name`` matches nothing.
+    """
+    client = _client(tracking_uri)
+    runs = _search(client, name)
+    if not runs:
+        raise ValueError(f"no MLflow experiment or sweep named {name!r} at {resolve_tracking_uri(tracking_uri)}")
+    rows = pd.DataFrame([_row(r) for r in runs])
+    statuses = set(statuses)
+    lm = rows[(rows["stage"] == "lm") & rows["status"].isin(statuses)]
+    evals = rows[(rows["stage"] == "eval") & (rows["status"] == "FINISHED")]
+    if lm.empty:
+        return pd.DataFrame(columns=[*ID_COLUMNS, "lm_flops", "scored_by"])
+    lm = lm.sort_values("start_time", ascending=False).drop_duplicates("config_hash")
+    lm = _fold_rescorings(lm.dropna(axis=1, how="all"), evals)
+    return _sort(lm)
+
+
+def load_histories(runs: pd.DataFrame, keys: Iterable[str], tracking_uri: str | None = None) -> pd.DataFrame:
+    """Tidy metric curves: one row per (run, key, step) with the runs' ``ID_COLUMNS``."""
+    client = _client(tracking_uri)
+    rows = []
+    for run in runs[ID_COLUMNS].itertuples(index=False):
+        for key in keys:
+            for m in client.get_metric_history(run.run_id, key):
+                rows.append({**run._asdict(), "key": key, "step": m.step, "value": m.value})
+    columns = [*ID_COLUMNS, "key", "step", "value"]
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.sort_values(["run_id", "key", "step"], kind="stable").reset_index(drop=True) if rows else frame
+
+
+def _download(client: MlflowClient, run_id: str, path: str, into: Path) -> Path | None:
+    """The artifact ``path`` of ``run_id`` as a local file, or None when the run has none."""
+    parent = str(Path(path).parent) if Path(path).parent != Path(".") else None
+    if path not in {a.path for a in client.list_artifacts(run_id, parent)}:
+        return None
+    return Path(client.download_artifacts(run_id, path, str(into)))
+
+
+def load_table(runs: pd.DataFrame, path: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """The CSV artifact ``path`` of every run, stacked, with the runs' ``ID_COLUMNS``."""
+    client, frames = _client(tracking_uri), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs[ID_COLUMNS].itertuples(index=False):
+            local = _download(client, run.run_id, path, Path(tmp) / run.run_id)
+            if local is None:
+                continue
+            table = pd.read_csv(local)
+            for column, value in run._asdict().items():
+                table[column] = value
+            frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ID_COLUMNS)
+
+
+def load_images(runs: pd.DataFrame, path: str, tracking_uri: str | None = None) -> pd.DataFrame:
+    """The PNG artifact ``path`` of every run as an ``image`` column of (H, W, 3) uint8 arrays."""
+    client, rows = _client(tracking_uri), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs[ID_COLUMNS].itertuples(index=False):
+            local = _download(client, run.run_id, path, Path(tmp) / run.run_id)
+            if local is not None:
+                rows.append({**run._asdict(), "image": np.asarray(Image.open(local).convert("RGB"))})
+    return pd.DataFrame(rows, columns=[*ID_COLUMNS, "image"])
+
+
+def sweep_parent(name: str, tracking_uri: str | None = None) -> str | None:
+    """The newest parent run of sweep ``name`` (``lmgen.stage=sweep``), where figures are logged."""
+    client = _client(tracking_uri)
+    parents = [r for r in _search(client, name) if r.data.tags.get("lmgen.stage") == "sweep"]
+    return max(parents, key=lambda r: r.info.start_time).info.run_id if parents else None

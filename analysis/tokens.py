@@ -1,0 +1,55 @@
+"""Tokens per image (CRT Fig. 6): generation quality and validation bits per image against the
+number of tokens an image costs, one series per LM size; points of one tokenizer family at one
+LM size are joined (a ``downsample`` sweep), so the trend within a family reads as a line."""
+
+from __future__ import annotations
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.style import (
+    FigureSkipped,
+    generation_metric,
+    label_colors,
+    log_axis,
+    new_figure,
+    outside_legends,
+    size_linestyle,
+    size_marker,
+)
+
+TITLE = "Tokens per image"
+
+
+def _panel(ax, runs: pd.DataFrame, y_col: str, y_label: str) -> None:
+    colors, sizes = label_colors(runs), list(runs["lm_size"].unique())
+    for (_family, size), group in runs.groupby(["tokenizer", "lm_size"], sort=False):
+        group = group.sort_values("tok/tokens_per_image")
+        for _, run in group.iterrows():
+            ax.scatter(run["tok/tokens_per_image"], run[y_col], marker=size_marker(size), s=44, zorder=3,
+                       color=colors[run["tokenizer_label"]], edgecolors="black", linewidths=0.4)
+        if group["tok/tokens_per_image"].nunique() >= 2:
+            ax.plot(group["tok/tokens_per_image"], group[y_col], size_linestyle(size, sizes),
+                    color=colors[group["tokenizer_label"].iloc[0]], lw=1.2)
+    log_axis(ax, "x", base=2)
+    ax.set_xlabel("tokens per image (mean over val)")
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3, which="both")
+
+
+def tokens_figure(runs: pd.DataFrame) -> Figure:
+    """Needs runs at ≥2 distinct ``tok/tokens_per_image``."""
+    g_col, g_label = generation_metric(runs)
+    needed = ["tok/tokens_per_image", g_col]
+    runs = runs.dropna(subset=needed) if all(c in runs for c in needed) else runs.iloc[:0]
+    if runs["tok/tokens_per_image"].round().nunique() < 2:
+        raise FigureSkipped("every run has the same tokens per image (sweeps/tokens_per_image.yaml varies "
+                            "tokenizer.downsample)")
+    fig, (left, right) = new_figure(2)
+    _panel(left, runs, g_col, g_label)
+    if "lm/val_bits_per_image" in runs:
+        _panel(right, runs.dropna(subset=["lm/val_bits_per_image"]), "lm/val_bits_per_image",
+               "validation bits per image ↓")
+    outside_legends(fig, runs)
+    fig.suptitle(f"{TITLE} (lines join one family at one LM size)")
+    return fig

@@ -1,0 +1,53 @@
+"""Vocabulary scaling (MAGVIT-v2 Fig. 1): reconstruction (left axis, solid) and generation
+(right axis, dashed) against vocabulary size, one colour per tokenizer family. MAGVIT-v2's
+finding: VQ reconstructs better but generates worse past ~2^14 codes; LFQ improves both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.style import (
+    FigureSkipped,
+    family_color,
+    generation_metric,
+    largest_size,
+    new_figure,
+    reconstruction_metric,
+)
+
+TITLE = "Vocabulary scaling"
+
+
+def vocab_figure(runs: pd.DataFrame) -> Figure:
+    """Families with runs at ≥2 values of ``tok/vocab_size``, each at its largest LM size."""
+    if "tok/vocab_size" not in runs:
+        raise FigureSkipped("no run logged tok/vocab_size")
+    g_col, g_label = generation_metric(runs)
+    r_col, r_label = reconstruction_metric(runs)
+    families = [f for f, group in runs.groupby("tokenizer", sort=False) if group["tok/vocab_size"].nunique() >= 2]
+    if not families:
+        raise FigureSkipped("no tokenizer family has runs at ≥2 vocabulary sizes (sweeps/vocab.yaml runs VQ and LFQ "
+                            "from 2^6 to 2^14)")
+    fig, (ax,) = new_figure(1, width=7.0, height=4.4)
+    twin = ax.twinx()
+    for family in families:
+        group = runs[runs["tokenizer"] == family]
+        top = group[group["lm_size"].isin(largest_size(group)["lm_size"])]
+        by_vocab = top.groupby("tok/vocab_size")[[r_col, g_col]].mean().sort_index()
+        x = by_vocab.index.to_numpy(float)
+        size = top["lm_size"].iloc[0]
+        ax.plot(x, by_vocab[r_col], "o-", color=family_color(family), label=f"{family}: reconstruction")
+        twin.plot(x, by_vocab[g_col], "s--", color=family_color(family), label=f"{family}: generation ({size} LM)")
+    ax.set_xscale("log", base=2)
+    ticks = np.unique(runs["tok/vocab_size"].dropna().to_numpy(float))
+    ax.set_xticks(ticks, [f"$2^{{{int(round(np.log2(t)))}}}$" for t in ticks])
+    ax.set_xlabel("vocabulary size (codes per token)")
+    ax.set_ylabel(f"{r_label} (solid)")
+    twin.set_ylabel(f"{g_label} (dashed)")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    fig.suptitle(TITLE)
+    return fig
