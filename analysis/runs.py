@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import logging
+import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +37,7 @@ from lmgen.tokenizers import TOKENIZERS
 from lmgen.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs and reports
 
 # Columns that identify a run in every tidy frame (histories, tables, images).
 ID_COLUMNS = ["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "lm_params", "seed"]
@@ -114,7 +116,8 @@ def _fold_rescorings(lm: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
     lm["scored_by"] = lm["run_id"]
     if evals.empty:
         return lm
-    evals = evals.sort_values(["gen/num_samples", "start_time"], ascending=False, na_position="last")
+    evals = evals.assign(_n=evals.get("gen/num_samples", pd.Series(float("nan"), index=evals.index)))
+    evals = evals.sort_values(["_n", "start_time"], ascending=False, na_position="last").drop(columns="_n")
     best = evals.drop_duplicates("eval_of").set_index("eval_of")
     gen_columns = [c for c in evals.columns if c.startswith("gen/")]
     for i, run_id in lm["run_id"].items():
@@ -125,13 +128,18 @@ def _fold_rescorings(lm: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sort(df: pd.DataFrame) -> pd.DataFrame:
-    """Registry order of tokenizer families, then label, LM size (small → large), seed, name."""
+    """Registry order of tokenizer families, then vocabulary and tokens per image (small →
+    large), label, LM size (small → large), seed, name: a stable order for every table."""
     families = {name: i for i, name in enumerate(TOKENIZERS)}
     sizes = {name: i for i, name in enumerate(LLAMA_SIZES)}
+    number = lambda column: df[column].astype(float).fillna(-1.0) if column in df else 0.0  # noqa: E731
     keys = pd.DataFrame({"family": df["tokenizer"].map(lambda t: families.get(t, len(families))),
-                         "size": df["lm_size"].map(lambda s: sizes.get(s, len(sizes)))}, index=df.index)
-    order = pd.concat([keys, df[["tokenizer", "tokenizer_label", "seed", "run_name", "run_id"]].astype(str)], axis=1)
-    return df.loc[order.sort_values(list(order.columns)).index].reset_index(drop=True)
+                         "name": df["tokenizer"].astype(str), "vocab": number("tok/vocab_size"),
+                         "tokens": number("tok/tokens_per_image"), "label": df["tokenizer_label"].astype(str),
+                         "size": df["lm_size"].map(lambda s: sizes.get(s, len(sizes))),
+                         "seed": df["seed"].astype(str), "run": df["run_name"].astype(str),
+                         "id": df["run_id"]}, index=df.index)
+    return df.loc[keys.sort_values(list(keys.columns)).index].reset_index(drop=True)
 
 
 def load_runs(name: str, tracking_uri: str | None = None, *, statuses: Iterable[str] = ("FINISHED",)) -> pd.DataFrame:
@@ -152,6 +160,9 @@ def load_runs(name: str, tracking_uri: str | None = None, *, statuses: Iterable[
         return pd.DataFrame(columns=[*ID_COLUMNS, "lm_flops", "scored_by"])
     lm = lm.sort_values("start_time", ascending=False).drop_duplicates("config_hash")
     lm = _fold_rescorings(lm.dropna(axis=1, how="all"), evals)
+    params = sorted({k for r in runs for k in r.data.params} & set(lm.columns))
+    # Nullable dtypes keep a param's type where some runs lack it (codebook_size: Int64, not float).
+    lm[params] = lm[params].convert_dtypes(convert_string=False, convert_floating=False)
     return _sort(lm)
 
 
@@ -163,9 +174,10 @@ def load_histories(runs: pd.DataFrame, keys: Iterable[str], tracking_uri: str | 
         for key in keys:
             for m in client.get_metric_history(run.run_id, key):
                 rows.append({**run._asdict(), "key": key, "step": m.step, "value": m.value})
-    columns = [*ID_COLUMNS, "key", "step", "value"]
-    frame = pd.DataFrame(rows, columns=columns)
-    return frame.sort_values(["run_id", "key", "step"], kind="stable").reset_index(drop=True) if rows else frame
+    frame = pd.DataFrame(rows, columns=[*ID_COLUMNS, "key", "step", "value"])
+    order = {run_id: i for i, run_id in enumerate(runs["run_id"])}  # keep the runs' order
+    frame["_order"] = frame["run_id"].map(order)
+    return frame.sort_values(["_order", "key", "step"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
 def _download(client: MlflowClient, run_id: str, path: str, into: Path) -> Path | None:

@@ -36,8 +36,8 @@ def _panel(ax, runs: pd.DataFrame, x_col: str, y_col: str) -> None:
     for label, group in runs.groupby("tokenizer_label", sort=False):
         group = group.dropna(subset=[x_col, y_col])
         x, y = group[x_col].to_numpy(float), group[y_col].to_numpy(float)
-        for xi, yi, size in zip(x, y, group["lm_size"]):
-            ax.scatter(xi, yi, marker=size_marker(size), color=colors[label], s=40, zorder=3,
+        for size, at in group.groupby("lm_size", sort=False):
+            ax.scatter(at[x_col], at[y_col], marker=size_marker(size), color=colors[label], s=40, zorder=3,
                        edgecolors="black", linewidths=0.4)
         try:
             a, b = power_law(x, y)

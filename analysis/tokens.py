@@ -25,9 +25,8 @@ def _panel(ax, runs: pd.DataFrame, y_col: str, y_label: str) -> None:
     colors, sizes = label_colors(runs), list(runs["lm_size"].unique())
     for (_family, size), group in runs.groupby(["tokenizer", "lm_size"], sort=False):
         group = group.sort_values("tok/tokens_per_image")
-        for _, run in group.iterrows():
-            ax.scatter(run["tok/tokens_per_image"], run[y_col], marker=size_marker(size), s=44, zorder=3,
-                       color=colors[run["tokenizer_label"]], edgecolors="black", linewidths=0.4)
+        ax.scatter(group["tok/tokens_per_image"], group[y_col], marker=size_marker(size), s=44, zorder=3,
+                   c=[colors[label] for label in group["tokenizer_label"]], edgecolors="black", linewidths=0.4)
         if group["tok/tokens_per_image"].nunique() >= 2:
             ax.plot(group["tok/tokens_per_image"], group[y_col], size_linestyle(size, sizes),
                     color=colors[group["tokenizer_label"].iloc[0]], lw=1.2)

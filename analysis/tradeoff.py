@@ -41,9 +41,8 @@ def _panel(ax, runs: pd.DataFrame, x_col: str, x_label: str, y_col: str, y_label
     sizes = list(runs["lm_size"].unique())
     for size, group in runs.groupby("lm_size", sort=False):
         x, y = group[x_col].to_numpy(float), group[y_col].to_numpy(float)
-        for xi, yi, label in zip(x, y, group["tokenizer_label"]):
-            ax.scatter(xi, yi, marker=size_marker(size), color=colors[label], s=46, zorder=3,
-                       edgecolors="black", linewidths=0.4)
+        ax.scatter(x, y, marker=size_marker(size), c=[colors[label] for label in group["tokenizer_label"]], s=46,
+                   zorder=3, edgecolors="black", linewidths=0.4)
         if len(group) >= 2:
             front = pareto_front(x, y, lower_better)
             ax.plot(x[front], y[front], size_linestyle(size, sizes), color="0.35", lw=1.2, zorder=2,

@@ -1,4 +1,4 @@
-"""The ``lmgen`` console entry point: ``lmgen run | sweep | eval | ui``.
+"""The ``lmgen`` console entry point: ``lmgen run | sweep | eval | plot | ui``.
 
 Every subcommand that runs something takes an experiment YAML plus dotlist overrides:
 ``lmgen run experiments/quickstart_jpeg.yaml train.max_steps=100 lm.size=nano``.
@@ -80,6 +80,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"lmgen: config error: {err}", file=sys.stderr)
         return 2
     print("\n" + summary_table(results))
+    if not args.no_plot:
+        from lmgen.sweep import load_sweep
+
+        _sweep_report(load_sweep(args.sweep).name, args.uri)
     for r in results:
         if r.error:
             print(f"\n--- {r.name} ({r.status}), last lines of its log:\n{r.error}", file=sys.stderr)
@@ -88,6 +92,43 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"\n{len(failed)} point(s) did not finish: {', '.join(failed)}; rerun the same command to retry "
               "them (finished points are skipped)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _sweep_report(name: str, uri: str | None) -> None:
+    """``lmgen plot`` for a sweep that just ran; a plotting error never fails the sweep."""
+    from analysis.report import plot_experiment
+    from lmgen.tracking import lmgen_home
+
+    try:
+        report = plot_experiment(name, lmgen_home() / "reports" / name, tracking_uri=uri)
+    except Exception as err:  # the runs are safe in MLflow; `lmgen plot` can redo this
+        print(f"lmgen: the sweep's report failed ({type(err).__name__}: {err}); retry with "
+              f"lmgen plot --experiment {name}", file=sys.stderr)
+        return
+    print(f"\nreport: {report.markdown} ({len(report.written)} figures, {len(report.skipped)} skipped; "
+          f"also logged to the sweep's parent run)")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from analysis.report import plot_experiment  # pandas/matplotlib only when plotting
+    from lmgen.tracking import lmgen_home
+
+    out = args.out or lmgen_home() / "reports" / args.experiment
+    formats = [f for f in args.formats.split(",") if f]
+    try:
+        report = plot_experiment(args.experiment, Path(out), tracking_uri=args.uri, formats=formats, dpi=args.dpi,
+                                 log_to_mlflow=not args.no_log)
+    except ValueError as err:
+        print(f"lmgen plot: {err}", file=sys.stderr)
+        return 2
+    for name, files in report.written.items():
+        print(f"wrote {name}: {', '.join(str(f) for f in files)}")
+    for name, why in report.skipped.items():
+        print(f"skipped {name}: {why}")
+    for name, why in report.failed.items():
+        print(f"FAILED {name}: {why}", file=sys.stderr)
+    print(f"report: {report.markdown}")
+    return 1 if report.failed else 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -125,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-parallel", type=int, default=None, help="local launcher: points at once "
                                                                   "(default: the file's max_parallel, else 1)")
     sw.add_argument("--dry-run", action="store_true", help="validate every point and print them; run nothing")
+    sw.add_argument("--no-plot", action="store_true", help="skip the report (lmgen plot) written after the points")
     sw.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
     sw.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default="slurm",
                     help="submitit backend of the slurm launcher; local runs the jobs as processes here (testing)")
@@ -136,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="sample.*, metrics.* and seed overrides, e.g. sample.num_samples=1000")
     ev.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="paper-style figures, a results table and report.md from an experiment's runs")
+    pl.add_argument("--experiment", required=True, help="MLflow experiment or sweep name, e.g. quickstart")
+    pl.add_argument("--out", type=Path, default=None, help="output folder (default: $LMGEN_HOME/reports/EXPERIMENT)")
+    pl.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
+    pl.add_argument("--formats", default="png,pdf", help="comma-separated figure formats (default: png,pdf)")
+    pl.add_argument("--dpi", type=int, default=150, help="PNG resolution (default: 150)")
+    pl.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    pl.set_defaults(func=cmd_plot)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the lmgen store")
     ui.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")

@@ -116,7 +116,7 @@ def test_concurrent_points_share_one_stage1_and_nest_under_the_sweep(tmp_path, l
     lock), two LM runs as children of the sweep's parent run, a summary on the parent."""
     path = write_sweep(tmp_path, {"name": "pair", "experiment": PIXELS, "overrides": TINY,
                                   "grid": {"lm.size": ["nano", "micro"]}, "max_parallel": 2})
-    assert main(["sweep", str(path)]) == 0
+    assert main(["sweep", str(path), "--no-plot"]) == 0
     assert "| size=nano | FINISHED |" in capsys.readouterr().out
     all_runs = runs(sqlite(lmgen_home), "pair")
     by_stage = {s: [r for r in all_runs if r.data.tags["lmgen.stage"] == s] for s in ("sweep", "tokenizer", "lm")}
@@ -147,7 +147,7 @@ def test_a_failing_point_does_not_stop_the_others_and_a_rerun_runs_only_it(tmp_p
     path = write_sweep(tmp_path, {"name": "mixed", "experiment": PIXELS, "overrides": TINY, "zip": [
         {"data.name": ["shapes", "imagefolder"], "data.root": [None, str(folder)],
          "data.train_size": [48, 0], "data.val_size": [16, 0], "data.val_fraction": [0.05, 0.25]}]})
-    assert main(["sweep", str(path)]) == 1
+    assert main(["sweep", str(path), "--no-plot"]) == 1
     captured = capsys.readouterr()
     assert "FINISHED" in captured.out and "FAILED" in captured.out and "rerun" in captured.err
     first = runs(sqlite(lmgen_home), "mixed")
@@ -156,7 +156,7 @@ def test_a_failing_point_does_not_stop_the_others_and_a_rerun_runs_only_it(tmp_p
     assert [r.info.status for r in first if r.data.tags["lmgen.stage"] == "lm"] == ["FINISHED"]
 
     _image_folder(folder)  # the cause is fixed; the same command again
-    assert main(["sweep", str(path)]) == 0
+    assert main(["sweep", str(path), "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "| name=shapes," in out and "SKIPPED" in out
     second = runs(sqlite(lmgen_home), "mixed")
@@ -209,7 +209,7 @@ def test_slurm_launcher_through_submitits_local_executor(tmp_path, lmgen_home):
     local executor standing in for a cluster."""
     path = write_sweep(tmp_path, {"name": "slurmish", "experiment": PIXELS, "overrides": TINY,
                                   "grid": {"seed": [0, 1]}, "slurm": {"timeout_min": 10, "nodes": 1}})
-    assert main(["sweep", str(path), "--launcher", "slurm", "--slurm-cluster", "local", "--max-parallel", "1"]) == 0
+    assert main(["sweep", str(path), "--no-plot", "--launcher", "slurm", "--slurm-cluster", "local", "--max-parallel", "1"]) == 0
     lm = [r for r in runs(sqlite(lmgen_home), "slurmish") if r.data.tags["lmgen.stage"] == "lm"]
     assert sorted(r.info.status for r in lm) == ["FINISHED", "FINISHED"]
     job_files = list((lmgen_home / "sweeps" / "slurmish" / "slurm").iterdir())
@@ -275,7 +275,7 @@ def test_sweep_against_a_real_mlflow_server(tmp_path, lmgen_home):
                 time.sleep(1)
         path = write_sweep(tmp_path, {"name": "served", "experiment": PIXELS, "overrides": TINY,
                                       "grid": {"seed": [0]}})
-        assert main(["sweep", str(path), "--uri", uri]) == 0
+        assert main(["sweep", str(path), "--no-plot", "--uri", uri]) == 0
         served = runs(uri, "served")
         assert sorted(r.data.tags["lmgen.stage"] for r in served) == ["lm", "sweep", "tokenizer"]
         lm = next(r for r in served if r.data.tags["lmgen.stage"] == "lm")

@@ -1,0 +1,322 @@
+"""Figures and the report (`lmgen plot`): every figure draws from synthetic runs with known
+answers and from a tiny real sweep, skips with a reason when the runs cannot support it,
+and the whole report is byte-for-byte deterministic for the same runs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
+
+from analysis.report import FIGURES, FIGURES_BY_NAME, RunData, load_run_data, render, results_table
+from analysis.runs import load_runs, parse_param, tokenizer_label
+from analysis.samples import first_grid_row
+from analysis.scaling import power_law
+from analysis.style import FigureSkipped, label_colors
+from analysis.tradeoff import pareto_front
+from lmgen.cli import main
+from lmgen.stage1 import to_grid
+from lmgen.tokenizers import TOKENIZERS, tokenizer_config_class
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- synthetic runs with known answers -----------------------------------------------------------
+
+PRESETS = [("vq", "vq 1k f4", 1024), ("vq", "vq 4k f4", 4096), ("lfq", "lfq 10-bit f4", 1024),
+           ("lfq", "lfq 12-bit f4", 4096), ("jpeg", "jpeg q25", 256), ("crt", "crt vq 1k f4 λ4", 1024)]
+SIZES = [("nano", 1e5), ("micro", 1e6), ("mini", 1e7)]
+EXPONENT = -0.3  # generation FD ∝ params^EXPONENT in the synthetic runs
+FREQ = np.array([0.4, 0.2, 0.12, 0.09, 0.07, 0.05, 0.03, 0.02, 0.015, 0.005])
+
+
+def _run_rows() -> pd.DataFrame:
+    rows = []
+    for i, (family, label, vocab) in enumerate(PRESETS):
+        tokens = 256 * 4 if family == "jpeg" else 64 * (1 + i % 2)
+        for size, params in SIZES:
+            fd = (40 + 5 * i) * (params / 1e5) ** EXPONENT
+            rows.append({
+                "run_id": f"run{i}{size}", "run_name": f"{label},{size}", "tokenizer": family,
+                "tokenizer_label": label, "lm_size": size, "lm_params": params, "lm_flops": params * 6e6, "seed": 0,
+                "lm/params": params, "lm/flops": params * 6e6, "lm/val_bits_per_image": 400 * (params / 1e5) ** -0.05,
+                "tok/vocab_size": float(vocab), "tok/tokens_per_image": float(tokens),
+                "tok/bits_per_image": tokens * np.log2(vocab), "tok/psnr": 20.0 + i, "tok/rfid_probe": 10.0 + 3 * i,
+                "tok/unigram_kl_uniform": 0.1 * (i + 1), "tok/unigram_tokens_per_cell": 100.0,
+                "tok/bigram_kl_uniform": 0.5 * (i + 1), "tok/bigram_pairs_per_cell": 0.5 if i % 2 else 2.0,
+                "gen/fd_probe": fd, "gen/decode_valid_rate": 1.0, "gen/class_accuracy": 0.5,
+                **{f"gen/prefix_r{r}/fd_probe": fd * (1 - r / 100) for r in (25, 50, 75)},
+                **{f"gen/prefix_r{r}/prompt_fraction": r / 100 for r in (25, 50, 75)}})
+    return pd.DataFrame(rows)
+
+
+def synthetic() -> RunData:
+    runs = _run_rows()
+    ids = runs[["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "lm_params", "seed"]]
+    histories, positions, per_class, samples = [], [], [], []
+    gen = torch.Generator().manual_seed(0)
+    for k, run in enumerate(ids.to_dict("records")):
+        for step in (100, 200, 300):
+            histories.append({**run, "key": "lm/val_bits_per_image", "step": step, "value": 500 - step / 10 + k})
+        for step in range(10, 310, 10):
+            histories.append({**run, "key": "lm/train_loss", "step": step, "value": 6 - step / 100})
+        length = 16 + 8 * (k % 3)
+        for pos in range(length):
+            positions.append({**run, "step": 300, "position": pos, "loss_nats": 4.0 - pos / length,
+                              "bits": (4.0 - pos / length) / np.log(2), "count": 64})
+        # Per-class FD: this tokenizer beats the reference by more on rare classes (ρ > 0).
+        for c, f in enumerate(FREQ):
+            per_class.append({**run, "class": c, "name": f"c{c}", "train_frequency": f, "num_samples": 8,
+                              "class_accuracy": 0.5 + f, "fd_probe": 50 + (0 if run["tokenizer"] == "vq" else
+                                                                           100 * f - 20), "num_reference": 20})
+        images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=gen)
+        samples.append({**run, "image": to_grid(images, nrow=5)})
+    return RunData(runs=runs, histories=pd.DataFrame(histories), positions=pd.DataFrame(positions),
+                   per_class=pd.DataFrame(per_class), samples=pd.DataFrame(samples))
+
+
+@pytest.fixture(scope="module")
+def data() -> RunData:
+    return synthetic()
+
+
+@pytest.mark.parametrize("spec", FIGURES, ids=lambda s: s.name)
+def test_every_figure_draws_from_synthetic_runs(spec, data):
+    fig = spec.make(getattr(data, spec.source))
+    assert isinstance(fig, Figure) and fig.get_suptitle().startswith(spec.title)
+    drawn = [ax for ax in fig.axes if ax.get_visible() and (ax.lines or ax.collections or ax.patches or ax.images)]
+    assert drawn, "nothing was drawn"
+    if spec.name != "samples":  # every data axis says what it shows
+        assert all(ax.get_ylabel() and (ax.get_xlabel() or not ax.xaxis.get_visible()) for ax in drawn)  # twins share x
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=40)
+    assert buffer.getvalue().startswith(b"\x89PNG")
+
+
+def _legend_texts(fig: Figure) -> list[str]:
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
+
+
+def test_scaling_legend_prints_the_fitted_exponents(data):
+    texts = _legend_texts(FIGURES_BY_NAME["model_scaling"].make(data.runs))
+    fd_fits = [t for t in texts if t.startswith("vq 1k f4: b =")]
+    assert f"vq 1k f4: b = {EXPONENT:+.3f}" in fd_fits  # FD vs params and vs FLOPs: both exactly −0.3
+    assert "vq 1k f4: b = -0.050" in texts  # val bits ∝ params^−0.05
+
+
+def test_long_tail_reports_the_correlation_with_frequency(data):
+    texts = _legend_texts(FIGURES_BY_NAME["long_tail"].make(data.per_class))
+    assert any(t.startswith("jpeg q25: ρ = +1.00 (p = ") for t in texts)  # Δ FD rises monotonically with frequency
+
+
+def test_colours_are_per_family_and_consistent(data):
+    colors = label_colors(data.runs)
+    assert colors["vq 1k f4"] != colors["vq 4k f4"]  # two presets: two shades
+    again = label_colors(data.runs[data.runs["tokenizer"].isin(["vq", "jpeg"])])
+    assert again["jpeg q25"] == colors["jpeg q25"]  # a family's colour does not depend on who else is plotted
+
+
+def test_pareto_front_and_power_law_known_answers():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 2.5])
+    y = np.array([5.0, 3.0, 4.0, 1.0, 3.0])
+    assert list(pareto_front(x, y)) == [0, 1, 3]  # (2.5, 3) ties (2, 3) at a higher cost: dominated
+    a, b = power_law(np.array([1.0, 10.0, 100.0]), np.array([8.0, 4.0, 2.0]))
+    assert a == pytest.approx(8.0) and b == pytest.approx(-np.log10(2))
+    with pytest.raises(ValueError):
+        power_law(np.array([3.0, 3.0]), np.array([1.0, 2.0]))
+
+
+def _only(frame: pd.DataFrame, **where) -> pd.DataFrame:
+    mask = np.ones(len(frame), dtype=bool)
+    for column, value in where.items():
+        mask &= frame[column] == value
+    return frame[mask]
+
+
+INSUFFICIENT = {  # figure → data it cannot support, and a word its reason must contain
+    "tradeoff": (lambda d: _only(d.runs, tokenizer="vq", tokenizer_label="vq 1k f4"), "≥2 tokenizers"),
+    "vocab_scaling": (lambda d: _only(d.runs, tokenizer_label="vq 1k f4"), "vocabulary sizes"),
+    "model_scaling": (lambda d: _only(d.runs, lm_size="micro"), "≥2 LM sizes"),
+    "tokens_per_image": (lambda d: _only(d.runs, tokenizer_label="vq 1k f4"), "tokens per image"),
+    "loss_curves": (lambda d: _only(d.histories, step=300), "≥2 validations"),
+    "token_statistics": (lambda d: d.runs.drop(columns=["tok/unigram_kl_uniform"]), "unigram"),
+    "position_loss": (lambda d: _only(d.positions, position=0), "≥2 positions"),
+    "long_tail": (lambda d: d.per_class[d.per_class["tokenizer"] != "vq"], "reference"),
+    "prefix_completion": (lambda d: d.runs.drop(columns=[c for c in d.runs if "prefix_r25" in c or "r75" in c]),
+                          "≥2 prompt ratios"),
+    "samples": (lambda d: d.samples.iloc[:0], "samples.png"),
+}
+
+
+@pytest.mark.parametrize("spec", FIGURES, ids=lambda s: s.name)
+def test_figures_skip_with_a_reason_when_the_runs_cannot_support_them(spec, data):
+    frame, needle = INSUFFICIENT[spec.name]
+    with pytest.raises(FigureSkipped, match=needle):
+        spec.make(frame(data))
+    with pytest.raises(FigureSkipped):  # and no runs at all
+        spec.make(getattr(data, spec.source).iloc[:0])
+
+
+def test_render_writes_what_the_runs_support_and_lists_what_it_skipped(tmp_path, data):
+    thin = RunData(runs=data.runs, histories=data.histories.iloc[:0], positions=data.positions,
+                   per_class=data.per_class, samples=data.samples)
+    report = render(thin, tmp_path, formats=("png",), dpi=30)
+    assert list(report.skipped) == ["loss_curves"] and not report.failed
+    assert "≥2 validations" in report.skipped["loss_curves"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{s.name}.png" for s in FIGURES
+                                                                if s.name != "loss_curves")
+
+
+def test_no_runs_means_every_figure_skipped_and_a_report_that_says_so(tmp_path, data):
+    empty = RunData(**{name: getattr(data, name).iloc[:0] for name in ("runs", "histories", "positions", "per_class",
+                                                                     "samples")})
+    report = render(empty, tmp_path, formats=("png",))
+    assert not report.written and not report.failed and set(report.skipped) == set(FIGURES_BY_NAME)
+    assert all(report.skipped.values())
+
+
+def test_results_table_names_presets_and_scales_params(data):
+    table = results_table(data.runs)
+    assert list(table.columns[:3]) == ["tokenizer", "LM", "LM params (M)"]
+    assert "FD probe" in table.columns and "rFD probe" in table.columns
+    assert table["LM params (M)"].iloc[0] == pytest.approx(0.1)
+
+
+# --- the loader's pieces --------------------------------------------------------------------------
+
+
+def test_params_parse_back_to_their_types():
+    assert parse_param("1024") == 1024 and parse_param("0.002") == 0.002 and parse_param("True") is True
+    assert parse_param("None") is None and parse_param("[0.25, 0.5]") == [0.25, 0.5]
+    assert parse_param("4:2:0") == "4:2:0" and parse_param("vq") == "vq" and parse_param("32x32") == "32x32"
+
+
+def test_every_tokenizer_preset_has_its_own_label():
+    labels = {}
+    for path in sorted((ROOT / "experiments/tokenizers").glob("*.yaml")):
+        block = yaml.safe_load(path.read_text())["tokenizer"]
+        label = tokenizer_config_class(block["name"])(**block).label()
+        assert label.startswith(block["name"]), (path.name, label)
+        labels[path.stem] = label
+    assert len(set(labels.values())) == len(labels), labels
+    assert all(callable(getattr(TOKENIZERS[n].Config, "label", None)) for n in TOKENIZERS)
+    params = {"tokenizer.name": "vq", "tokenizer.codebook_size": 4096, "tokenizer.downsample": 8}
+    assert tokenizer_label(params) == "vq 4k f8"
+    assert tokenizer_label({"tokenizer.name": "vq", "tokenizer.gone_field": 3}) == "vq 1k f4"  # older schema
+
+
+def test_first_grid_row_cuts_one_row_of_tiles():
+    images = torch.randint(0, 250, (10, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    grid = to_grid(images, nrow=4)  # 3 rows of 64-px tiles, white 2-px padding
+    strip = first_grid_row(grid)
+    assert strip.shape == (64 + 4, grid.shape[1], 3)
+    assert np.array_equal(strip, grid[: 64 + 4])
+
+
+# --- a tiny real sweep ----------------------------------------------------------------------------
+
+TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "train.max_steps=4", "train.val_every=2",
+        "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=20", "sample.batch_size=20",
+        "metrics.prefix_samples=4", "train.log_every=1"]
+LEARNED_TINY = ["tokenizer.steps=4", "tokenizer.channels=8", "tokenizer.batch_size=8", "tokenizer.val_every=2",
+                "tokenizer.val_images=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """5 points: pixels and VQ-32 at nano/micro, VQ-64 at nano; the sweep writes its report."""
+    tmp = tmp_path_factory.mktemp("plot")
+    home = tmp / "home"
+    sweep = {"name": "tinyplot", "overrides": TINY, "max_parallel": 2, "blocks": [
+        {"experiment": str(ROOT / "experiments/quickstart_pixels.yaml"), "grid": {"lm.size": ["nano", "micro"]}},
+        {"experiment": str(ROOT / "experiments/quickstart_vq.yaml"), "overrides": LEARNED_TINY,
+         "zip": [{"lm.size": ["nano", "micro", "nano"], "tokenizer.codebook_size": [32, 32, 64]}]}]}
+    path = tmp / "tinyplot.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LMGEN_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        assert main(["sweep", str(path)]) == 0
+        yield home, f"sqlite:///{home / 'mlflow.db'}"
+    finally:
+        mp.undo()
+
+
+def test_the_sweep_logs_its_report_to_the_parent_run(tiny_sweep):
+    home, uri = tiny_sweep
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tinyplot")
+    parent = client.search_runs([experiment.experiment_id], "tags.`lmgen.stage` = 'sweep'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/tradeoff.png", "report/tradeoff.pdf", "report/samples.png"} <= logged
+    assert (home / "reports" / "tinyplot" / "report.md").is_file()
+
+
+def test_real_runs_load_typed_and_every_figure_draws_or_says_why(tiny_sweep):
+    _, uri = tiny_sweep
+    data = load_run_data("tinyplot", uri)
+    runs = data.runs
+    assert len(runs) == 5 and list(runs["tokenizer"]) == ["pixels", "pixels", "vq", "vq", "vq"]
+    assert list(runs["lm_size"]) == ["nano", "micro", "nano", "micro", "nano"]  # family, label, then size
+    assert set(runs["tokenizer_label"]) == {"pixels palette64", "vq 32 f4", "vq 64 f4"}
+    assert str(runs["tokenizer.codebook_size"].dtype) == "Int64"  # ints, missing where a tokenizer has none
+    assert list(runs["tokenizer.codebook_size"].iloc[2:]) == [32, 32, 64]
+    assert runs["train.lr"].dtype == float and str(runs["lm.class_conditional"].dtype) == "boolean"
+    assert set(runs["tokenizer.name"]) == {"pixels", "vq"} and str(runs["sample.top_k"].dtype) == "Int64"
+    assert (runs["lm/params"] > 0).all() and (runs["lm/flops"] > 0).all()
+    assert set(data.histories["key"]) == {"lm/val_bits_per_image", "lm/train_loss"}
+    drawn, skipped = [], {}
+    for spec in FIGURES:
+        try:
+            spec.make(getattr(data, spec.source))
+            drawn.append(spec.name)
+        except FigureSkipped as why:
+            skipped[spec.name] = str(why)
+    assert {"tradeoff", "vocab_scaling", "model_scaling", "tokens_per_image", "loss_curves", "token_statistics",
+            "position_loss", "prefix_completion", "samples"} <= set(drawn), skipped
+
+
+def test_lmgen_plot_is_deterministic_for_the_same_runs(tiny_sweep, tmp_path, capsys):
+    _, uri = tiny_sweep
+    for out in ("a", "b"):
+        assert main(["plot", "--experiment", "tinyplot", "--uri", uri, "--out", str(tmp_path / out), "--no-log",
+                     "--dpi", "50"]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert "report.md" in files and "tradeoff.pdf" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "| pixels palette64 | nano |" in report and "![Compression–generation trade-off](tradeoff.png)" in report
+    assert main(["plot", "--experiment", "no-such-sweep", "--uri", uri, "--out", str(tmp_path / "c")]) == 2
+    assert "no MLflow experiment or sweep named 'no-such-sweep'" in capsys.readouterr().err
+
+
+def test_eval_rescorings_replace_gen_metrics_of_the_run_they_rescore(tiny_sweep):
+    """An `lmgen eval` child (lmgen.stage=eval) with more samples supplies the run's gen/*."""
+    _, uri = tiny_sweep
+    before = load_runs("tinyplot", uri)
+    target = before.iloc[0]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tinyplot")
+    for samples, fd in ((1000, 12.5), (50, 99.0)):
+        child = client.create_run(experiment.experiment_id, tags={
+            "lmgen.stage": "eval", "lmgen.eval_of": target["run_id"], "mlflow.parentRunId": target["run_id"],
+            "lmgen.config_hash": target["config_hash"]})
+        client.log_metric(child.info.run_id, "gen/fd_probe", fd)
+        client.log_metric(child.info.run_id, "gen/num_samples", samples)
+        client.set_terminated(child.info.run_id, "FINISHED")
+    after = load_runs("tinyplot", uri)
+    assert len(after) == len(before)  # a re-scoring is not a run of its own
+    row = after[after["run_id"] == target["run_id"]].iloc[0]
+    assert row["gen/fd_probe"] == 12.5 and row["gen/num_samples"] == 1000 and row["scored_by"] != target["run_id"]
+    other = after[after["run_id"] != target["run_id"]]
+    assert (other["scored_by"] == other["run_id"]).all()
+    assert other["tok/psnr"].equals(before[before["run_id"] != target["run_id"]]["tok/psnr"])
