@@ -21,7 +21,8 @@ def final_positions(positions: pd.DataFrame) -> pd.DataFrame:
     with ``fraction`` = (position + 0.5) / positions kept."""
     last = positions[positions["step"] == positions.groupby("run_id")["step"].transform("max")]
     last = last[last["count"] >= MIN_SHARE * last.groupby("run_id")["count"].transform("max")].dropna(subset=["bits"])
-    last = last.sort_values(["run_id", "position"], kind="stable").copy()
+    order = pd.Categorical(last["run_id"], categories=list(dict.fromkeys(positions["run_id"])))  # the runs' order
+    last = last.assign(_order=order).sort_values(["_order", "position"], kind="stable").drop(columns="_order")
     last["fraction"] = (last["position"] + 0.5) / last.groupby("run_id")["position"].transform("count")
     return last
 
