@@ -21,8 +21,8 @@ def prefix_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Tidy rows (run, ratio, prompt_fraction, fd, metric) from ``gen/prefix_r{NN}/*`` columns.
     Inception FID where every prefix point has it, else probe FD."""
     found = [(m.group(1), m.group(2), c) for c in runs.columns if (m := _KEY.match(c))]
-    metric = "fid" if found and all(runs[c].notna().all() for _, m, c in found if m == "fid") and any(
-        m == "fid" for _, m, _ in found) else "fd_probe"
+    fid = [c for _, m, c in found if m == "fid"]
+    metric = "fid" if fid and all(runs[c].notna().all() for c in fid) else "fd_probe"
     rows = []
     for ratio, m, column in found:
         if m != metric:

@@ -34,7 +34,7 @@ from analysis import (
 )
 from analysis.runs import load_histories, load_images, load_runs, load_table, sweep_parent
 from analysis.style import FigureSkipped, generation_metric, reconstruction_metric
-from lmgen.tracking import resolve_tracking_uri
+from lmgen.tracking import lmgen_home, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ FIGURES = [
     FigureSpec("prefix_completion", prefix.TITLE, "runs", prefix.prefix_figure),
     FigureSpec("samples", samples.TITLE, "samples", samples.samples_figure),
 ]
+FIGURES_BY_NAME = {spec.name: spec for spec in FIGURES}
 
 
 @dataclass(frozen=True)
@@ -108,17 +109,14 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The main results: one row per run, the metrics every paper reports, present ones only."""
     columns = {"tokenizer_label": "tokenizer", "lm_size": "LM", "lm/params": "LM params (M)",
                "tok/tokens_per_image": "tokens/img", "tok/bits_per_image": "code bits/img", "tok/psnr": "PSNR dB"}
-    for pick, name in ((reconstruction_metric, "recon"), (generation_metric, "gen")):
+    short = {"tok/rfid": "rFID", "tok/rfid_probe": "rFD probe", "gen/fid": "gFID", "gen/fd_probe": "FD probe"}
+    for pick in (reconstruction_metric, generation_metric):  # the metrics the figures use
         try:
-            column, label = pick(runs)
+            column, _ = pick(runs)
         except FigureSkipped:
             continue
-        if column != "tok/psnr":
-            columns[column] = {"tok/rfid": "rFID", "tok/rfid_probe": "rFD probe", "gen/fid": "gFID",
-                               "gen/fd_probe": "FD probe"}.get(column, label)
-        if name == "gen":
-            columns["lm/val_bits_per_image"] = "val bits/img"
-    columns.update({"gen/decode_valid_rate": "valid", "gen/class_accuracy": "class acc",
+        columns.setdefault(column, short.get(column, column))  # PSNR is already a column
+    columns.update({"lm/val_bits_per_image": "val bits/img", "gen/decode_valid_rate": "valid", "gen/class_accuracy": "class acc",
                     "gen/prefix_r50/fd_probe": "prefix FD r=.5", "lm/flops": "train FLOPs"})
     present = [c for c in columns if c in runs.columns]
     table = runs[present].copy()
@@ -181,15 +179,14 @@ def write_markdown(report: Report, data: RunData, name: str, tracking_uri: str) 
     report.markdown.write_text("\n".join(lines))
 
 
-FIGURES_BY_NAME = {spec.name: spec for spec in FIGURES}
 
-
-def plot_experiment(name: str, out_dir: Path, tracking_uri: str | None = None, formats: Sequence[str] = ("png", "pdf"),
-                    dpi: int = 150, log_to_mlflow: bool = True) -> Report:
-    """Load, render, write ``report.md``; log it all under ``report/`` of the sweep's parent run."""
+def plot_experiment(name: str, out_dir: Path | None = None, tracking_uri: str | None = None,
+                    formats: Sequence[str] = ("png", "pdf"), dpi: int = 150, log_to_mlflow: bool = True) -> Report:
+    """Load, render, write ``report.md`` (into ``out_dir``, default ``$LMGEN_HOME/reports/NAME``);
+    log it all under ``report/`` of the sweep's parent run."""
     uri = resolve_tracking_uri(tracking_uri)
     data = load_run_data(name, uri)
-    report = render(data, Path(out_dir), formats, dpi)
+    report = render(data, Path(out_dir) if out_dir else lmgen_home() / "reports" / name, formats, dpi)
     write_markdown(report, data, name, uri)
     parent = sweep_parent(name, uri) if log_to_mlflow else None
     if parent is not None:

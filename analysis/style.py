@@ -133,19 +133,6 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.2, height: float
     return fig, axes.ravel()
 
 
-def size_legend(ax: Axes, sizes: Iterable[str], runs: pd.DataFrame | None = None, loc: str = "upper right") -> None:
-    """A second legend naming the LM sizes by marker (with their parameter counts when known)."""
-    handles = []
-    for size in sorted(set(sizes), key=size_rank):
-        text = size
-        if runs is not None and "lm_params" in runs:
-            params = runs.loc[runs["lm_size"] == size, "lm_params"].dropna()
-            text += f" ({params.median() / 1e6:.2g}M)" if len(params) else ""
-        handles.append(ax.plot([], [], size_marker(size), color="0.3", label=text)[0])
-    legend = ax.legend(handles=handles, title="LM size", loc=loc, fontsize=8, title_fontsize=8)
-    ax.add_artist(legend)
-
-
 def outside_legends(fig: Figure, runs: pd.DataFrame, sizes: bool = True) -> None:
     """Tokenizer colours (and LM-size markers) as legends to the right of the figure, off the data."""
     colors = label_colors(runs)

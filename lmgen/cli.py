@@ -97,10 +97,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep_report(name: str, uri: str | None) -> None:
     """``lmgen plot`` for a sweep that just ran; a plotting error never fails the sweep."""
     from analysis.report import plot_experiment
-    from lmgen.tracking import lmgen_home
 
     try:
-        report = plot_experiment(name, lmgen_home() / "reports" / name, tracking_uri=uri)
+        report = plot_experiment(name, tracking_uri=uri)
     except Exception as err:  # the runs are safe in MLflow; `lmgen plot` can redo this
         print(f"lmgen: the sweep's report failed ({type(err).__name__}: {err}); retry with "
               f"lmgen plot --experiment {name}", file=sys.stderr)
@@ -111,12 +110,10 @@ def _sweep_report(name: str, uri: str | None) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from analysis.report import plot_experiment  # pandas/matplotlib only when plotting
-    from lmgen.tracking import lmgen_home
 
-    out = args.out or lmgen_home() / "reports" / args.experiment
     formats = [f for f in args.formats.split(",") if f]
     try:
-        report = plot_experiment(args.experiment, Path(out), tracking_uri=args.uri, formats=formats, dpi=args.dpi,
+        report = plot_experiment(args.experiment, args.out, tracking_uri=args.uri, formats=formats, dpi=args.dpi,
                                  log_to_mlflow=not args.no_log)
     except ValueError as err:
         print(f"lmgen plot: {err}", file=sys.stderr)
