@@ -77,14 +77,15 @@ def _client(tracking_uri: str | None) -> MlflowClient:
     return MlflowClient(resolve_tracking_uri(tracking_uri))
 
 
-def _search(client: MlflowClient, name: str) -> list:
-    """Every run of experiment ``name``, or, failing that, of sweep ``name`` in any experiment."""
+def _search(client: MlflowClient, name: str, where: str = "") -> list:
+    """Every run of experiment ``name``, or, failing that, of sweep ``name`` in any experiment;
+    ``where`` narrows the search (an MLflow filter clause)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        ids, query = [experiment.experiment_id], ""
+        ids, query = [experiment.experiment_id], where
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
-        query = f"tags.`lmgen.sweep` = '{name}'"
+        query = " and ".join(filter(None, [f"tags.`lmgen.sweep` = '{name}'", where]))
     runs, token = [], None
     while True:
         page = client.search_runs(ids, query, max_results=1000, page_token=token)
@@ -217,5 +218,5 @@ def load_images(runs: pd.DataFrame, path: str, tracking_uri: str | None = None) 
 def sweep_parent(name: str, tracking_uri: str | None = None) -> str | None:
     """The newest parent run of sweep ``name`` (``lmgen.stage=sweep``), where figures are logged."""
     client = _client(tracking_uri)
-    parents = [r for r in _search(client, name) if r.data.tags.get("lmgen.stage") == "sweep"]
+    parents = _search(client, name, "tags.`lmgen.stage` = 'sweep'")
     return max(parents, key=lambda r: r.info.start_time).info.run_id if parents else None

@@ -234,6 +234,12 @@ def _check_choices(cfg: LearnedConfig) -> None:
             raise ValueError(f"{cfg.name}.{f.name} must be one of {valid}, got {getattr(cfg, f.name)!r}")
 
 
+def bits_label(cfg: LearnedConfig) -> str:
+    """Label of a code of ``cfg.bits`` bits in ``cfg.num_subcodes`` sub-codes (LFQ, BAE): ``bae 16-bit 2×8 f4``."""
+    split = f" {cfg.num_subcodes}×{cfg.bits // cfg.num_subcodes}" if cfg.num_subcodes > 1 else ""
+    return f"{cfg.name} {cfg.bits}-bit{split} f{cfg.downsample}"
+
+
 def split_bits(bits: int, num_subcodes: int, name: str) -> tuple[int, ...]:
     """ELM's n-c split of a ``bits``-bit code into ``num_subcodes`` equal sub-codes.
 

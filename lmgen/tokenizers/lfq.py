@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .learned import LearnedConfig, LearnedTokenizer, split_bits
+from .learned import LearnedConfig, LearnedTokenizer, bits_label, split_bits
 from .quantizers import LookupFreeQuantizer
 
 
@@ -27,8 +27,7 @@ class LFQConfig(LearnedConfig):
 
     def label(self) -> str:
         """Short preset-style name for plots and tables: code bits and downsampling factor."""
-        split = f" {self.num_subcodes}×{self.bits // self.num_subcodes}" if self.num_subcodes > 1 else ""
-        return f"{self.name} {self.bits}-bit{split} f{self.downsample}"
+        return bits_label(self)
 
 
 class LFQTokenizer(LearnedTokenizer):
