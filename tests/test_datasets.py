@@ -1,4 +1,7 @@
-"""Contract tests for lmgen.datasets: procedural shapes and on-disk image folders."""
+"""Contract tests for lmgen.datasets: procedural shapes and on-disk image folders.
+
+The video datasets (moving_shapes, videofolder, frame_view) are in test_video_datasets.py.
+"""
 
 from __future__ import annotations
 
@@ -48,17 +51,29 @@ class DatasetCfg:
     root: str | None = None
     val_fraction: float = 0.25
     shapes: ShapesCfg = field(default_factory=ShapesCfg)
+    frames: int = 0
+    fps: float = 3.0
 
 
 # --- registry ---------------------------------------------------------------------------
 
 
 def test_registry_builds_every_dataset_and_rejects_unknown(tmp_path: Path) -> None:
-    _write_tree(tmp_path)
-    for name in DATASETS:
+    from test_video_datasets import write_video
+
+    _write_tree(tmp_path / "images")
+    for k in range(8):  # 4 per class: val_fraction 0.25 leaves one for val
+        write_video(tmp_path / "videos" / f"c{k % 2}" / f"v{k}.mp4", seconds=1.0)
+    for name, cls in DATASETS.items():
+        assert isinstance(cls.video, bool) and isinstance(cls.procedural, bool)
+        root = tmp_path / ("videos" if cls.video else "images")
         for split in ("train", "val"):
-            ds = build_dataset(DatasetCfg(name=name, root=str(tmp_path)), split)
-            assert isinstance(ds, DATASETS[name]) and isinstance(ds, ImageDataset)
+            ds = build_dataset(DatasetCfg(name=name, root=str(root), frames=3 if cls.video else 0), split)
+            assert isinstance(ds, cls) and isinstance(ds, ImageDataset)
+            assert isinstance(ds.frames, int) and isinstance(ds.fps, float)
+            assert (ds.frames > 0) == cls.video and (ds.frames == 3 or not cls.video)
+            item = next(x for x in map(ds.__getitem__, range(len(ds))) if x is not None)
+            assert item[0].shape == ((3,) if cls.video else ()) + (3, 32, 32)
     with pytest.raises(ValueError, match="imagefolder.*shapes"):
         build_dataset(DatasetCfg(name="cifar100"), "train")
     with pytest.raises(ValueError, match="train.*val"):

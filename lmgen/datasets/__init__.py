@@ -1,9 +1,13 @@
-"""Image datasets, selected by name from ``DATASETS``.
+"""Image and video datasets, selected by name from ``DATASETS``.
 
-Every dataset yields ``(uint8 (3, H, W) image in [0, 255], int label)`` (``None`` for an
-unreadable file) and exposes ``num_classes``, ``class_names``, ``image_size``,
-``class_counts()``, ``labels()``, ``attributes(i)`` and ``fingerprint()`` (see
-``ImageDataset``). ``iter_batches`` walks one in index order and counts skipped files.
+Image datasets (``frames == 0``: ``shapes``, ``imagefolder``) yield ``(uint8 (3, H, W) image
+in [0, 255], int label)``; video datasets (``frames = T > 0``: ``moving_shapes``,
+``videofolder``) yield ``(uint8 (T, 3, H, W) clip, int label)`` and ``frame(i, t)``; either
+gives ``None`` for an unreadable file. All expose ``frames``, ``fps``, ``num_classes``,
+``class_names``, ``image_size``, ``class_counts()``, ``labels()``, ``attributes(i)`` and
+``fingerprint()`` (see ``ImageDataset``); the class attribute ``video`` says which kind a
+class is. ``frame_view`` makes an image dataset of a video one; ``iter_batches`` walks
+either in index order and counts skipped files.
 """
 
 from __future__ import annotations
@@ -11,19 +15,28 @@ from __future__ import annotations
 from typing import Any
 
 from lmgen.datasets.base import (
+    FrameView,
     ImageBatch,
     ImageBatchIterator,
     ImageDataset,
     collate_images,
     config_value,
+    frame_view,
     iter_batches,
     load_batch,
     load_images,
 )
 from lmgen.datasets.folder import ImageFolderDataset
+from lmgen.datasets.moving_shapes import MOTIONS, MovingShapesDataset
 from lmgen.datasets.shapes import CLASS_NAMES, ShapesDataset
+from lmgen.datasets.videofolder import VideoFolderDataset
 
-DATASETS: dict[str, type] = {"shapes": ShapesDataset, "imagefolder": ImageFolderDataset}
+DATASETS: dict[str, type] = {
+    "shapes": ShapesDataset,
+    "imagefolder": ImageFolderDataset,
+    "moving_shapes": MovingShapesDataset,
+    "videofolder": VideoFolderDataset,
+}
 SPLITS: tuple[str, ...] = ("train", "val")
 
 
@@ -31,8 +44,9 @@ def build_dataset(cfg: Any, split: str) -> ImageDataset:
     """The ``split`` ("train" | "val") of the dataset named ``cfg.name``.
 
     ``cfg`` is the dataset config block (dataclass or OmegaConf node) with ``name``,
-    ``image_size``, ``train_size``, ``val_size``, ``seed``, ``root``, ``val_fraction`` and
-    ``shapes.*``; each dataset class reads what it needs in ``from_config``.
+    ``image_size``, ``train_size``, ``val_size``, ``seed``, ``root``, ``val_fraction``,
+    ``frames``, ``fps``, ``shapes.*`` and ``motion.*``; each dataset class reads what it needs
+    in ``from_config``.
     """
     name = config_value(cfg, "name")
     if name not in DATASETS:
@@ -45,13 +59,18 @@ def build_dataset(cfg: Any, split: str) -> ImageDataset:
 __all__ = [
     "CLASS_NAMES",
     "DATASETS",
+    "MOTIONS",
+    "FrameView",
     "ImageBatch",
     "ImageBatchIterator",
     "ImageDataset",
     "ImageFolderDataset",
+    "MovingShapesDataset",
     "ShapesDataset",
+    "VideoFolderDataset",
     "build_dataset",
     "collate_images",
+    "frame_view",
     "iter_batches",
     "load_batch",
     "load_images",

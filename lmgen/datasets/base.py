@@ -1,13 +1,16 @@
-"""What every image dataset provides, and batching that survives unreadable files.
+"""What every dataset provides, and batching that survives unreadable files.
 
-Datasets yield ``(image, label)`` with ``image`` uint8 (3, H, W) in [0, 255], or ``None``
-for an item that cannot be read (folder datasets only). ``iter_batches`` walks a dataset in
+Image datasets (``frames == 0``) yield ``(image, label)`` with ``image`` uint8 (3, H, W) in
+[0, 255]; video datasets (``frames = T > 0``) yield ``(clip, label)`` with ``clip`` uint8
+(T, 3, H, W), and ``frame_view`` turns one into an image dataset of single frames. An item
+that cannot be read (folder datasets only) is ``None``. ``iter_batches`` walks a dataset in
 index order through a torch ``DataLoader``, drops such items and counts them, so a corrupt
-JPEG costs one image, never a run.
+file costs one item, never a run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +32,12 @@ _MISSING = object()
 class ImageDataset(Protocol):
     """The interface shared by every entry of ``lmgen.datasets.DATASETS``.
 
-    - ``dataset[i]``: ``(uint8 (3, H, W), label)`` or ``None`` if the file is unreadable.
+    - ``frames``: frames per clip; 0 for still-image datasets. ``fps``: the clips' frame rate
+      (0.0 for still images).
+    - ``dataset[i]``: ``(uint8 (3, H, W), label)`` for images, ``(uint8 (frames, 3, H, W),
+      label)`` for clips, or ``None`` if the file is unreadable.
+    - video datasets only: ``frame(i, t)``: ``(uint8 (3, H, W), label)`` or ``None``, frame
+      ``t`` of clip ``i``, without producing the rest of the clip.
     - ``class_counts()``: int64 (num_classes,), items per class, known without decoding.
     - ``labels()``: int64 (N,), every item's label, cheap.
     - ``attributes(i)``: JSON-serialisable per-item metadata for analysis.
@@ -39,6 +47,8 @@ class ImageDataset(Protocol):
     num_classes: int
     class_names: list[str]
     image_size: int
+    frames: int
+    fps: float
 
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> Item: ...
@@ -73,8 +83,9 @@ def short_hash(payload: Any) -> str:
 class ImageBatch:
     """A batch of readable items.
 
-    images: (B, 3, H, W) uint8 in [0, 255]; labels: (B,) int64; indices: (B,) int64, the
-    dataset index of each image; skipped: number of unreadable items dropped from this batch.
+    images: (B, 3, H, W) uint8 in [0, 255] — (B, T, 3, H, W) for a video dataset's clips;
+    labels: (B,) int64; indices: (B,) int64, the dataset index of each item; skipped: number
+    of unreadable items dropped from this batch.
     """
 
     images: Tensor
@@ -89,7 +100,9 @@ class ImageBatch:
 def collate_images(items: Sequence[tuple[int, Item]]) -> ImageBatch:
     """Collate ``(index, item)`` pairs, dropping and counting ``None`` items.
 
-    A batch whose items are all unreadable has ``images`` of shape (0, 3, 0, 0).
+    Items are stacked as they are: images (3, H, W) give (B, 3, H, W), clips (T, 3, H, W)
+    give (B, T, 3, H, W). A batch whose items are all unreadable has ``images`` of shape
+    (0, 3, 0, 0) (``iter_batches`` never yields one).
     """
     good = [(i, item) for i, item in items if item is not None]
     skipped = len(items) - len(good)
@@ -175,20 +188,80 @@ def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Ima
 
 def load_batch(dataset: Dataset, limit: int = 0, batch_size: int = 256, num_workers: int = 0) -> ImageBatch:
     """The first ``limit`` readable items (0 = all) in index order, as one ``ImageBatch``
-    (images with their labels and dataset indices; ``skipped`` counts what was dropped)."""
+    (images — or clips — with their labels and dataset indices; ``skipped`` counts what was
+    dropped)."""
     batches, count = [], 0
-    for batch in iter_batches(dataset, batch_size, num_workers=num_workers):
+    it = iter_batches(dataset, batch_size, num_workers=num_workers)
+    for batch in it:
         batches.append(batch)
         count += len(batch)
         if limit and count >= limit:
             break
+    # the iterator's count: a batch that lost every item is counted there but never yielded
+    if not batches:
+        return dataclasses.replace(collate_images([]), skipped=it.skipped)
     cut = slice(limit or None)
     return ImageBatch(images=torch.cat([b.images for b in batches])[cut],
                       labels=torch.cat([b.labels for b in batches])[cut],
                       indices=torch.cat([b.indices for b in batches])[cut],
-                      skipped=sum(b.skipped for b in batches))
+                      skipped=it.skipped)
 
 
 def load_images(dataset: Dataset, limit: int = 0, batch_size: int = 256, num_workers: int = 0) -> Tensor:
-    """uint8 (M, 3, H, W): the first ``limit`` readable images in index order (0 = all)."""
+    """uint8 (M, 3, H, W): the first ``limit`` readable images in index order (0 = all);
+    (M, T, 3, H, W) clips for a video dataset (``frame_view`` gives its frames instead)."""
     return load_batch(dataset, limit, batch_size, num_workers).images
+
+
+class FrameView(Dataset):
+    """One frame per clip of a video dataset, as an image dataset (``frames == 0``).
+
+    Item ``i`` is ``clips.frame(i, i % clips.frames)``: ``(uint8 (3, H, W), label)`` or
+    ``None``. The frame index cycles so the view sees every time step (a probe trained on
+    it meets early and late frames alike) while staying deterministic. Labels, classes and
+    ``image_size`` are the clips'; ``attributes(i)`` adds ``"frame"``.
+    """
+
+    frames = 0
+    fps = 0.0
+    video = False
+
+    def __init__(self, clips: Any) -> None:  # Any: a video dataset, which adds ``frame`` to ImageDataset
+        if int(getattr(clips, "frames", 0)) <= 0:
+            raise ValueError("frame_view: needs a video dataset (frames > 0)")
+        self.clips = clips
+        self.num_classes: int = clips.num_classes
+        self.class_names: list[str] = list(clips.class_names)
+        self.image_size: int = clips.image_size
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def frame_index(self, index: int) -> int:
+        """Which frame of clip ``index`` item ``index`` shows."""
+        return (index % len(self)) % self.clips.frames
+
+    def __getitem__(self, index: int) -> Item:
+        return self.clips.frame(index, self.frame_index(index))
+
+    def labels(self) -> Tensor:
+        """int64 (N,): the clips' labels."""
+        return self.clips.labels()
+
+    def class_counts(self) -> Tensor:
+        """int64 (num_classes,): the clips' class counts."""
+        return self.clips.class_counts()
+
+    def attributes(self, index: int) -> dict[str, Any]:
+        """The clip's attributes plus ``"frame"``, the frame this item shows."""
+        return {**self.clips.attributes(index), "frame": self.frame_index(index)}
+
+    def fingerprint(self) -> str:
+        """A hash of the clips' fingerprint and the view (differs from the clips')."""
+        return short_hash({"clips": self.clips.fingerprint(), "view": "frame_view"})
+
+
+def frame_view(dataset: ImageDataset) -> ImageDataset:
+    """An image dataset for ``dataset``: itself if it holds images (``frames == 0``), else a
+    ``FrameView`` with one frame of each clip (what the offline probe classifier trains on)."""
+    return dataset if int(getattr(dataset, "frames", 0)) == 0 else FrameView(dataset)

@@ -15,6 +15,9 @@ seed-independent), listed in path order. Items are opened with Pillow, converted
 centre-cropped to a square and resized with bicubic (antialiased) filtering. A file that
 cannot be decoded (corrupt, truncated, empty) yields ``None`` and one logged warning with
 its path; it still counts in ``class_counts`` (which comes from the listing).
+
+The listing helpers (``list_folder``, ``cap_order``) and the transform (``square_resize``)
+are shared with ``videofolder``.
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ def _subdirs(directory: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_images(directory: Path, root: Path, label: int) -> list[FileEntry]:
-    """Every image file below ``directory`` (recursive), sorted by relative path."""
+def _scan_files(directory: Path, root: Path, label: int, extensions: frozenset[str]) -> list[FileEntry]:
+    """Every file below ``directory`` (recursive) with one of ``extensions``, sorted by relative path."""
     entries, stack = [], [directory]
     while stack:
         with os.scandir(stack.pop()) as it:
@@ -73,17 +76,69 @@ def _scan_images(directory: Path, root: Path, label: int) -> list[FileEntry]:
                     continue
                 if e.is_dir():
                     stack.append(Path(e.path))
-                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                elif os.path.splitext(e.name)[1].lower() in extensions:
                     st = e.stat()
                     rel = Path(e.path).relative_to(root).as_posix()
                     entries.append(FileEntry(rel, label, st.st_size, st.st_mtime_ns))
     return sorted(entries, key=lambda f: f.relpath)
 
 
-def load_image(path: str | Path, image_size: int) -> Tensor:
-    """Decode, convert to RGB, centre-crop, resize: uint8 (3, S, S) in [0, 255]. Raises on bad files."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")  # forces a full decode: truncation and corruption raise here
+@dataclass(frozen=True)
+class FolderListing:
+    """The files of one split of a class-folder tree (before any cap).
+
+    ``split_dirs``: the tree has ``train/`` and ``val/``; ``files`` are ordered by (label, relpath).
+    """
+
+    root: Path
+    split_dirs: bool
+    class_names: list[str]
+    files: list[FileEntry]
+
+
+def list_folder(root: str | Path, split: str, val_fraction: float, extensions: frozenset[str], name: str) -> FolderListing:
+    """List ``split`` of the class-folder tree at ``root`` (layout and split: module docstring).
+
+    ``name`` (the dataset's registry name) prefixes error messages. Raises ``ValueError``
+    naming the path for a missing root, no class folders, or no file with ``extensions``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"{name}: unknown split {split!r}; valid: {list(SPLITS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"{name}: val_fraction must be in [0, 1), got {val_fraction}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{name}: root {root} does not exist or is not a directory")
+    split_dirs = (root / "train").is_dir() and (root / "val").is_dir()
+    class_roots = [root / s for s in SPLITS] if split_dirs else [root]
+    class_names = sorted({c for d in class_roots for c in _subdirs(d)})
+    if not class_names:
+        raise ValueError(f"{name}: no class subfolders in {root} (expected root/<class_name>/<files>)")
+    split_root = root / split if split_dirs else root
+    per_class = [
+        _scan_files(split_root / c, root, label, extensions) if (split_root / c).is_dir() else []
+        for label, c in enumerate(class_names)
+    ]
+    if not any(per_class):
+        raise ValueError(f"{name}: no files ({', '.join(sorted(extensions))}) in the class folders of {split_root}")
+    if split_dirs:
+        return FolderListing(root, split_dirs, class_names, [f for files in per_class for f in files])
+    out = []
+    for files in per_class:
+        ranked = sorted(files, key=lambda f: _hash_unit(f.relpath, "split"))
+        n_val = int(round(val_fraction * len(files)))
+        chosen = ranked[:n_val] if split == "val" else ranked[n_val:]
+        out.extend(sorted(chosen, key=lambda f: f.relpath))
+    return FolderListing(root, split_dirs, class_names, out)
+
+
+def cap_order(files: list[FileEntry]) -> list[FileEntry]:
+    """``files`` in a fixed hash-shuffled order (seed-independent): what a size cap keeps first."""
+    return sorted(files, key=lambda f: _hash_unit(f.relpath, "order"))
+
+
+def square_resize(im: Image.Image, image_size: int) -> Tensor:
+    """Centre-crop an RGB image to a square and resize it (bicubic, antialiased): uint8 (3, S, S)."""
     w, h = im.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -92,11 +147,50 @@ def load_image(path: str | Path, image_size: int) -> Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+def load_image(path: str | Path, image_size: int) -> Tensor:
+    """Decode, convert to RGB, centre-crop, resize: uint8 (3, S, S) in [0, 255]. Raises on bad files."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")  # forces a full decode: truncation and corruption raise here
+    return square_resize(im, image_size)
+
+
+class ListedFolder(torch.utils.data.Dataset):
+    """What the folder datasets share: items listed once from ``root`` (``entries``), labels
+    from the listing (``_labels``, ``num_classes``), and an unreadable file warned about once."""
+
+    entries: list
+    _labels: Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def labels(self) -> Tensor:
+        """Every item's label from the listing, int64 (N,)."""
+        return self._labels
+
+    def class_counts(self) -> Tensor:
+        """Listed items per class in this split, int64 (num_classes,) (unreadable ones included)."""
+        return torch.bincount(self._labels, minlength=self.num_classes)
+
+    def _skip(self, relpath: str, what: str, err: Exception) -> None:
+        """Log an unreadable file once (by its path), however many items it holds."""
+        if relpath not in self._warned:
+            self._warned.add(relpath)
+            log.warning("%s: skipping %s %s (%s: %s)", type(self).__name__, what, self.root / relpath,
+                        type(err).__name__, err)
+
+
+class ImageFolderDataset(ListedFolder):
     """Labelled images from ``root``; items are ``(uint8 (3, S, S), label)`` or ``None``.
 
     See the module docstring for layout, split and transform.
     """
+
+    frames = 0  # still images (see ImageDataset)
+    fps = 0.0
+    video = False
+    procedural = False  # read from data.root
 
     def __init__(
         self,
@@ -106,55 +200,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         val_fraction: float = 0.1,
         max_items: int = 0,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"imagefolder: unknown split {split!r}; valid: {list(SPLITS)}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"imagefolder: val_fraction must be in [0, 1), got {val_fraction}")
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise ValueError(f"imagefolder: root {self.root} does not exist or is not a directory")
+        listing = list_folder(root, split, float(val_fraction), IMAGE_EXTENSIONS, "imagefolder")
+        self.root, self.split_dirs = listing.root, listing.split_dirs
         self.split, self.image_size = split, int(image_size)
         self.val_fraction, self.max_items = float(val_fraction), int(max_items)
-        self.split_dirs = (self.root / "train").is_dir() and (self.root / "val").is_dir()
-        class_roots = [self.root / s for s in SPLITS] if self.split_dirs else [self.root]
-        self.class_names: list[str] = sorted({c for d in class_roots for c in _subdirs(d)})
+        self.class_names: list[str] = listing.class_names
         self.num_classes = len(self.class_names)
-        if not self.class_names:
-            raise ValueError(
-                f"imagefolder: no class subfolders in {self.root} (expected root/<class_name>/<image files>)"
-            )
-        entries = self._list_split()
+        entries = listing.files
         if self.max_items > 0 and len(entries) > self.max_items:
-            keep = sorted(entries, key=lambda f: _hash_unit(f.relpath, "order"))[: self.max_items]
-            entries = sorted(keep, key=lambda f: (f.label, f.relpath))
+            entries = sorted(cap_order(entries)[: self.max_items], key=lambda f: (f.label, f.relpath))
         if not entries:
             raise ValueError(f"imagefolder: split {split!r} of {self.root} is empty (val_fraction={self.val_fraction})")
         self.entries: list[FileEntry] = entries
         self._labels = torch.tensor([f.label for f in entries], dtype=torch.int64)
         self._warned: set[str] = set()
         self._fingerprint: str | None = None
-
-    def _list_split(self) -> list[FileEntry]:
-        """The files of this split (before ``max_items``), ordered by (label, relpath)."""
-        split_root = self.root / self.split if self.split_dirs else self.root
-        per_class = [
-            _scan_images(split_root / name, self.root, label) if (split_root / name).is_dir() else []
-            for label, name in enumerate(self.class_names)
-        ]
-        if not any(per_class):
-            raise ValueError(
-                f"imagefolder: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                f"in the class folders of {split_root}"
-            )
-        if self.split_dirs:
-            return [f for files in per_class for f in files]
-        out = []
-        for files in per_class:
-            ranked = sorted(files, key=lambda f: _hash_unit(f.relpath, "split"))
-            n_val = int(round(self.val_fraction * len(files)))
-            chosen = ranked[:n_val] if self.split == "val" else ranked[n_val:]
-            out.extend(sorted(chosen, key=lambda f: f.relpath))
-        return out
 
     @classmethod
     def from_config(cls, cfg: Any, split: str) -> ImageFolderDataset:
@@ -172,30 +232,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             max_items=int(config_value(cfg, f"{split}_size", 0)),
         )
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         entry = self.entries[index]
-        path = self.root / entry.relpath
         try:
-            image = load_image(path, self.image_size)
+            image = load_image(self.root / entry.relpath, self.image_size)
         # Pillow signals bad data with many exception types (OSError, SyntaxError,
         # DecompressionBombError, ValueError ...): one bad file must never stop a run.
         except Exception as err:
-            if entry.relpath not in self._warned:
-                self._warned.add(entry.relpath)
-                log.warning("imagefolder: skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+            self._skip(entry.relpath, "unreadable image", err)
             return None
         return image, entry.label
-
-    def labels(self) -> Tensor:
-        """Every item's label from the listing, int64 (N,)."""
-        return self._labels
-
-    def class_counts(self) -> Tensor:
-        """Listed files per class in this split, int64 (num_classes,) (unreadable ones included)."""
-        return torch.bincount(self._labels, minlength=self.num_classes)
 
     def attributes(self, index: int) -> dict[str, Any]:
         """JSON-serialisable listing metadata of item ``index`` (no decoding)."""

@@ -33,6 +33,11 @@ class ShapeObject:
     of the image side; x grows rightwards, y downwards. ``rotation`` and ``texture_angle`` are
     in degrees. ``colors`` are the texture's two RGB endpoints (solid uses the first).
     ``texture_period`` (fraction of the side) sets stripe/checker spacing.
+
+    A moving object (``moving_shapes``) carries its fill with it: stripes and checkers are
+    phased from ``texture_anchor`` (x, y) and the whole fill pattern is turned by
+    ``texture_spin`` degrees about that anchor. The defaults (the world origin, no spin)
+    are the still ``shapes`` recipe.
     """
 
     role: str
@@ -44,6 +49,8 @@ class ShapeObject:
     texture: str
     texture_angle: float
     texture_period: float
+    texture_anchor: tuple[float, float] = (0.0, 0.0)
+    texture_spin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -180,17 +187,30 @@ def _soft_wave(s: np.ndarray, period_px: float) -> np.ndarray:
 
 
 def _value_noise(xs: np.ndarray, ys: np.ndarray, obj: ShapeObject, rng: np.random.Generator) -> np.ndarray:
-    """Bilinear value noise on a NOISE_GRID^2 lattice over the object's box, (h, w) in [0, 1]."""
+    """Bilinear value noise on a NOISE_GRID^2 lattice over the object's box, (h, w) in [0, 1].
+
+    ``xs`` (1, w) or (h, w) and ``ys`` (h, 1) or (h, w): pixel centres, broadcast together.
+    """
     grid = rng.random((NOISE_GRID, NOISE_GRID), dtype=np.float32)
     grid = (grid - grid.min()) / max(float(np.ptp(grid)), 1e-6)
     g = NOISE_GRID - 1
     gx = np.clip(((xs - obj.center[0]) / obj.size + 0.5) * g, 0, g - 1e-4)
     gy = np.clip(((ys - obj.center[1]) / obj.size + 0.5) * g, 0, g - 1e-4)
     ix, iy = gx.astype(np.int64), gy.astype(np.int64)
-    fx, fy = (gx - ix)[None, :], (gy - iy)[:, None]
-    top = grid[iy[:, None], ix[None, :]] * (1 - fx) + grid[iy[:, None], ix[None, :] + 1] * fx
-    bottom = grid[iy[:, None] + 1, ix[None, :]] * (1 - fx) + grid[iy[:, None] + 1, ix[None, :] + 1] * fx
+    fx, fy = gx - ix, gy - iy
+    top = grid[iy, ix] * (1 - fx) + grid[iy, ix + 1] * fx
+    bottom = grid[iy + 1, ix] * (1 - fx) + grid[iy + 1, ix + 1] * fx
     return top * (1 - fy) + bottom * fy
+
+
+def _spin(xs: np.ndarray, ys: np.ndarray, obj: ShapeObject) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres (1, w), (h, 1) in the frame of a fill turned by ``texture_spin`` about
+    ``texture_anchor``: (h, w) each. Same convention as ``rotation`` (clockwise on screen)."""
+    ax, ay = obj.texture_anchor
+    th = math.radians(obj.texture_spin)
+    ct, st = np.float32(math.cos(th)), np.float32(math.sin(th))
+    dx, dy = xs - np.float32(ax), ys - np.float32(ay)
+    return ax + dx * ct + dy * st, ay + dy * ct - dx * st
 
 
 def _texture(
@@ -205,19 +225,22 @@ def _texture(
     if obj.texture == "solid":
         return c0  # broadcasts over the box
     c1 = np.array(obj.colors[1], dtype=np.float32)
-    xs, ys = _pixel_centres(x0, x1, image_size), _pixel_centres(y0, y1, image_size)
+    xs, ys = _pixel_centres(x0, x1, image_size)[None, :], _pixel_centres(y0, y1, image_size)[:, None]
+    if obj.texture_spin:
+        xs, ys = _spin(xs, ys, obj)
     a = math.radians(obj.texture_angle)
     ca, sa = np.float32(math.cos(a)), np.float32(math.sin(a))
     if obj.texture == "gradient":
         # spans the object's bounding circle along the texture angle
-        t = ((xs - obj.center[0])[None, :] * ca + (ys - obj.center[1])[:, None] * sa) / obj.size + 0.5
+        t = ((xs - obj.center[0]) * ca + (ys - obj.center[1]) * sa) / obj.size + 0.5
         t = np.clip(t, 0.0, 1.0)
     elif obj.texture in ("stripes", "checker"):
         period_px = obj.texture_period * image_size
-        s1 = (xs[None, :] * ca + ys[:, None] * sa) / obj.texture_period
+        px, py = xs - obj.texture_anchor[0], ys - obj.texture_anchor[1]
+        s1 = (px * ca + py * sa) / obj.texture_period
         w = _soft_wave(s1, period_px)
         if obj.texture == "checker":
-            s2 = (ys[:, None] * ca - xs[None, :] * sa) / obj.texture_period
+            s2 = (py * ca - px * sa) / obj.texture_period
             w = np.clip(w * _soft_wave(s2, period_px), -1.0, 1.0)
         t = 0.5 + 0.5 * w
     elif obj.texture == "noise":

@@ -132,6 +132,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     See the module docstring for the recipe. ``size`` is the number of items in ``split``.
     """
 
+    frames = 0  # still images (see ImageDataset)
+    fps = 0.0
+    video = False  # lmgen.config.validate: data.frames must be 0
+    procedural = True  # generated, so data.root is not needed and sizes must be > 0
+
     def __init__(
         self,
         split: str,
@@ -192,13 +197,14 @@ class ShapesDataset(torch.utils.data.Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
 
-    def _draw_label(self, rng: np.random.Generator) -> int:
+    def draw_label(self, rng: np.random.Generator) -> int:
+        """A class index from the Zipf prior, using one uniform draw of ``rng``."""
         return min(int(np.searchsorted(self._cdf, rng.random(), side="right")), self.num_classes - 1)
 
     def scene(self, index: int) -> Scene:
         """The full description of item ``index`` (no pixels rendered)."""
         rng = self._rng(self._check_index(index))
-        label = self._draw_label(rng)
+        label = self.draw_label(rng)
         return sample_scene(rng, label, (self.min_objects - 1, self.max_objects - 1))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
@@ -209,7 +215,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def labels(self) -> Tensor:
         """All labels, int64 (N,); draws only the label of each item (no rendering), cached."""
         if self._labels is None:
-            self._labels = torch.tensor([self._draw_label(self._rng(i)) for i in range(self.size)], dtype=torch.int64)
+            self._labels = torch.tensor([self.draw_label(self._rng(i)) for i in range(self.size)], dtype=torch.int64)
         return self._labels
 
     def class_counts(self) -> Tensor:
