@@ -13,6 +13,10 @@ An image is saved with Pillow's JPEG encoder and every byte of the file is one t
   they resynchronise the entropy coder at every 16×16 patch (4:2:0), which helps the LM
   and lets a prompt be cut at a patch boundary.
 
+``bpe_vocab`` > 0 extends the 256 byte values with a byte-level BPE learned on the train
+streams in ``fit`` (JPEG-LM: 320 tokens; see ``bpe.py``): ids are then BPE tokens, which
+never lengthen a stream, so ``max_tokens`` stays the byte bound.
+
 Pillow ignores save options it does not know, so the constructor checks that the
 installed Pillow really writes the restart interval (DRI) and abbreviated streams.
 
@@ -36,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from .base import Decoded, TokenBatch, grey_images, kept_rows, pad_token_lists
+from .bpe import ByteBPE
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +64,13 @@ class JpegConfig:
     restart_markers: bool = True      # RST after every MCU (Pillow restart_marker_blocks=1)
     abbreviated: bool = True          # streamtype=2: tables stored once, spliced back on decode
     max_tokens: int = 0               # 0 = derive from noise images (see JpegTokenizer)
+    bpe_vocab: int = 0                # 0 = raw bytes (vocab 256); JPEG-LM: 320
 
     def label(self) -> str:
         """Short preset-style name for plots and tables: quality, then what departs from JPEG-LM."""
         extra = "" if self.subsampling == "4:2:0" else f" {self.subsampling}"
-        return f"jpeg q{self.quality}{extra}" + ("" if self.restart_markers else " no-RST")
+        return (f"jpeg q{self.quality}{extra}" + ("" if self.restart_markers else " no-RST")
+                + (f" bpe{self.bpe_vocab}" if self.bpe_vocab else ""))
 
 
 def _marker_segments(data: bytes) -> list[tuple[int, int, int]]:
@@ -147,10 +154,11 @@ def restart_prefix_length(data: bytes, ratio: float) -> int:
 
 
 class JpegTokenizer:
-    """JPEG file bytes as tokens. Variable length, vocab 256, no learned state.
+    """JPEG file bytes (or byte-level BPE tokens of them) as tokens. Variable length; vocab
+    256, or ``bpe_vocab`` with the merges learned by ``fit`` as its state.
 
-    encode: (B, 3, H, W) uint8 → TokenBatch ids (B, L) int64 in [0, 256), right-padded with 0,
-    one stream per image (SOI … EOI, tables omitted when ``abbreviated``).
+    encode: (B, 3, H, W) uint8 → TokenBatch ids (B, L) int64 in [0, vocab_size), right-padded
+    with 0, one stream per image (SOI … EOI, tables omitted when ``abbreviated``).
     decode: TokenBatch → Decoded (B, 3, H, W) uint8; undecodable streams are grey, valid=False.
 
     ``max_tokens`` (when the config leaves it 0) is derived once at construction: the longest
@@ -162,9 +170,11 @@ class JpegTokenizer:
     """
 
     Config = JpegConfig
-    vocab_size = 256
+    vocab_size: int                   # per instance: 256, or cfg.bpe_vocab
     variable_length = True
     learned = False
+    video = False  # still images only
+    frames = 0
     subcodes: tuple[int, ...] = ()
 
     def __init__(self, cfg: JpegConfig, image_size: tuple[int, int]) -> None:
@@ -174,7 +184,12 @@ class JpegTokenizer:
             raise ValueError(f"jpeg.subsampling must be one of {SUBSAMPLINGS}, got {cfg.subsampling!r}")
         if cfg.max_tokens < 0:
             raise ValueError(f"jpeg.max_tokens must be >= 0, got {cfg.max_tokens}")
+        if cfg.bpe_vocab != 0 and cfg.bpe_vocab <= 256:
+            # 256 would be raw bytes under a second name (and label): one spelling per arm.
+            raise ValueError(f"jpeg.bpe_vocab must be 0 (raw bytes) or > 256 (JPEG-LM: 320), got {cfg.bpe_vocab}")
         self.cfg = cfg
+        self.bpe = ByteBPE(cfg.bpe_vocab or 256)
+        self.vocab_size = self.bpe.vocab_size
         self.image_size = (int(image_size[0]), int(image_size[1]))
         h, w = self.image_size
         # DQT + DHT segments exactly as libjpeg writes them between SOI and EOI.
@@ -225,35 +240,39 @@ class JpegTokenizer:
         """Token bytes of one (H, W, 3) uint8 image."""
         return self._save(Image.fromarray(hwc), streamtype=2 if self.cfg.abbreviated else 0)
 
-    def fit(self, images: Tensor) -> dict[str, float]:
-        """Nothing to fit: the tables are fixed by quality/subsampling. Returns {}."""
-        return {}
-
-    def encode(self, images: Tensor) -> TokenBatch:
-        """(B, 3, H, W) uint8 → TokenBatch (B, L) int64 bytes in [0, 256), L = longest stream."""
+    def _streams(self, images: Tensor) -> list[bytes]:
+        """(B, 3, H, W) uint8 → the B token byte streams; ValueError on another shape or dtype."""
         h, w = self.image_size
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
             raise ValueError(f"expected uint8 images of shape (B, 3, {h}, {w}), got {images.dtype} "
                              f"{tuple(images.shape)}")
         hwc = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()    # (B, H, W, 3)
-        streams = []
-        for i in range(hwc.shape[0]):
-            data = self._stream(hwc[i])
+        return [self._stream(hwc[i]) for i in range(hwc.shape[0])]
+
+    def fit(self, images: Tensor) -> dict[str, float]:
+        """With ``bpe_vocab``: learn the BPE merges on the streams of (N, 3, H, W) uint8 train
+        images and return its ``tok/bpe_*`` stats. Raw bytes: nothing to fit (the tables are
+        fixed by quality/subsampling), {}."""
+        if not self.cfg.bpe_vocab:
+            return {}
+        return self.bpe.fit(self._streams(images))
+
+    def encode(self, images: Tensor) -> TokenBatch:
+        """(B, 3, H, W) uint8 → TokenBatch (B, L) int64 in [0, vocab_size), L = longest stream."""
+        streams = self._streams(images)
+        for i, data in enumerate(streams):
             if len(data) > self.max_tokens:
                 raise ValueError(f"jpeg: image {i} encodes to {len(data)} bytes > max_tokens="
                                  f"{self.max_tokens}; set jpeg.max_tokens explicitly")
-            streams.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64))
-        batch = pad_token_lists(streams)
+        batch = pad_token_lists([torch.from_numpy(ids) for ids in self.bpe.encode_batch(streams)])
         return TokenBatch(ids=batch.ids.to(images.device), lengths=batch.lengths.to(images.device))
 
     def to_jpeg_bytes(self, ids: Tensor) -> bytes | None:
-        """A complete JPEG file from one stream of ids (1-D), tables spliced back after SOI
-        when abbreviated; None if any id is outside [0, 256) or the stream lacks SOI."""
-        ids = ids.detach().cpu()
-        if ids.numel() < 2 or bool(((ids < 0) | (ids > 255)).any()):
-            return None
-        data = ids.to(torch.uint8).numpy().tobytes()
-        if not data.startswith(SOI):
+        """A complete JPEG file from one stream of ids (1-D; BPE tokens with ``bpe_vocab``, ids
+        0..255 are always the raw bytes), tables spliced back after SOI when abbreviated; None
+        if an id is outside the vocabulary (or never learned) or the stream lacks SOI."""
+        data = self.bpe.decode(ids.detach().cpu())
+        if data is None or not data.startswith(SOI):
             return None
         return SOI + self.tables + data[2:] if self.cfg.abbreviated else data
 
@@ -297,24 +316,41 @@ class JpegTokenizer:
     def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor:
         """Per stream, the bytes through the restart marker that closes the top round(ratio·R)
         of its R MCU rows (JPEG-LM: "a prompt can be cut at a patch boundary"); needs
-        ``restart_markers``. (B,) int64."""
+        ``restart_markers``. With BPE, the tokens that end at or before that byte (a token
+        spanning the marker is left to the LM). (B,) int64."""
         if not self.cfg.restart_markers:
             raise ValueError("jpeg: prefix completion cuts streams at restart markers; "
                              "set tokenizer.restart_markers=true")
-        ids = tokens.ids.detach().cpu()
-        cuts = [restart_prefix_length(ids[i, : int(tokens.lengths[i])].to(torch.uint8).numpy().tobytes(), ratio)
-                for i in range(len(tokens))]
+        cuts = []
+        for i in range(len(tokens)):
+            ids = tokens.ids[i, : int(tokens.lengths[i])].detach().cpu().numpy()
+            data = self.bpe.decode(ids)
+            if data is None:
+                raise ValueError(f"jpeg: stream {i} holds ids outside the vocabulary")
+            cuts.append(self.bpe.tokens_within(ids, restart_prefix_length(data, ratio)))
         return torch.tensor(cuts, dtype=torch.int64)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"tables": (T,) uint8}``: the DQT/DHT bytes spliced back into abbreviated streams."""
-        return {"tables": torch.frombuffer(bytearray(self.tables), dtype=torch.uint8).clone()}
+        """``{"tables": (T,) uint8}``: the DQT/DHT bytes spliced back into abbreviated streams;
+        with ``bpe_vocab`` also ``"bpe"``: the merges (``ByteBPE.state_dict``)."""
+        state: dict[str, Any] = {"tables": torch.frombuffer(bytearray(self.tables), dtype=torch.uint8).clone()}
+        if self.cfg.bpe_vocab:
+            state["bpe"] = self.bpe.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the tables from ``state_dict`` (a cache decodes with the tables that wrote it)."""
-        tables = state.get("tables")
+        """Restore the tables (and BPE merges) from ``state_dict`` (a cache decodes with the
+        tables and merges that wrote it). ValueError where the state's BPE does not match
+        ``bpe_vocab`` (raw-byte states have no "bpe")."""
+        tables, bpe = state.get("tables"), state.get("bpe")
         if tables is None:
             raise ValueError("jpeg: state has no 'tables'")
+        if self.cfg.bpe_vocab:
+            if bpe is None:
+                raise ValueError(f"jpeg: state has no 'bpe' merges, but bpe_vocab={self.cfg.bpe_vocab}")
+            self.bpe.load_state_dict(bpe)
+        elif bpe is not None and int(bpe.get("vocab_size", 256)) != 256:
+            raise ValueError(f"jpeg: state holds a BPE of {bpe.get('vocab_size')} tokens, but bpe_vocab=0")
         data = torch.as_tensor(tables).to(torch.uint8).cpu().numpy().tobytes()
         if data != self.tables:
             log.warning("jpeg: loaded tables differ from this Pillow's for quality=%d subsampling=%s",
