@@ -48,6 +48,16 @@ class ShapesConfig:
 
 
 @dataclass
+class MotionConfig:
+    """Motion of the ``moving_shapes`` main object (lmgen.datasets.moving_shapes)."""
+
+    # outline speed, fraction of the image side per second, uniform per clip:
+    # ~1 px per frame at 32 px and 3 fps; the same clip at any image_size
+    min_speed: float = 0.04
+    max_speed: float = 0.12
+
+
+@dataclass
 class DataConfig:
     name: str = "shapes"  # a key of lmgen.datasets.DATASETS
     image_size: int = 32
@@ -57,6 +67,9 @@ class DataConfig:
     root: str | None = None  # folder datasets; use ${oc.env:VAR} rather than relative hops
     val_fraction: float = 0.05  # folders without train/ and val/ subfolders
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    frames: int = 0  # frames per clip; 0 = still images. Video datasets need > 0; AVC-LM: 15
+    fps: float = 3.0  # clip frame rate; AVC-LM: 3
+    motion: MotionConfig = field(default_factory=MotionConfig)  # moving_shapes
     encode_batch_size: int = 256  # images per tokenizer.encode call when filling the cache
     num_workers: int = 0  # DataLoader workers for reading images and token batches
     fit_images: int = 2000  # train images a non-learned tokenizer fits on (palette, BPE)
@@ -206,13 +219,7 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
-    if cfg.data.name != "shapes" and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name!r}")
-    for key in ("data.train_size", "data.val_size"):  # folders: 0 = every file
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
-        if cfg.data.name == "shapes" and OmegaConf.select(cfg, key) == 0:  # generated data has no "all"
-            raise ConfigError(f"{key} must be positive for data.name='shapes'")
+    _check_data(cfg.data, DATASETS[cfg.data.name])
     if not 0.0 <= cfg.train.class_dropout < 1.0:
         raise ConfigError(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
     if not 0.0 < cfg.sample.top_p <= 1.0:
@@ -226,15 +233,38 @@ def validate(cfg: DictConfig) -> None:
     _check_tokenizer(cfg)
 
 
+def _check_data(data: DictConfig, dataset_cls: type) -> None:
+    """The data block against its dataset class's plain attributes ``procedural`` (generated,
+    no root) and ``video`` (clips: needs ``frames > 0``)."""
+    procedural, video = getattr(dataset_cls, "procedural", False), getattr(dataset_cls, "video", False)
+    if not procedural and not data.root:
+        raise ConfigError(f"data.root is required for data.name={data.name!r}")
+    for key in ("train_size", "val_size"):  # folders: 0 = every file
+        if data[key] < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {data[key]}")
+        if procedural and data[key] == 0:  # generated data has no "all"
+            raise ConfigError(f"data.{key} must be positive for data.name={data.name!r}")
+    if video and data.frames <= 0:
+        raise ConfigError(f"data.frames must be > 0 for the video dataset data.name={data.name!r}, got {data.frames}")
+    if not video and data.frames != 0:
+        raise ConfigError(f"data.frames must be 0 for the image dataset data.name={data.name!r}, got {data.frames}")
+    if not data.fps > 0:
+        raise ConfigError(f"data.fps must be > 0, got {data.fps}")
+    if not 0 <= data.motion.min_speed <= data.motion.max_speed or data.motion.max_speed <= 0:
+        raise ConfigError(f"data.motion: need 0 <= min_speed <= max_speed and max_speed > 0, "
+                          f"got {data.motion.min_speed}, {data.motion.max_speed}")
+
+
 def _check_tokenizer(cfg: DictConfig) -> None:
     """Construct the tokenizer (cheap) so its own checks fail now, keyed ``tokenizer.<field>``."""
-    from lmgen.tokenizers import build_tokenizer
+    from lmgen.tokenizers import tokenizer_for
 
     try:
-        build_tokenizer(cfg.tokenizer, cfg.data.image_size)
+        tokenizer_for(cfg)
     except (ValueError, RuntimeError) as err:
         message = str(err).replace(f"{cfg.tokenizer.name}.", "tokenizer.", 1)
-        raise ConfigError(message if message.startswith("tokenizer.") else f"tokenizer: {message}") from None
+        named = message.startswith(("tokenizer.", "data."))
+        raise ConfigError(message if named else f"tokenizer: {message}") from None
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -8,6 +8,9 @@
 - ``evaluate_model``: both, with every ``gen/*`` metric, ``samples.png``,
   ``prefix_completion.png`` and ``per_class.csv`` logged to one MLflow run.
 
+Clips (video tokenizers) are scored frame by frame: probe FD, class accuracy and the
+per-class view compare the frames a decoder really produced with the frames of val clips;
+``samples.png`` shows a row of frames per clip and ``samples.gif`` plays them.
 Undecodable streams are counted and left out of every fidelity metric, never replaced.
 Nothing here looks at a tokenizer's name.
 """
@@ -23,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
@@ -35,21 +39,24 @@ from lmgen.metrics.fidelity import KINDS, FidelityResult, class_accuracy, fideli
 from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd
 from lmgen.metrics.probe import Probe
 from lmgen.sampling import generate
-from lmgen.stage1 import log_fidelity_context, to_grid
+from lmgen.stage1 import as_frames, log_fidelity_context, to_grid
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 PREFIX_SHEET_IMAGES = 8  # originals (and their completions per ratio) shown in prefix_completion.png
+SAMPLE_STRIP_CLIPS = 16  # clips shown (a row of frames each) in samples.png
 
 
 @dataclass(frozen=True)
 class SampleSet:
-    """Decoded samples: images (N, 3, H, W) uint8, valid (N,) bool, labels (N,) int64 (the
-    class asked for), lengths (N,) int64 image tokens per stream, seconds spent sampling +
-    decoding; for prefix completions, prompt_fraction (N,) float: prompt tokens / the
-    original's tokens."""
+    """Decoded samples: images (N, 3, H, W) uint8 (clips: (N, T, 3, H, W)), valid (N,) bool,
+    labels (N,) int64 (the class asked for), lengths (N,) int64 image tokens per stream,
+    seconds spent sampling + decoding; for prefix completions, prompt_fraction (N,) float:
+    prompt tokens / the original's tokens; for clips, frames (N,) int64 frames decoded and,
+    for clip completions, first_frame (N,) int64 the first frame the LM generated (the
+    frames before it are the prompt's)."""
 
     images: Tensor
     valid: Tensor
@@ -57,6 +64,19 @@ class SampleSet:
     lengths: Tensor
     seconds: float
     prompt_fraction: Tensor | None = None
+    frames: Tensor | None = None
+    first_frame: Tensor | None = None
+
+    def good_frames(self) -> tuple[Tensor, Tensor]:
+        """(images (M, 3, H, W), labels (M,)) of the decodable samples. Clips give the frames
+        their decoder produced that the LM generated: neither a partial decode's padding nor
+        a completion's prompt frames are scored."""
+        if self.frames is None:
+            return self.images[self.valid], self.labels[self.valid]
+        t = torch.arange(self.images.shape[1])
+        start = torch.zeros_like(self.frames) if self.first_frame is None else self.first_frame
+        keep = (t >= start.view(-1, 1)) & (t < self.frames.view(-1, 1)) & self.valid.view(-1, 1)  # (N, T)
+        return self.images[keep], self.labels.view(-1, 1).expand_as(keep)[keep]
 
 
 def prefix_key(ratio: float) -> str:
@@ -118,7 +138,7 @@ def _sample_and_decode(cfg: DictConfig, model: Llama, layout: SequenceLayout, to
                        labels: Tensor, prefixes: TokenBatch | None) -> SampleSet:
     was_training = model.training
     model.eval()
-    images, valid, lengths = [], [], []
+    images, valid, lengths, frames = [], [], [], []
     start = time.perf_counter()
     try:
         for chunk in torch.arange(len(labels)).split(cfg.sample.batch_size):
@@ -128,9 +148,12 @@ def _sample_and_decode(cfg: DictConfig, model: Llama, layout: SequenceLayout, to
             images.append(decoded.images.cpu())
             valid.append(decoded.valid.cpu())
             lengths.append(tokens.lengths)
+            if decoded.frames is not None:
+                frames.append(decoded.frames.cpu())
     finally:
         model.train(was_training)
-    return SampleSet(torch.cat(images), torch.cat(valid), labels, torch.cat(lengths), time.perf_counter() - start)
+    return SampleSet(torch.cat(images), torch.cat(valid), labels, torch.cat(lengths), time.perf_counter() - start,
+                     frames=torch.cat(frames) if frames else None)
 
 
 @torch.no_grad()
@@ -146,14 +169,31 @@ def complete_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tok
     cuts = tokenizer.prefix_lengths(tokens, ratio).cpu()
     prefixes = TokenBatch(ids=tokens.ids.cpu(), lengths=cuts)
     done = _sample_and_decode(cfg, model, layout, tokenizer, originals.labels.cpu(), prefixes)
-    return dataclasses.replace(done, prompt_fraction=cuts / tokens.lengths.cpu())
+    done = dataclasses.replace(done, prompt_fraction=cuts / tokens.lengths.cpu())
+    if done.frames is None:
+        return done
+    # Clips: the prompt decodes to its first k frames; a completion is valid when the LM's
+    # part adds at least one decodable frame, and only those frames are scored.
+    given = tokenizer.decode(prefixes).frames.cpu()
+    return dataclasses.replace(done, first_frame=given, valid=done.valid & (done.frames > given))
+
+
+def frame_batch(batch: ImageBatch) -> ImageBatch:
+    """The frames of a batch of clips as a batch of images (labels and indices repeated per
+    frame); a batch of images as it is."""
+    if batch.images.dim() == 4:
+        return batch
+    frames, labels = as_frames(batch.images, batch.labels)
+    indices = batch.indices.view(-1, 1).expand(batch.images.shape[:2]).reshape(-1)
+    return ImageBatch(images=frames, labels=labels, indices=indices, skipped=batch.skipped)
 
 
 def _fidelity(cfg: DictConfig, generated: Tensor, reference: ImageBatch, probe: Probe, prefix: str,  # noqa: PLR0913
               reference_name: str, cache_dir: Path | None, kinds: tuple[str, ...] = KINDS) -> FidelityResult:
-    return fidelity_metrics(generated, reference.images, probe=probe, inception_weights=cfg.metrics.inception_weights,
-                            prefix=prefix, reference_name=reference_name, seed=cfg.seed, cache_dir=cache_dir,
-                            kinds=kinds)
+    """Fidelity of generated images (or frames) against ``reference`` (clips: scored by their frames)."""
+    return fidelity_metrics(generated, frame_batch(reference).images, probe=probe,
+                            inception_weights=cfg.metrics.inception_weights, prefix=prefix,
+                            reference_name=reference_name, seed=cfg.seed, cache_dir=cache_dir, kinds=kinds)
 
 
 def evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout, train_ds,  # noqa: PLR0913
@@ -164,26 +204,36 @@ def evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout
     Undecodable samples are counted (``gen/num_invalid``) and left out of every fidelity
     metric — never replaced.
     """
-    good = samples.images[samples.valid]
+    good, good_labels = samples.good_frames()
     metrics = {"gen/decode_valid_rate": float(samples.valid.float().mean()),
                "gen/num_invalid": float((~samples.valid).sum()),
                "gen/images_per_s": len(samples.images) / samples.seconds,
                "gen/tokens_per_image": float(samples.lengths.float().mean())}
+    if samples.frames is not None:  # clips: how much of each decodable clip its decoder produced
+        t, decoded = samples.images.shape[1], samples.frames[samples.valid]
+        metrics["gen/partial_decode_rate"] = float(((samples.frames > 0) & (samples.frames < t)).float().mean())
+        metrics["gen/frames_per_clip"] = float(decoded.float().mean()) if len(decoded) else 0.0
     if probe is not None and len(good) >= 2:
         result = _fidelity(cfg, good, reference, probe, "gen", "val", cache_dir)
         metrics.update(result.metrics)
         log_fidelity_context(tracker, run_id, result, "gen")
     elif probe is not None:
-        reason = f"{len(good)} of {len(samples.images)} samples decodable; fidelity needs at least 2"
+        reason = f"{len(good)} decodable images (or clip frames) from {len(samples.images)} samples; fidelity needs 2"
         log.warning("gen fidelity metrics skipped: %s", reason)
         tracker.log_text(run_id, json.dumps(dict.fromkeys(fidelity_keys("gen"), reason), indent=1),
                          "gen_metrics_skipped.json")
     if probe is not None and layout.class_conditional and len(good) > 0:
-        metrics.update(_per_class_metrics(probe, good, samples.labels[samples.valid], reference, train_ds,
-                                          tracker, run_id))
+        per_class = _per_class_metrics(probe, good, good_labels, frame_batch(reference), train_ds, tracker, run_id)
+        metrics.update(per_class)
     tracker.log_metrics(run_id, metrics)
-    nrow = layout.num_classes if layout.class_conditional else 8
-    tracker.log_image(run_id, to_grid(samples.images, nrow=min(nrow, len(samples.images))), "samples.png")
+    nrow = min(layout.num_classes if layout.class_conditional else 8, len(samples.images))
+    if samples.images.dim() == 5:  # clips: a row of frames per clip, and the whole set playing as a GIF
+        strip = samples.images[:SAMPLE_STRIP_CLIPS]
+        tracker.log_image(run_id, to_grid(strip.flatten(0, 1), nrow=strip.shape[1]), "samples.png")
+        frames = np.stack([to_grid(samples.images[:, t], nrow=nrow) for t in range(samples.images.shape[1])])
+        tracker.log_animation(run_id, frames, "samples.gif", fps=cfg.data.fps)
+    else:
+        tracker.log_image(run_id, to_grid(samples.images, nrow=nrow), "samples.png")
     return metrics
 
 
@@ -199,7 +249,7 @@ def evaluate_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tok
     metrics: dict[str, float] = {}
     params: dict[str, str] = {}
     skipped: dict[str, str] = {}
-    rows = [originals.images[:PREFIX_SHEET_IMAGES]]
+    rows = [_sheet_images(originals.images[:PREFIX_SHEET_IMAGES])]
     for ratio in cfg.metrics.prefix_ratios:
         key = prefix_key(ratio)
         try:
@@ -207,7 +257,7 @@ def evaluate_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tok
         except ValueError as err:
             skipped[f"{key}/*"] = str(err)
             continue
-        good = done.images[done.valid]
+        good, _ = done.good_frames()
         metrics[f"{key}/decode_valid_rate"] = float(done.valid.float().mean())
         metrics[f"{key}/num_invalid"] = float((~done.valid).sum())
         metrics[f"{key}/images_per_s"] = len(done.images) / done.seconds
@@ -218,8 +268,9 @@ def evaluate_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tok
             params.update(result.params)
             skipped.update(result.skipped)
         elif probe is not None:
-            skipped[f"{key}/fd_probe"] = f"{len(good)} of {len(done.images)} completions decodable; FD needs 2"
-        rows.append(done.images[:PREFIX_SHEET_IMAGES])
+            skipped[f"{key}/fd_probe"] = (f"{len(good)} decodable images (or generated clip frames) from "
+                                          f"{len(done.images)} completions; FD needs 2")
+        rows.append(_sheet_images(done.images[:PREFIX_SHEET_IMAGES]))
     if skipped:  # one file for every ratio: why a prefix metric is missing
         log.warning("prefix completion: %d metric(s) skipped (first: %s: %s)", len(skipped), *next(iter(skipped.items())))
         tracker.log_text(run_id, json.dumps(skipped, indent=1), "gen_prefix_skipped.json")
@@ -228,6 +279,12 @@ def evaluate_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tok
     if len(rows) > 1:
         tracker.log_image(run_id, to_grid(torch.cat(rows), nrow=len(rows[0])), "prefix_completion.png")
     return metrics
+
+
+def _sheet_images(images: Tensor) -> Tensor:
+    """What prefix_completion.png shows of each item: the image, or a clip's last frame (the
+    one farthest from the prompt)."""
+    return images[:, -1] if images.dim() == 5 else images
 
 
 def evaluate_model(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,  # noqa: PLR0913

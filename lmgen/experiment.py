@@ -23,12 +23,12 @@ from lmgen.ar_module import ARModule, OptimConfig, position_loss_csv
 from lmgen.concurrency import is_global_zero, share_from_rank_zero
 from lmgen.config import ConfigError, load_config, resolve_precision, run_config_hash, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
-from lmgen.datasets import build_dataset
+from lmgen.datasets import build_dataset, frame_view
 from lmgen.evaluate import evaluate_model
 from lmgen.llama import llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.stage1 import load_tokenizer_state, prepare_tokenizer, reference_cache, tokenizer_key, tokenizer_state_path
-from lmgen.tokenizers import ImageTokenizer, build_tokenizer
+from lmgen.tokenizers import ImageTokenizer, tokenizer_for
 from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
             return _summary(tracker, done, time.perf_counter() - start)
     train_ds = build_dataset(cfg.data, "train")
     val_ds = build_dataset(cfg.data, "val")
-    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
+    tokenizer = tokenizer_for(cfg)
     probe = _probe(cfg, train_ds, val_ds, home)
     stage1 = prepare_tokenizer(cfg, tokenizer, train_ds, val_ds, tracker, home, probe)
 
@@ -195,8 +195,11 @@ def _model_config(cfg: DictConfig, tokenizer: ImageTokenizer, layout: SequenceLa
 
 
 def _probe(cfg: DictConfig, train_ds, val_ds, home: Path) -> Probe | None:
-    """The probe classifier behind the offline metrics: trained once per dataset, cached."""
-    return load_or_train_probe(train_ds, val_ds, home / "probes", ProbeConfig()) if cfg.metrics.probe else None
+    """The probe classifier behind the offline metrics: trained once per dataset, cached; on
+    video, trained on frames (one per clip) and applied frame by frame."""
+    if not cfg.metrics.probe:
+        return None
+    return load_or_train_probe(frame_view(train_ds), frame_view(val_ds), home / "probes", ProbeConfig())
 
 
 def _eval_config(client, run_id: str, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
@@ -245,7 +248,7 @@ def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = 
                                 "or under another LMGEN_HOME")
     trained, cfg = _eval_config(client, run_id, overrides or [])
     train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
-    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data.image_size)
+    tokenizer = tokenizer_for(cfg)
     key = tokenizer_key(cfg, train_ds)
     if key != tags.get("lmgen.tokenizer_hash", key):
         raise ValueError(f"run {run_id} used tokenizer {tags['lmgen.tokenizer_hash']} but its config now hashes to "

@@ -129,7 +129,9 @@ def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Pa
         # KL to uniform needs many tokens per cell (V, and V² for bigrams): the train split has 16× the val's.
         metrics.update(token_statistics(caches["train"].batches(), tokenizer.vocab_size))
         metrics["data/train_items"] = float(len(caches["train"]))
-        metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped)
+        # unreadable items, and files a folder dataset could not even list (videofolder: no metadata)
+        listed_out = sum(getattr(ds, "skipped_files", 0) for ds in (train_ds, val_ds))
+        metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped + listed_out)
         tracker.log_metrics(run_id, metrics)
     except BaseException:
         tracker.end_run(run_id, "FAILED")  # never leave a stage-1 run RUNNING
@@ -206,8 +208,8 @@ def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: Tok
         codes.append(ids[torch.arange(ids.shape[1]) < lengths[:, None]])
         decoded = tokenizer.decode(TokenBatch(ids=ids, lengths=lengths))
         real = torch.stack([val_ds[int(val_cache.indices[i])][0] for i in rows])
-        psnrs.append(psnr(real, decoded.images).clamp(max=100.0))  # lossless → 100 dB, not inf
-        ssims.append(ssim(real, decoded.images))
+        psnrs.append(psnr(real, decoded.images).clamp(max=100.0))  # lossless → 100 dB, not inf; clips: all frames
+        ssims.append(ssim(as_frames(real)[0], as_frames(decoded.images)[0]).view(len(real), -1).mean(1))
         valid.append(decoded.valid)
         if start < keep:
             originals.append(real[: keep - start])
@@ -222,9 +224,9 @@ def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: Tok
         **rate_metrics(val_cache.lengths, tokenizer.vocab_size),
         **code_metrics(torch.cat(codes), tokenizer.vocab_size, tuple(tokenizer.subcodes)),
     }
-    if probe is not None and len(originals_t) >= 2:
-        result = rfid_metrics(recons_t, originals_t, probe, cfg.metrics.inception_weights, seed=cfg.seed,
-                              cache_dir=cache_dir)
+    if probe is not None and len(originals_t) >= 2:  # clips: the Fréchet distance of their frames
+        result = rfid_metrics(as_frames(recons_t)[0], as_frames(originals_t)[0], probe, cfg.metrics.inception_weights,
+                              seed=cfg.seed, cache_dir=cache_dir)
         metrics.update(result.metrics)
         log_fidelity_context(tracker, run_id, result, "tok")
     tracker.log_image(run_id, _pairs_grid(originals_t[:RECON_IMAGES], recons_t[:RECON_IMAGES]), "recon.png")
@@ -238,8 +240,21 @@ def log_fidelity_context(tracker: Tracker, run_id: str, result: FidelityResult, 
         tracker.log_text(run_id, json.dumps(result.skipped, indent=1), f"{prefix}_metrics_skipped.json")
 
 
+def as_frames(images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Clips (N, T, 3, H, W) → (their frames (N·T, 3, H, W), each clip's label repeated (N·T,));
+    images (N, 3, H, W) and labels pass through."""
+    if images.dim() == 4:
+        return images, labels
+    n, t = images.shape[:2]
+    return images.flatten(0, 1), None if labels is None else labels.view(-1, 1).expand(n, t).reshape(-1)
+
+
 def _pairs_grid(originals: Tensor, recons: Tensor) -> np.ndarray:
-    """recon.png: rows alternate originals / reconstructions, up to 8 images per row."""
+    """recon.png: rows alternate originals / reconstructions, up to 8 images per row; clips:
+    a row of frames per clip, each original above its reconstruction (the first 8 clips)."""
+    if originals.dim() == 5:
+        n = min(len(originals), 8)
+        return to_grid(torch.stack([originals[:n], recons[:n]], 1).flatten(0, 2), nrow=originals.shape[1])
     per_row = min(8, len(originals))
     n = len(originals) - len(originals) % per_row
     interleaved = torch.stack([originals[:n].view(-1, per_row, *originals.shape[1:]),

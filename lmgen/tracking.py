@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -159,6 +160,18 @@ class Tracker:
         if not self.writes:
             return
         self.client.log_image(run_id, image, name)
+
+    def log_animation(self, run_id: str, frames: np.ndarray, name: str, fps: float) -> None:
+        """(T, H, W, 3) uint8 frames as a looping GIF artifact at ``fps`` frames per second."""
+        if not self.writes:
+            return
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            first, *rest = [Image.fromarray(f) for f in frames]
+            first.save(path, save_all=True, append_images=rest, duration=round(1000 / fps), loop=0, optimize=False)
+            self.client.log_artifact(run_id, str(path))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         if not self.writes:

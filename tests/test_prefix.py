@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_tokenizers import CASE_IDS, CASES, build, make_images
+from test_tokenizers import CASE_IDS, CASES, build, make_images, make_inputs
 
 from lmgen.config import load_config
 from lmgen.data import SequenceLayout
@@ -38,7 +38,7 @@ def test_kept_rows_rounds_half_up_and_leaves_something_on_both_sides() -> None:
 def test_contract_prefix_lengths(name: str, extra: dict) -> None:
     """Every tokenizer cuts every stream inside it, later for a larger ratio — or says why it cannot."""
     tok = build(name, extra, (32, 32), fit=not TOKENIZERS[name].learned)  # cuts need no trained weights
-    tokens = tok.encode(make_images(4, 32, 32, seed=3))
+    tokens = tok.encode(make_inputs(tok, 4, 32, 32, seed=3))
     if name == "jpeg" and extra.get("restart_markers") is False:
         with pytest.raises(ValueError, match="restart_markers"):
             tok.prefix_lengths(tokens, 0.5)

@@ -18,7 +18,8 @@ from lmgen.tokenizers.jpeg import JpegTokenizer, header_ok
 # Extra config variants per registry name; names without an entry are tested with defaults.
 VARIANTS: dict[str, list[dict]] = {
     "pixels": [{"palette_size": 0}, {"palette_size": 64}],
-    "jpeg": [{}, {"restart_markers": False}, {"abbreviated": False, "subsampling": "4:4:4"}],
+    "jpeg": [{}, {"restart_markers": False}, {"abbreviated": False, "subsampling": "4:4:4"}, {"bpe_vocab": 300}],
+    "h264": [{}, {"bpe_vocab": 300, "header": "inline"}],
     "vq": [{"codebook_size": 64, "codebook_dim": 8}, {"codebook_size": 64, "codebook_dim": 8, "ema": True,
                                                       "l2_norm": True}],
     "lfq": [{"bits": 8}, {"bits": 12, "num_subcodes": 2}],
@@ -33,6 +34,7 @@ LEARNED_TINY = {"channels": 8, "steps": 150, "batch_size": 16, "lr": 1e-2, "warm
                 "val_images": 8}
 _TRAINED: dict[str, dict] = {}
 CASES = [(name, extra) for name in TOKENIZERS for extra in VARIANTS.get(name, [{}])]
+CLIP_FRAMES = 4  # clip tokenizers (video) are tested on clips of this many frames
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in CASES]
 SIZES = [(32, 32), (24, 40)]
 
@@ -55,11 +57,25 @@ def make_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+def make_inputs(tok: ImageTokenizer, n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """``make_images`` for an image tokenizer; for a clip tokenizer (n, T, 3, h, w) clips of
+    those images sliding right one pixel per frame."""
+    images = make_images(n, h, w, seed)
+    if not tok.video:
+        return images
+    return torch.stack([torch.roll(images, shifts=t, dims=-1) for t in range(tok.frames)], 1)
+
+
 def is_learned(tok: ImageTokenizer) -> bool:
     return tok.learned
 
 
 def build(name: str, extra: dict, size: tuple[int, int], fit: bool = True) -> ImageTokenizer:
+    if TOKENIZERS[name].video:
+        tok = build_tokenizer({"name": name, **extra}, size, frames=CLIP_FRAMES)
+        if fit:
+            tok.fit(make_inputs(tok, 6, *size, seed=100))
+        return tok
     tok = build_tokenizer({"name": name, **extra}, size)
     if is_learned(tok):
         tok = build_tokenizer({"name": name, **LEARNED_TINY, **extra}, size)
@@ -110,8 +126,8 @@ def test_contract_round_trip(name: str, extra: dict, size: tuple[int, int]) -> N
             tok.fit(make_images(3, *size, seed=7))
         assert tok.subcodes == () or int(np.prod(tok.subcodes)) == tok.vocab_size
     else:
-        assert isinstance(tok.fit(make_images(3, *size, seed=7)), dict)
-    images = make_images(5, *size, seed=1)
+        assert isinstance(tok.fit(make_inputs(tok, 3, *size, seed=7)), dict)
+    images = make_inputs(tok, 5, *size, seed=1)
     tokens = tok.encode(images)
     assert tokens.ids.dtype == torch.int64 and tokens.lengths.dtype == torch.int64
     assert tokens.ids.shape[0] == 5 and int(tokens.lengths.max()) <= tok.max_tokens
@@ -122,7 +138,7 @@ def test_contract_round_trip(name: str, extra: dict, size: tuple[int, int]) -> N
     if not tok.variable_length:
         assert (tokens.lengths == tok.max_tokens).all()
     decoded = tok.decode(tokens)
-    assert decoded.images.shape == (5, 3, *size) and decoded.images.dtype == torch.uint8
+    assert decoded.images.shape == images.shape and decoded.images.dtype == torch.uint8
     assert decoded.valid.shape == (5,) and decoded.valid.dtype == torch.bool and bool(decoded.valid.all())
     # Lossy tokenizers must still reconstruct roughly (a decode returning grey would fail).
     err = (decoded.images.float() - images.float()).abs().mean()
@@ -148,7 +164,8 @@ def test_random_streams_never_raise(name: str, extra: dict) -> None:
     ids[::4, 0] = tok.vocab_size + 7                                # out of range
     ids[1::4, -1] = -1
     decoded = tok.decode(TokenBatch(ids=ids, lengths=lengths))
-    assert decoded.images.shape == (n, 3, 24, 40) and decoded.images.dtype == torch.uint8
+    one = make_inputs(tok, 1, 24, 40)
+    assert decoded.images.shape == (n, *one.shape[1:]) and decoded.images.dtype == torch.uint8
     assert not bool(decoded.valid[0])                               # the empty stream
     if not tok.variable_length:                                     # fixed grid: exact length, ids in range
         in_range = ((ids[:, : tok.max_tokens] >= 0) & (ids[:, : tok.max_tokens] < tok.vocab_size)).all(1)

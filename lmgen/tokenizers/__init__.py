@@ -14,17 +14,19 @@ from .bae import BAETokenizer
 from .base import Decoded, ImageTokenizer, TokenBatch
 from .causal1d import Causal1DTokenizer
 from .crt import CRTTokenizer
+from .h264 import H264Tokenizer
 from .jpeg import JpegTokenizer
 from .lfq import LFQTokenizer
 from .pixels import PixelTokenizer
 from .vq import VQTokenizer
 
+# Order is the order of plots' colours and legends (analysis/style.py): add new arms at the end.
 TOKENIZERS: dict[str, type] = {"pixels": PixelTokenizer, "jpeg": JpegTokenizer, "vq": VQTokenizer,
                                "lfq": LFQTokenizer, "bae": BAETokenizer, "crt": CRTTokenizer,
-                               "causal1d": Causal1DTokenizer}
+                               "causal1d": Causal1DTokenizer, "h264": H264Tokenizer}
 
 __all__ = ["TOKENIZERS", "Decoded", "ImageTokenizer", "TokenBatch", "build_tokenizer",
-           "tokenizer_config_class"]
+           "tokenizer_config_class", "tokenizer_for"]
 
 
 def tokenizer_config_class(name: str) -> type:
@@ -47,12 +49,14 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
     raise TypeError(f"tokenizer config must be a dataclass, Mapping or DictConfig, got {type(cfg).__name__}")
 
 
-def build_tokenizer(cfg: Any, image_size: int | tuple[int, int]) -> ImageTokenizer:
-    """Build the tokenizer named by ``cfg["name"]`` for images of ``image_size`` (H or (H, W)).
+def build_tokenizer(cfg: Any, image_size: int | tuple[int, int], frames: int = 0, fps: float = 3.0) -> ImageTokenizer:
+    """Build the tokenizer named by ``cfg["name"]`` for images of ``image_size`` (H or (H, W)),
+    or for clips of ``frames`` frames at ``fps`` (``frames`` 0 = still images).
 
     ``cfg`` is the tokenizer's config block (dataclass, Mapping or DictConfig); its fields
     must be fields of that tokenizer's ``Config`` dataclass, else ValueError naming the
-    unknown field and the valid ones.
+    unknown field and the valid ones. A still-image tokenizer asked for clips, or a clip
+    tokenizer (``video``) asked for still images, is a ValueError naming ``data.frames``.
     """
     fields = _as_dict(cfg)
     name = fields.get("name")
@@ -64,4 +68,19 @@ def build_tokenizer(cfg: Any, image_size: int | tuple[int, int]) -> ImageTokeniz
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if len(size) != 2:
         raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
-    return TOKENIZERS[name](config_cls(**fields), (int(size[0]), int(size[1])))
+    cls, size = TOKENIZERS[name], (int(size[0]), int(size[1]))
+    if not cls.video:
+        if frames:
+            video = sorted(n for n, c in TOKENIZERS.items() if c.video)
+            raise ValueError(f"data.frames={frames}: tokenizer {name!r} encodes still images; clips need one of {video}")
+        return cls(config_cls(**fields), size)
+    if frames <= 0:
+        raise ValueError(f"data.frames must be > 0 for tokenizer {name!r}, which encodes clips (AVC-LM: 15)")
+    return cls(config_cls(**fields), size, frames=frames, fps=fps)
+
+
+def tokenizer_for(cfg: Any) -> ImageTokenizer:
+    """The tokenizer of an experiment config: ``cfg.tokenizer`` for ``cfg.data``'s image size,
+    frames per clip and frame rate."""
+    data = cfg.data
+    return build_tokenizer(cfg.tokenizer, data.image_size, data.frames, data.fps)

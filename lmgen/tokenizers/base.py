@@ -44,10 +44,13 @@ class Decoded:
 
     images: (B, 3, H, W) uint8 (video: (B, T, 3, H, W)).
     valid: (B,) bool, False where a stream could not be decoded (its image is grey).
+    frames: video only, (B,) int64 frames really decoded; a clip with fewer than T repeats
+        its last frame (a partial decode: counted, not hidden). None for images.
     """
 
     images: Tensor
     valid: Tensor
+    frames: Tensor | None = None
 
 
 @runtime_checkable
@@ -59,6 +62,8 @@ class ImageTokenizer(Protocol):
     - ``max_tokens``: upper bound on tokens per image.
     - ``variable_length``: True for codec streams (they end with EOS in the layout).
     - ``subcodes``: () unless a position's code is split into sub-tokens (ELM, MAGVIT-v2).
+    - ``video``: True for clip tokenizers (h264): ``encode`` takes (B, T, 3, H, W) uint8
+      clips and ``decode`` returns them; ``frames`` is T (0 for image tokenizers).
     - ``learned``: True for tokenizers trained by gradient in stage 1
       (``lmgen.tokenizer_module``); they are ``nn.Module``s and their ``fit`` raises.
     - ``fit(images)``: stage 1 for non-learned tokenizers (a palette, BPE merges, or
@@ -78,6 +83,8 @@ class ImageTokenizer(Protocol):
     variable_length: bool
     subcodes: tuple[int, ...]
     learned: bool
+    video: bool
+    frames: int
 
     def fit(self, images: Tensor) -> dict[str, float]: ...
 

@@ -94,6 +94,8 @@ class LearnedTokenizer(nn.Module, abc.ABC):
 
     Config: type = LearnedConfig
     learned = True
+    video = False  # still images only
+    frames = 0
     variable_length = False
 
     def __init__(self, cfg: LearnedConfig, image_size: tuple[int, int]) -> None:

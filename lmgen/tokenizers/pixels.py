@@ -130,6 +130,8 @@ class PixelTokenizer:
     Config = PixelsConfig
     variable_length = False
     learned = False
+    video = False  # still images only
+    frames = 0
     subcodes: tuple[int, ...] = ()
 
     def __init__(self, cfg: PixelsConfig, image_size: tuple[int, int]) -> None:
