@@ -173,6 +173,20 @@ class ListedFolder(torch.utils.data.Dataset):
         """Listed items per class in this split, int64 (num_classes,) (unreadable ones included)."""
         return torch.bincount(self._labels, minlength=self.num_classes)
 
+    @classmethod
+    def folder_args(cls, cfg: Any, split: str, layout: str) -> dict[str, Any]:
+        """The constructor arguments every folder dataset reads from a data config block:
+        root, split, image_size, val_fraction and ``{split}_size`` as ``max_items`` (0 = all).
+        ValueError on an unknown split or a missing root (``layout`` says what root holds)."""
+        if split not in SPLITS:
+            raise ValueError(f"{cls.__name__}: unknown split {split!r}; valid: {list(SPLITS)}")
+        root = config_value(cfg, "root", None)
+        if not root:
+            raise ValueError(f"{cls.__name__}: data.root must point at {layout}")
+        return {"root": str(root), "split": split, "image_size": int(config_value(cfg, "image_size")),
+                "val_fraction": float(config_value(cfg, "val_fraction", 0.1)),
+                "max_items": int(config_value(cfg, f"{split}_size", 0))}
+
     def _skip(self, relpath: str, what: str, err: Exception) -> None:
         """Log an unreadable file once (by its path), however many items it holds."""
         if relpath not in self._warned:
@@ -219,18 +233,7 @@ class ImageFolderDataset(ListedFolder):
     @classmethod
     def from_config(cls, cfg: Any, split: str) -> ImageFolderDataset:
         """Build from a dataset config block; ``{split}_size > 0`` caps the item count."""
-        if split not in SPLITS:
-            raise ValueError(f"imagefolder: unknown split {split!r}; valid: {list(SPLITS)}")
-        root = config_value(cfg, "root", None)
-        if not root:
-            raise ValueError("imagefolder: dataset.root must point at root/<class_name>/<images>")
-        return cls(
-            root=str(root),
-            split=split,
-            image_size=int(config_value(cfg, "image_size")),
-            val_fraction=float(config_value(cfg, "val_fraction", 0.1)),
-            max_items=int(config_value(cfg, f"{split}_size", 0)),
-        )
+        return cls(**cls.folder_args(cfg, split, "root/<class_name>/<images>"))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         entry = self.entries[index]

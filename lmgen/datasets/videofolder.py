@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lmgen.datasets.base import config_value
-from lmgen.datasets.folder import SPLITS, FileEntry, ListedFolder, cap_order, list_folder, square_resize
+from lmgen.datasets.folder import FileEntry, ListedFolder, cap_order, list_folder, square_resize
 
 log = logging.getLogger(__name__)
 
@@ -199,20 +199,8 @@ class VideoFolderDataset(ListedFolder):
     @classmethod
     def from_config(cls, cfg: Any, split: str) -> VideoFolderDataset:
         """Build from a dataset config block; ``{split}_size > 0`` caps the clip count."""
-        if split not in SPLITS:
-            raise ValueError(f"videofolder: unknown split {split!r}; valid: {list(SPLITS)}")
-        root = config_value(cfg, "root", None)
-        if not root:
-            raise ValueError("videofolder: dataset.root must point at root/<class_name>/<video files>")
-        return cls(
-            root=str(root),
-            split=split,
-            image_size=int(config_value(cfg, "image_size")),
-            frames=int(config_value(cfg, "frames")),
-            fps=float(config_value(cfg, "fps", 3.0)),
-            val_fraction=float(config_value(cfg, "val_fraction", 0.1)),
-            max_items=int(config_value(cfg, f"{split}_size", 0)),
-        )
+        return cls(**cls.folder_args(cfg, split, "root/<class_name>/<video files>"),
+                   frames=int(config_value(cfg, "frames")), fps=float(config_value(cfg, "fps", 3.0)))
 
     def _decode(self, index: int, steps: Sequence[int]) -> list[Tensor] | None:
         """Frames ``steps`` of clip ``index``, or None (logged once per file) if decoding fails."""
