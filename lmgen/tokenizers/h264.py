@@ -124,6 +124,21 @@ def _is_encoder_sei(data: bytes, nal: Nal) -> bool:
     return i < len(payload) and kind + payload[i] == SEI_USER_DATA_UNREGISTERED
 
 
+def token_units(data: bytes, strip_sei: bool, drop_header: bool) -> tuple[bytes, bytes]:
+    """(the units of an x264 stream that become tokens, its SPS + PPS units): x264's options
+    SEI left out when ``strip_sei``, the parameter sets left out of the first when ``drop_header``."""
+    nals = [n for n in split_nals(data) if not (strip_sei and _is_encoder_sei(data, n))]
+    header = b"".join(data[n.start : n.end] for n in nals if n.type in (NAL_SPS, NAL_PPS))
+    kept = [n for n in nals if not (drop_header and n.type in (NAL_SPS, NAL_PPS))]
+    return b"".join(data[n.start : n.end] for n in kept), header
+
+
+@functools.lru_cache(maxsize=64)
+def _parameter_sets(header: bytes) -> frozenset[bytes]:
+    """The SPS/PPS units of ``header``, start-code zeros stripped (3- and 4-byte codes compare equal)."""
+    return frozenset(header[n.start : n.end].lstrip(b"\x00") for n in split_nals(header))
+
+
 def frame_starts(data: bytes) -> list[int]:
     """Byte offsets where the slices of a new frame begin: slice NALs (IDR or not) whose
     ``first_mb_in_slice`` is 0 — ue(v) 0 is the single bit 1, the top bit of the slice header."""
@@ -216,39 +231,26 @@ class H264Tokenizer:
         self.bpe = ByteBPE(cfg.bpe_vocab or 256)
         self.vocab_size = self.bpe.vocab_size
         h, w = self.image_size
-        self.header, _ = self._split_header(self._raw_stream(np.full((self.frames, h, w, 3), 128, np.uint8)))
+        self.header = self._units(np.full((self.frames, h, w, 3), 128, np.uint8))[1]
         self.max_tokens = cfg.max_tokens or _derive_max_tokens(self)
 
     # --- bytes -------------------------------------------------------------------------
-    def _raw_stream(self, frames: np.ndarray) -> bytes:
-        """x264's stream of (T, H, W, 3) frames, encoder SEI removed when ``strip_sei``."""
+    def _units(self, frames: np.ndarray) -> tuple[bytes, bytes]:
+        """(token bytes, SPS + PPS bytes) of x264's stream of (T, H, W, 3) uint8 frames."""
         data = encode_clip(frames, self.options, self.fps)
-        if not self.cfg.strip_sei:
-            return data
-        return b"".join(data[n.start : n.end] for n in split_nals(data) if not _is_encoder_sei(data, n))
-
-    @staticmethod
-    def _split_header(data: bytes) -> tuple[bytes, bytes]:
-        """(SPS + PPS units, every other unit) of one stream."""
-        nals = split_nals(data)
-        header = b"".join(data[n.start : n.end] for n in nals if n.type in (NAL_SPS, NAL_PPS))
-        return header, b"".join(data[n.start : n.end] for n in nals if n.type not in (NAL_SPS, NAL_PPS))
+        return token_units(data, self.cfg.strip_sei, drop_header=self.cfg.header == "fixed")
 
     def clip_bytes(self, frames: np.ndarray) -> bytes:
         """The token bytes of one (T, H, W, 3) uint8 clip (header left out when ``header="fixed"``)."""
-        data = self._raw_stream(frames)
-        if self.cfg.header == "inline":
-            return data
-        header, rest = self._split_header(data)
-        if header != self.header:  # x264 writes one SPS/PPS per size and setting; guard the assumption
+        data, header = self._units(frames)
+        if self.cfg.header == "fixed" and header != self.header:  # one SPS/PPS per size and setting: guard it
             raise RuntimeError("h264: a clip's SPS/PPS differ from the fixed header; set tokenizer.header=inline")
-        return rest
+        return data
 
     def to_h264_bytes(self, data: bytes) -> bytes | None:
         """A decodable Annex-B stream from token bytes: the fixed header put back in front;
         None where the stream carries a parameter set this tokenizer did not write."""
-        header_nals = split_nals(self.header)
-        known = {self.header[n.start : n.end].lstrip(b"\x00") for n in header_nals}
+        known = _parameter_sets(self.header)
         for nal in split_nals(data):
             if nal.type in (NAL_SPS, NAL_PPS) and data[nal.start : nal.end].lstrip(b"\x00") not in known:
                 return None
@@ -368,14 +370,8 @@ def _noise_bound(options: tuple[tuple[str, str], ...], shape: tuple[int, int, in
     uniform = rng.integers(0, 256, size=(t, h, w, 3), dtype=np.uint8)
     binary = (rng.integers(0, 2, size=(t, h, w, 3)) * 255).astype(np.uint8)
     grey = np.repeat((rng.integers(0, 2, size=(t, h, w, 1)) * 255).astype(np.uint8), 3, axis=3)
-    longest = 0
-    for clip in (uniform, binary, grey):
-        data = encode_clip(clip, dict(options), fps)
-        nals = split_nals(data)
-        drop = {NAL_SPS, NAL_PPS} if header == "fixed" else set()
-        kept = [n for n in nals if n.type not in drop and not (strip_sei and _is_encoder_sei(data, n))]
-        longest = max(longest, sum(n.end - n.start for n in kept))
-    return longest
+    return max(len(token_units(encode_clip(clip, dict(options), fps), strip_sei, header == "fixed")[0])
+               for clip in (uniform, binary, grey))
 
 
 def _derive_max_tokens(tok: H264Tokenizer) -> int:
