@@ -10,7 +10,12 @@ turns a (dataset, tokenizer) pair into LM training sequences:
 2. ``SequenceLayout``: where the special tokens live — past the tokenizer's vocabulary —
    and how an image's ids become ``[cond, t_1 … t_n, (EOS), PAD …]``.
 3. ``TokenDataModule``: Lightning loaders yielding ``SequenceBatch``es trimmed to the
-   longest item of each batch.
+   longest item of each batch. A batch is read in one go (``TokenCache.__getitems__``: one
+   fancy index per shard, one int64 conversion), not item by item.
+
+Where a tokenizer's ``encode`` is per-image CPU work (``encode_in_workers``: codecs, pixels),
+the cache writer encodes inside the DataLoader's workers, in parallel; learned tokenizers
+encode in the main process in big batches. Either way the cache holds the same bytes.
 
 Nothing here branches on a tokenizer's name: only ``vocab_size``, ``max_tokens`` and
 ``variable_length`` matter.
@@ -23,7 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +36,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from lmgen.datasets import iter_batches
+from lmgen.datasets import ImageBatch, collate_images, iter_batches
+from lmgen.datasets.base import Item
 from lmgen.tokenizers.base import ImageTokenizer
 
 log = logging.getLogger(__name__)
@@ -102,13 +108,13 @@ class SequenceLayout:
     def sequences(self, ids: Tensor, lengths: Tensor, labels: Tensor | None) -> Tensor:
         """(B, L) image ids + (B,) lengths → (B, 1 + L + eos) full sequences (PAD past the end)."""
         batch, width = ids.shape
-        extra = int(self.variable_length)
-        seq = torch.full((batch, 1 + width + extra), self.pad, dtype=torch.int64)
+        seq = torch.empty((batch, 1 + width + int(self.variable_length)), dtype=torch.int64)
         seq[:, :1] = self.cond_tokens(labels, batch)
-        pos = torch.arange(width).view(1, -1)
-        inside = pos < lengths.view(-1, 1)
-        seq[:, 1 : 1 + width] = torch.where(inside, ids, torch.full_like(ids, self.pad))
+        body = seq[:, 1 : 1 + width]
+        body.copy_(ids)  # in place: this runs once per LM batch, on the data-loading path
+        body.masked_fill_(torch.arange(width).view(1, -1) >= lengths.view(-1, 1), self.pad)
         if self.variable_length:
+            seq[:, -1] = self.pad
             seq[torch.arange(batch), 1 + lengths] = self.eos
         return seq
 
@@ -135,18 +141,54 @@ class SequenceBatch:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    def pin_memory(self) -> SequenceBatch:
+        """A copy in page-locked memory (DataLoader ``pin_memory``: asynchronous copies to CUDA)."""
+        return SequenceBatch(self.inputs.pin_memory(), self.targets.pin_memory(), self.labels.pin_memory())
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of a token cache read as one batch (``TokenCache.__getitems__``).
+
+    ids: (B, W) int64, W = the longest of ``lengths`` (0 past each item's length);
+    lengths: (B,) int64 valid ids per item; labels: (B,) int64 class indices.
+    """
+
+    ids: Tensor
+    lengths: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
 
 class TokenCache(Dataset):
-    """Memory-mapped token ids of one split: item i → (ids (max_tokens,) int64, length, label)."""
+    """Memory-mapped token ids of one split: item i → (ids (max_tokens,) int64, length, label).
+
+    The LM's DataLoader reads whole batches through ``__getitems__`` (a ``TokenRows``), which
+    PyTorch's fetcher prefers to one ``__getitem__`` per index.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.meta = json.loads((self.path / "meta.json").read_text())
-        self._ids = [np.load(self.path / name, mmap_mode="r") for name in self.meta["shards"]]
+        self._ids = self._open_shards()
         self.lengths = torch.from_numpy(np.load(self.path / "lengths.npy"))
         self.labels = torch.from_numpy(np.load(self.path / "labels.npy"))
         self.indices = torch.from_numpy(np.load(self.path / "indices.npy"))
         self._starts = np.cumsum([0] + [len(a) for a in self._ids])
+
+    def _open_shards(self) -> list[np.ndarray]:
+        return [np.load(self.path / name, mmap_mode="r") for name in self.meta["shards"]]
+
+    def __getstate__(self) -> dict:
+        # A spawned DataLoader worker gets the cache pickled: reopen the memmaps there rather
+        # than pickle every shard's contents (which is what pickling a memmap does).
+        return {**self.__dict__, "_ids": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._ids = self._open_shards()
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -155,6 +197,22 @@ class TokenCache(Dataset):
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         row = self._ids[shard][i - self._starts[shard]]
         return torch.from_numpy(row.astype(np.int64)), int(self.lengths[i]), int(self.labels[i])
+
+    def __getitems__(self, indices: Sequence[int]) -> TokenRows:
+        """The rows at ``indices`` (in that order) as one ``TokenRows``, trimmed to their longest
+        stream: one fancy index per shard straight into an int64 array, no per-item work."""
+        index = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[torch.from_numpy(index)]
+        width = int(lengths.max()) if len(index) else 0
+        shard_of = np.searchsorted(self._starts, index, side="right") - 1
+        ids = np.empty((len(index), width), dtype=np.int64)
+        if len(self._ids) == 1:
+            ids[:] = self._ids[0][index, :width]                     # converts uint16/int32 → int64 once
+        else:
+            for shard in np.unique(shard_of):
+                rows = shard_of == shard
+                ids[rows] = self._ids[shard][index[rows] - self._starts[shard], :width]
+        return TokenRows(ids=torch.from_numpy(ids), lengths=lengths, labels=self.labels[torch.from_numpy(index)])
 
     def batches(self, batch_size: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:
         """(ids (B, max_tokens) int64, lengths (B,)) over the whole split, read shard by shard."""
@@ -191,26 +249,80 @@ class TokenCache(Dataset):
         return cls(final)
 
 
+@dataclass(frozen=True)
+class CacheRows:
+    """One batch of images encoded into token-cache rows.
+
+    ids: (K, max_tokens) uint16 or int32 (the cache's dtype), 0 past each length; lengths,
+    labels, indices: (K,) int64 — the K items whose stream fits ``max_tokens``. too_long:
+    readable items left out for a longer stream; skipped: unreadable items dropped. ``len``
+    counts every readable item (K + too_long), as ``iter_batches`` expects.
+    """
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    too_long: int
+    skipped: int
+
+    def __len__(self) -> int:
+        return len(self.ids) + self.too_long
+
+
+class RowEncoder:
+    """Images → ``CacheRows`` with one tokenizer.
+
+    Also a DataLoader ``collate_fn`` (``(index, item)`` pairs → ``CacheRows``): given to
+    ``iter_batches`` for an ``encode_in_workers`` tokenizer, the workers encode in parallel and
+    send back rows already in the cache's dtype. Pickles with its tokenizer (spawned workers).
+    """
+
+    def __init__(self, tokenizer: ImageTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+
+    def rows(self, batch: ImageBatch) -> CacheRows:
+        """Encode a batch of B ≥ 1 images (or clips) with the tokenizer."""
+        tokens = self.tokenizer.encode(batch.images)
+        lengths = tokens.lengths.cpu().numpy()
+        keep = lengths <= self.tokenizer.max_tokens
+        width = min(tokens.ids.shape[1], self.tokenizer.max_tokens)
+        ids = np.zeros((int(keep.sum()), self.tokenizer.max_tokens), dtype=self.dtype)
+        ids[:, :width] = tokens.ids[:, :width].cpu().numpy()[keep]  # ids < vocab_size: the cast is exact
+        return CacheRows(ids=ids, lengths=lengths[keep].astype(np.int64), labels=batch.labels.numpy()[keep],
+                         indices=batch.indices.numpy()[keep], too_long=int((~keep).sum()), skipped=batch.skipped)
+
+    def __call__(self, items: Sequence[tuple[int, Item]]) -> CacheRows:
+        if get_worker_info() is not None:
+            # DataLoader already holds each worker to one torch thread; Hugging Face's BPE
+            # encoder (Rayon) would still start one thread per core in every worker.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        batch = collate_images(items)
+        if not len(batch):  # every item unreadable: nothing to encode (and no image shape to check)
+            empty = np.zeros(0, dtype=np.int64)
+            return CacheRows(np.zeros((0, self.tokenizer.max_tokens), self.dtype), empty, empty, empty, 0, batch.skipped)
+        return self.rows(batch)
+
+
 def _write_cache(path: Path, dataset, tokenizer: ImageTokenizer, batch_size: int,
                  num_workers: int, shard_size: int) -> None:
-    """Encode every readable image of ``dataset`` into shards under ``path``."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+    """Encode every readable image of ``dataset`` into shards under ``path`` — in the
+    DataLoader's workers where the tokenizer says so (``encode_in_workers``), else here."""
+    encoder = RowEncoder(tokenizer)
+    in_loader = bool(getattr(tokenizer, "encode_in_workers", False))
+    batches = iter_batches(dataset, batch_size, num_workers, collate_fn=encoder if in_loader else collate_images)
     shards: list[str] = []
     lengths, labels, indices = [], [], []
     buffer: list[np.ndarray] = []
     too_long = 0
-    batches = iter_batches(dataset, batch_size, num_workers=num_workers)
     for batch in batches:
-        tokens = tokenizer.encode(batch.images)
-        keep = tokens.lengths <= tokenizer.max_tokens
-        too_long += int((~keep).sum())
-        ids = torch.zeros(len(tokens), tokenizer.max_tokens, dtype=torch.int64)
-        width = min(tokens.ids.shape[1], tokenizer.max_tokens)
-        ids[:, :width] = tokens.ids[:, :width]
-        buffer.append(ids[keep].numpy().astype(dtype))
-        lengths.append(tokens.lengths[keep].numpy())
-        labels.append(batch.labels[keep].numpy())
-        indices.append(batch.indices[keep].numpy())
+        rows = batch if in_loader else encoder.rows(batch)
+        too_long += rows.too_long
+        buffer.append(rows.ids)
+        lengths.append(rows.lengths)
+        labels.append(rows.labels)
+        indices.append(rows.indices)
         if sum(len(b) for b in buffer) >= shard_size:
             shards.append(_write_shard(path, len(shards), buffer))
             buffer = []
@@ -236,35 +348,50 @@ def _write_shard(path: Path, number: int, rows: list[np.ndarray]) -> str:
 
 
 class SequenceCollator:
-    """(ids, length, label) items → ``SequenceBatch`` trimmed to the batch's longest stream."""
+    """A ``TokenRows`` batch (``TokenCache.__getitems__``), or a list of (ids, length, label)
+    items (any other dataset) → ``SequenceBatch`` trimmed to the batch's longest stream."""
 
     def __init__(self, layout: SequenceLayout) -> None:
         self.layout = layout
 
-    def __call__(self, items: list[tuple[Tensor, int, int]]) -> SequenceBatch:
-        lengths = torch.tensor([length for _, length, _ in items], dtype=torch.int64)
-        width = int(lengths.max())
-        ids = torch.stack([ids[:width] for ids, _, _ in items])
-        labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
+    def __call__(self, items: TokenRows | list[tuple[Tensor, int, int]]) -> SequenceBatch:
+        if isinstance(items, TokenRows):
+            ids, lengths, labels = items.ids, items.lengths, items.labels
+        else:
+            lengths = torch.tensor([length for _, length, _ in items], dtype=torch.int64)
+            width = int(lengths.max())
+            ids = torch.stack([ids[:width] for ids, _, _ in items])
+            labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
         seq = self.layout.sequences(ids, lengths, labels)
         return SequenceBatch(inputs=seq[:, :-1], targets=seq[:, 1:], labels=labels)
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Train/val loaders over two token caches."""
+    """Train/val loaders over two token caches.
 
-    def __init__(self, train: TokenCache, val: TokenCache, layout: SequenceLayout,
-                 batch_size: int, num_workers: int = 0, seed: int = 0) -> None:
+    ``pin_memory``: put batches in page-locked memory so the copy to the GPU is asynchronous;
+    None (default) pins when the attached trainer runs on CUDA.
+    """
+
+    def __init__(self, train: TokenCache, val: TokenCache, layout: SequenceLayout,  # noqa: PLR0913
+                 batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool | None = None) -> None:
         super().__init__()
         self.train, self.val, self.layout = train, val, layout
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.pin_memory = pin_memory
+
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _loader(self, cache: TokenCache, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(cache, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle and
                           len(cache) >= self.batch_size, num_workers=self.num_workers,
                           collate_fn=SequenceCollator(self.layout), generator=generator,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, pin_memory=self._pin())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, shuffle=True)
@@ -274,4 +401,6 @@ class TokenDataModule(L.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: SequenceBatch, device: torch.device,
                                  dataloader_idx: int) -> SequenceBatch:
-        return SequenceBatch(batch.inputs.to(device), batch.targets.to(device), batch.labels.to(device))
+        # non_blocking: asynchronous from pinned memory, an ordinary copy otherwise
+        return SequenceBatch(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True),
+                             batch.labels.to(device, non_blocking=True))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
-from lmgen.data import SequenceCollator, SequenceLayout, TokenCache, TokenDataModule
-from lmgen.datasets import ShapesDataset
+from lmgen.data import SequenceCollator, SequenceLayout, TokenCache, TokenDataModule, TokenRows
+from lmgen.datasets import MovingShapesDataset, ShapesDataset
 from lmgen.tokenizers import build_tokenizer
 
 
@@ -36,6 +38,23 @@ def test_fixed_length_sequences_have_no_eos_and_bos_when_unconditional():
     assert seq.tolist() == [[layout.bos, 1, 2, 3]]
     assert not layout.allowed()[layout.eos]
     assert layout.null_tokens(2).flatten().tolist() == [layout.bos, layout.bos]
+
+
+@pytest.mark.parametrize("variable_length", [True, False])
+def test_sequences_match_the_masked_reference(variable_length):
+    """Random ids and lengths: PAD exactly past each length, EOS right after it for streams."""
+    layout = SequenceLayout(vocab_size=50, max_tokens=9, num_classes=4, variable_length=variable_length)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (6, 9), generator=g)
+    lengths = torch.randint(1, 10, (6,), generator=g) if variable_length else torch.full((6,), 9)
+    labels = torch.randint(0, 4, (6,), generator=g)
+    expected = torch.full((6, 10 + int(variable_length)), layout.pad)
+    expected[:, 0] = labels + layout.class_offset
+    for i, n in enumerate(lengths.tolist()):
+        expected[i, 1 : 1 + n] = ids[i, :n]
+        if variable_length:
+            expected[i, 1 + n] = layout.eos
+    assert torch.equal(layout.sequences(ids, lengths, labels), expected)
 
 
 def test_collator_trims_and_shifts():
@@ -102,3 +121,85 @@ def test_datamodule_batches(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert batch.inputs.shape[0] == 4 and batch.inputs.shape[1] <= layout.seq_len - 1
     assert (batch.targets == layout.eos).sum() == 4
+
+
+class PerItem(torch.utils.data.Dataset):
+    """A token cache read the old way: no ``__getitems__``, so the DataLoader fetches one item
+    at a time and the collator stacks (ids, length, label) tuples."""
+
+    def __init__(self, cache: TokenCache) -> None:
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int):
+        return self.cache[i]
+
+
+def _epochs(loader, n: int = 2) -> list:
+    return [batch for _ in range(n) for batch in loader]
+
+
+@pytest.mark.parametrize(("name", "workers", "shard_size"),
+                         [("pixels", 0, 7), ("pixels", 0, 1000), ("jpeg", 0, 7), ("jpeg", 2, 1000)])
+def test_batch_reads_equal_per_item_reads(tmp_path, name, workers, shard_size):
+    """``__getitems__`` + the batch collator give the very batches, order and shuffle of the
+    per-item path: fixed grids and variable-length streams, several shards, the seeded train
+    shuffle over two epochs with ``drop_last``, and the val loader; one shard or several."""
+    tokenizer = build_tokenizer({"name": name, "palette_size": 16} if name == "pixels" else {"name": name}, 32)
+    dataset = CorruptEvery3rd(38)
+    if name == "pixels":
+        tokenizer.fit(torch.stack([dataset.inner[i][0] for i in range(8)]))
+    cache = TokenCache.build_or_load(tmp_path, name, dataset, tokenizer, batch_size=8, shard_size=shard_size)
+    assert (len(cache.meta["shards"]) > 2) == (shard_size < len(cache)) and len(cache) % 4  # drop_last drops some
+    layout = SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, 10, tokenizer.variable_length)
+    fast = TokenDataModule(cache, cache, layout, batch_size=4, seed=5, num_workers=workers)
+    slow = TokenDataModule(PerItem(cache), PerItem(cache), layout, batch_size=4, seed=5, num_workers=workers)
+    for new, old, n in [(fast.train_dataloader(), slow.train_dataloader(), len(cache) // 4),
+                        (fast.val_dataloader(), slow.val_dataloader(), -(-len(cache) // 4))]:
+        new_batches, old_batches = _epochs(new), _epochs(old)
+        assert len(new_batches) == len(old_batches) == 2 * n
+        for a, b in zip(new_batches, old_batches):
+            assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+            assert torch.equal(a.labels, b.labels)
+    rows = cache.__getitems__([9, 0, 9, len(cache) - 1])  # out of order, repeated, across shards
+    assert isinstance(rows, TokenRows) and rows.ids.dtype == torch.int64
+    items = [cache[i] for i in (9, 0, 9, len(cache) - 1)]
+    assert rows.lengths.tolist() == [n for _, n, _ in items] and rows.labels.tolist() == [c for _, _, c in items]
+    assert rows.ids.shape[1] == max(n for _, n, _ in items)
+    assert all(torch.equal(rows.ids[j], ids[: rows.ids.shape[1]]) for j, (ids, _, _) in enumerate(items))
+
+
+def test_token_cache_pickles_without_its_shards(tmp_path):
+    cache = TokenCache.build_or_load(tmp_path, "p", ShapesDataset("train", 6, seed=0), build_tokenizer({"name": "pixels"}, 32))
+    assert len(pickle.dumps(cache)) < cache._ids[0].nbytes  # the memmaps reopen, their bytes do not travel
+    clone = pickle.loads(pickle.dumps(cache))
+    assert isinstance(clone._ids[0], np.memmap) and torch.equal(clone[3][0], cache[3][0])
+
+
+def _cache_files(root) -> dict[str, bytes]:
+    (path,) = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("case", ["pixels", "pixels-palette", "jpeg-bpe", "h264"])
+def test_cache_encoded_in_workers_is_byte_identical(tmp_path, case):
+    """Codec and pixel tokenizers encode in the DataLoader's workers (``encode_in_workers``):
+    the cache they write is the one the main process writes, byte for byte, skips and all."""
+    if case == "h264":
+        dataset, tokenizer = MovingShapesDataset("train", 6, seed=0, frames=3), build_tokenizer({"name": "h264"}, 32, 3)
+    else:
+        dataset = CorruptEvery3rd(20)
+        fields = {"pixels": {"name": "pixels"}, "pixels-palette": {"name": "pixels", "palette_size": 16},
+                  "jpeg-bpe": {"name": "jpeg", "bpe_vocab": 300}}[case]
+        tokenizer = build_tokenizer(fields, 32)
+        tokenizer.fit(torch.stack([dataset.inner[i][0] for i in range(8)]))
+    assert tokenizer.encode_in_workers
+    files = {}
+    for workers in (0, 2):
+        # batch_size 2: a batch of two unreadable items meets the worker's empty-batch path
+        TokenCache.build_or_load(tmp_path / str(workers), "k", dataset, tokenizer, batch_size=2,
+                                 num_workers=workers, shard_size=5)
+        files[workers] = _cache_files(tmp_path / str(workers))
+    assert files[0] == files[2] and len(files[0]) > 4

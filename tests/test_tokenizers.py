@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import time
 from types import SimpleNamespace
 
@@ -355,3 +356,33 @@ def test_build_tokenizer_accepts_dataclass_and_dictconfig() -> None:
     assert tok2.cfg == tok.cfg
     pix = build_tokenizer(OmegaConf.create({"name": "pixels", "palette_size": 4}), 8)
     assert pix.vocab_size == 4 and pix.max_tokens == 64
+
+
+# ------------------------------------------------------------------------ encoding in workers
+
+
+def test_encode_in_workers_is_declared_and_learned_ones_stay_in_the_main_process() -> None:
+    for name, cls in TOKENIZERS.items():
+        assert isinstance(cls.encode_in_workers, bool), name
+        assert not (cls.learned and cls.encode_in_workers), f"{name}: nn.Modules encode in big batches on their device"
+
+
+WORKER_CASES = [(case, case_id) for case, case_id in zip(CASES, CASE_IDS) if TOKENIZERS[case[0]].encode_in_workers]
+
+
+@pytest.mark.parametrize(("name", "extra"), [c for c, _ in WORKER_CASES], ids=[i for _, i in WORKER_CASES])
+def test_worker_encoding_tokenizers_pickle_and_encode_alike_on_one_thread(name: str, extra: dict) -> None:
+    """The token-cache writer may run ``encode`` in (spawned) DataLoader workers, one torch thread
+    each: the fitted tokenizer (BPE merges, palette, JPEG tables, H.264 header) must survive
+    pickling and encode exactly as it does here."""
+    tok = build(name, extra, (32, 32))
+    images = make_inputs(tok, 4, 32, 32, seed=3)
+    expected = tok.encode(images)
+    clone = pickle.loads(pickle.dumps(tok))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = clone.encode(images)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got.ids, expected.ids) and torch.equal(got.lengths, expected.lengths)

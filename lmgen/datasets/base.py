@@ -5,7 +5,9 @@ Image datasets (``frames == 0``) yield ``(image, label)`` with ``image`` uint8 (
 (T, 3, H, W), and ``frame_view`` turns one into an image dataset of single frames. An item
 that cannot be read (folder datasets only) is ``None``. ``iter_batches`` walks a dataset in
 index order through a torch ``DataLoader``, drops such items and counts them, so a corrupt
-file costs one item, never a run.
+file costs one item, never a run. Its ``collate_fn`` may do more than stack (the token-cache
+writer encodes there, so that DataLoader workers tokenize in parallel): whatever it returns
+only needs ``skipped`` and ``__len__``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -130,15 +132,31 @@ class _Indexed(Dataset):
         return index, self.dataset[index]
 
 
-class ImageBatchIterator(Iterator[ImageBatch]):
-    """Iterates ``ImageBatch``es of a dataset in index order; counts what was dropped.
+class CountedBatch(Protocol):
+    """What a collate function given to ``iter_batches`` returns: ``len`` readable items, and
+    ``skipped`` unreadable ones it dropped (``ImageBatch``, or a batch already encoded)."""
 
-    After (or during) a pass, ``skipped`` is the number of unreadable items dropped and
+    skipped: int
+
+    def __len__(self) -> int: ...
+
+
+BatchT = TypeVar("BatchT", bound=CountedBatch)
+Collate = Callable[[Sequence[tuple[int, Item]]], BatchT]
+
+
+class ImageBatchIterator(Iterator[BatchT], Generic[BatchT]):
+    """Iterates the batches of a dataset in index order; counts what was dropped.
+
+    Batches are ``ImageBatch``es unless another ``collate_fn`` (given ``(index, item)`` pairs,
+    run inside the DataLoader's workers when ``num_workers`` > 0) makes something else of
+    them. After (or during) a pass, ``skipped`` is the number of unreadable items dropped and
     ``seen`` the number of items visited. Re-iterating starts a new pass and resets both.
     Batches that lost every item are not yielded (only counted).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                 collate_fn: Collate = collate_images) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.loader = DataLoader(
@@ -146,19 +164,19 @@ class ImageBatchIterator(Iterator[ImageBatch]):
             batch_size=batch_size,
             shuffle=False,
             num_workers=num_workers,
-            collate_fn=collate_images,
+            collate_fn=collate_fn,
         )
         self.skipped = 0
         self.seen = 0
-        self._it: Iterator[ImageBatch] | None = None
+        self._it: Iterator[BatchT] | None = None
         self._done = False
 
-    def __iter__(self) -> ImageBatchIterator:
+    def __iter__(self) -> ImageBatchIterator[BatchT]:
         self.skipped, self.seen, self._done = 0, 0, False
         self._it = iter(self.loader)
         return self
 
-    def __next__(self) -> ImageBatch:
+    def __next__(self) -> BatchT:
         if self._it is None:
             iter(self)
         assert self._it is not None
@@ -177,13 +195,16 @@ class ImageBatchIterator(Iterator[ImageBatch]):
         raise StopIteration
 
 
-def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0) -> ImageBatchIterator:
+def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0,
+                 collate_fn: Collate = collate_images) -> ImageBatchIterator:
     """Batches of ``dataset`` in index order; unreadable items are dropped and counted.
 
-    The returned iterator exposes ``.skipped`` (and ``.seen``) once iterated; each
-    unreadable file is logged with its path by the dataset itself.
+    ``collate_fn`` turns ``(index, item)`` pairs into a batch (default ``collate_images``:
+    an ``ImageBatch``); it must drop unreadable items and count them in ``skipped``. The
+    returned iterator exposes ``.skipped`` (and ``.seen``) once iterated; each unreadable
+    file is logged with its path by the dataset itself.
     """
-    return ImageBatchIterator(dataset, batch_size, num_workers)
+    return ImageBatchIterator(dataset, batch_size, num_workers, collate_fn)
 
 
 def load_batch(dataset: Dataset, limit: int = 0, batch_size: int = 256, num_workers: int = 0) -> ImageBatch:

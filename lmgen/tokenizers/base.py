@@ -66,6 +66,13 @@ class ImageTokenizer(Protocol):
       clips and ``decode`` returns them; ``frames`` is T (0 for image tokenizers).
     - ``learned``: True for tokenizers trained by gradient in stage 1
       (``lmgen.tokenizer_module``); they are ``nn.Module``s and their ``fit`` raises.
+    - ``encode_in_workers``: True where ``encode`` is CPU-bound per-image work (a codec, a
+      palette lookup) that the token-cache writer may run inside its DataLoader workers, one
+      batch per worker in parallel (``data.num_workers`` > 0). Such a tokenizer must pickle
+      (workers may be spawned) and encode a batch the same whatever process and torch thread
+      count run it — a cache must not depend on where it was written. False (the default for
+      learned tokenizers) keeps ``encode`` in the main process, in big batches, on the
+      tokenizer's device.
     - ``fit(images)``: stage 1 for non-learned tokenizers (a palette, BPE merges, or
       nothing), given (N, 3, H, W) uint8 train images; returns ``tok/*``-style stats.
     - ``state_dict()/load_state_dict()``: whatever ``fit`` learned, so a token cache can
@@ -83,6 +90,7 @@ class ImageTokenizer(Protocol):
     variable_length: bool
     subcodes: tuple[int, ...]
     learned: bool
+    encode_in_workers: bool
     video: bool
     frames: int
 

@@ -220,6 +220,7 @@ class H264Tokenizer:
     Config = H264Config
     variable_length = True
     learned = False
+    encode_in_workers = True  # CPU-bound per image: the cache writer's DataLoader workers encode
     video = True
     subcodes: tuple[int, ...] = ()
 

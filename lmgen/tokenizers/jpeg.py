@@ -173,6 +173,7 @@ class JpegTokenizer:
     vocab_size: int                   # per instance: 256, or cfg.bpe_vocab
     variable_length = True
     learned = False
+    encode_in_workers = True  # CPU-bound per image: the cache writer's DataLoader workers encode
     video = False  # still images only
     frames = 0
     subcodes: tuple[int, ...] = ()

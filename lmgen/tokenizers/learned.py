@@ -94,6 +94,7 @@ class LearnedTokenizer(nn.Module, abc.ABC):
 
     Config: type = LearnedConfig
     learned = True
+    encode_in_workers = False  # big batches in the main process, on the tokenizer's device
     video = False  # still images only
     frames = 0
     variable_length = False

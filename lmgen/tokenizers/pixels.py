@@ -130,6 +130,7 @@ class PixelTokenizer:
     Config = PixelsConfig
     variable_length = False
     learned = False
+    encode_in_workers = True  # CPU-bound per image: the cache writer's DataLoader workers encode
     video = False  # still images only
     frames = 0
     subcodes: tuple[int, ...] = ()
