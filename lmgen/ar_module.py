@@ -10,10 +10,18 @@ so the per-image bits stay on that axis.
 Each validation also records the loss at every token position (``val_loss_per_position``;
 the run logs it as ``val_loss_per_position.csv``): CRT's claim is lower loss at every
 position, most at late ones.
+
+Speed (``SpeedConfig``): ``compile`` runs the forward and the loss through ``torch.compile``
+(one graph: embedding, blocks, head and cross-entropy, so the elementwise work fuses);
+AdamW is the fused kernel wherever torch has one (CPU and CUDA). ``lm/tokens_per_s`` counts
+training time only (validation excluded) and ``lm/mfu`` divides the achieved training
+FLOP/s by the device's peak (``lmgen.perf.device_peak``). Tokens, FLOPs and training time
+travel in the checkpoint, so a resumed run keeps counting from where it stopped.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +32,9 @@ from torch import Tensor
 
 from lmgen.data import SequenceBatch, SequenceLayout
 from lmgen.llama import Llama, LlamaConfig
+from lmgen.perf import Peak, device_peak, precision_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,15 @@ class OptimConfig:
     max_steps: int = 1000
     min_lr_ratio: float = 0.1
     class_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """Switches that change speed, never results (a view of ``TrainConfig``)."""
+
+    compile: bool = False  # torch.compile the forward + loss
+    fused_adamw: bool = True  # torch's fused AdamW kernel where the device has one
+    peak_flops: float = 0.0  # FLOP/s per device for lm/mfu; 0 = PEAK_FLOPS table (GPU) or measured (CPU)
 
 
 def position_loss_csv(history: list[tuple[int, Tensor, Tensor]]) -> str:
@@ -65,7 +85,8 @@ def lr_lambda(step: int, cfg: OptimConfig) -> float:
 class ARModule(L.LightningModule):
     """Next-token training of ``Llama`` over a ``SequenceLayout``."""
 
-    def __init__(self, model_cfg: LlamaConfig, layout: SequenceLayout, optim: OptimConfig) -> None:
+    def __init__(self, model_cfg: LlamaConfig, layout: SequenceLayout, optim: OptimConfig,
+                 speed: SpeedConfig | None = None) -> None:
         super().__init__()
         if model_cfg.subcodes and layout.variable_length:
             raise ValueError(f"subcodes={model_cfg.subcodes} need a fixed-length layout: sub-code heads "
@@ -74,10 +95,17 @@ class ARModule(L.LightningModule):
             raise ValueError(f"layout.vocab_size={layout.vocab_size} != prod(subcodes)={model_cfg.image_vocab} "
                              f"for subcodes={model_cfg.subcodes}")
         self.model = Llama(model_cfg)
-        self.layout, self.optim = layout, optim
+        self.layout, self.optim, self.speed = layout, optim, speed or SpeedConfig()
+        # A compiled *function* (not module): the state dict keeps the plain model's keys.
+        # Codec batches change width (trimmed to their longest stream): compile for dynamic shapes
+        # at once rather than once static and again dynamic.
+        dynamic = True if layout.variable_length else None
+        self._nll = torch.compile(self._forward_nll, dynamic=dynamic) if self.speed.compile else self._forward_nll
         self.tokens_seen = 0  # target tokens, all ranks
         self.flops = 0.0  # training FLOPs so far, all ranks, at each batch's real length
-        self._fit_start = 0.0
+        self.train_seconds = 0.0  # wall time of training so far, validation excluded
+        self._clock = 0.0  # perf_counter at the start of the current stretch of training
+        self._peak: Peak | None = None
         self._val_nll_bits: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
         positions = layout.seq_len - 1  # target positions: image token 0 .. last (EOS for codec streams)
@@ -91,10 +119,30 @@ class ARModule(L.LightningModule):
 
     def token_nll(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
         """(B, T) NLL in nats per target (0 where masked) and the (B, T) bool target mask."""
-        logits = self.model(batch.inputs)  # (B, T, C) float32
-        mask = batch.targets != self.layout.pad
-        nll = self.model.token_nll(logits, batch.targets, ignore_index=self.layout.pad)  # (B, T)
+        try:
+            return self._nll(batch.inputs, batch.targets)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            if self._nll == self._forward_nll:  # not a compile failure: eager code raised it
+                raise
+            # A machine without a working C++ compiler (CPU inductor), or a graph the compiler
+            # cannot handle: a speed switch must not cost the run, so go on eagerly.
+            log.warning("train.compile: torch.compile failed (%s); continuing without it",
+                        str(err).strip().splitlines()[0])
+            self._nll = self._forward_nll
+            return self._nll(batch.inputs, batch.targets)
+
+    def _forward_nll(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(inputs)  # (B, T, C) float32
+        mask = targets != self.layout.pad
+        nll = self.model.token_nll(logits, targets, ignore_index=self.layout.pad)  # (B, T)
         return nll * mask, mask
+
+    def loss(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """Training loss (mean NLL per target, label dropout applied) and the target count."""
+        batch = SequenceBatch(self.drop_labels(batch.inputs), batch.targets, batch.labels)
+        nll, mask = self.token_nll(batch)
+        count = mask.sum()
+        return nll.sum() / count.clamp(min=1), count
 
     def drop_labels(self, inputs: Tensor) -> Tensor:
         """Replace the class token by the null class with p = class_dropout (CFG training)."""
@@ -108,17 +156,38 @@ class ARModule(L.LightningModule):
     # ---- Lightning hooks ----------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        self._fit_start = time.perf_counter()
+        self._clock = time.perf_counter()
+        self._peak = device_peak(self.device, precision_dtype(str(self.trainer.precision)), self.speed.peak_flops)
         if self.logger is not None:  # logger.log_metrics is rank-zero only
             self.logger.log_metrics({"lm/params": float(self.model.num_params()),
-                                     "lm/params_non_embedding": float(self.model.num_params(non_embedding=True))},
-                                    step=0)
+                                     "lm/params_non_embedding": float(self.model.num_params(non_embedding=True)),
+                                     "lm/peak_flops": self._peak.flops}, step=0)
+
+    # Training time = fit time minus validations: each validation inside fit ends a stretch of
+    # training and starts the next; a standalone trainer.validate() afterwards counts nothing.
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.train_seconds += time.perf_counter() - self._clock
+
+    def on_validation_end(self) -> None:
+        self._clock = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self.train_seconds += time.perf_counter() - self._clock
+        self._clock = time.perf_counter()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lmgen_counters"] = {"tokens_seen": self.tokens_seen, "flops": self.flops,
+                                        "train_seconds": self.train_seconds}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counters = checkpoint.get("lmgen_counters", {})
+        self.tokens_seen = int(counters.get("tokens_seen", 0))
+        self.flops = float(counters.get("flops", 0.0))
+        self.train_seconds = float(counters.get("train_seconds", 0.0))
 
     def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
-        batch = SequenceBatch(self.drop_labels(batch.inputs), batch.targets, batch.labels)
-        nll, mask = self.token_nll(batch)
-        count = mask.sum()
-        loss = nll.sum() / count.clamp(min=1)
+        loss, count = self.loss(batch)
         self.tokens_seen += int(count) * self.trainer.world_size
         self.flops += self.model.flops_per_token(batch.inputs.shape[1]) * int(count) * self.trainer.world_size
         self.log("lm/train_loss", loss, prog_bar=True, batch_size=len(batch))
@@ -143,15 +212,18 @@ class ARModule(L.LightningModule):
         self._val_nll_bits.clear()
         self._val_tokens.clear()
         self._record_position_loss()
-        elapsed = max(time.perf_counter() - self._fit_start, 1e-9)
         metrics = {
             "lm/val_loss": float(bits.sum() * math.log(2) / tokens.sum()),  # nats per token
             "lm/val_bits_per_image": float(bits.mean()),
             "lm/val_bits_per_token": float(bits.sum() / tokens.sum()),
             "lm/tokens_seen": float(self.tokens_seen),
             "lm/flops": self.flops,
-            "lm/tokens_per_s": self.tokens_seen / elapsed,
         }
+        if self.train_seconds > 0:  # a validation after training steps: their speed so far
+            metrics["lm/train_seconds"] = self.train_seconds
+            metrics["lm/tokens_per_s"] = self.tokens_seen / self.train_seconds
+            if self._peak is not None:
+                metrics["lm/mfu"] = self.flops / self.train_seconds / (self._peak.flops * self.trainer.world_size)
         self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
 
     def _record_position_loss(self) -> None:
@@ -172,7 +244,8 @@ class ARModule(L.LightningModule):
             (decay if param.dim() >= 2 and not is_embedding else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        # The fused kernel (one launch for every tensor) exists for CPU and CUDA parameters.
+        fused = self.speed.fused_adamw and self.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, self.optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -107,6 +107,10 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = field(default="auto", metadata=choices("auto", "ddp", "fsdp", "ddp_spawn"))
     checkpoint: bool = True  # write last.ckpt under $LMGEN_HOME/checkpoints/<run_id>
+    # Speed switches (never change results beyond float noise; benchmarks/lm_train.py measures them):
+    compile: bool = False  # torch.compile forward + loss; needs a C++ compiler on CPU, ~10-60 s to compile
+    fused_adamw: bool = True  # torch's fused AdamW kernel (CPU and CUDA)
+    peak_flops: float = 0.0  # per-device FLOP/s for lm/mfu; 0 = lmgen.perf.PEAK_FLOPS (GPU) or measured (CPU)
 
 
 @dataclass
@@ -279,10 +283,20 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+# Keys that change how fast a run computes, never what: left out of the run's config hash, so
+# a point trained without torch.compile is the same point with it (and adding such a switch
+# does not orphan the runs logged before it existed).
+SPEED_KEYS = ("train.compile", "train.fused_adamw", "train.peak_flops")
+
+
 def run_config_hash(cfg: DictConfig) -> str:
     """``lmgen.config_hash`` of a run: everything but ``tracking`` (where a run is logged does not
-    change what it computes), so a sweep rerun finds the run of the same point."""
-    return config_hash({k: v for k, v in to_dict(cfg).items() if k != "tracking"})
+    change what it computes) and ``SPEED_KEYS``, so a sweep rerun finds the run of the same point."""
+    tree = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    for key in SPEED_KEYS:
+        section, _, leaf = key.partition(".")
+        tree[section] = {k: v for k, v in tree[section].items() if k != leaf}
+    return config_hash(tree)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
