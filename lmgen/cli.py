@@ -1,4 +1,4 @@
-"""The ``lmgen`` console entry point: ``lmgen run | sweep | eval | plot | ui``.
+"""The ``lmgen`` console entry point: ``lmgen run | sweep | eval | export-hf | plot | ui``.
 
 Every subcommand that runs something takes an experiment YAML plus dotlist overrides:
 ``lmgen run experiments/quickstart_jpeg.yaml train.max_steps=100 lm.size=nano``.
@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -50,18 +52,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_a_run(command: str, action: Callable[[], Any], errors: tuple[type[Exception], ...] = ()) -> tuple[int, Any]:
+    """(0, action()) — or (2, None) with the message on stderr when it raises a config error, a
+    missing file or a bad value (an unknown run, a run of the wrong kind) or one of ``errors``."""
+    try:
+        return 0, action()
+    except ConfigError as err:
+        print(f"lmgen: config error: {err}", file=sys.stderr)
+    except (*errors, FileNotFoundError, ValueError) as err:
+        print(f"lmgen {command}: {err}", file=sys.stderr)
+    return 2, None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmgen.experiment import eval_run  # heavy imports only when something runs
 
-    try:
-        summary = eval_run(args.run_id, args.overrides, uri=args.uri)
-    except ConfigError as err:
-        print(f"lmgen: config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"lmgen eval: {err}", file=sys.stderr)
-        return 2
-    print("\n" + summary.format())
+    code, summary = _on_a_run("eval", lambda: eval_run(args.run_id, args.overrides, uri=args.uri))
+    if code == 0:
+        print("\n" + summary.format())
+    return code
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from lmgen.hf_export import MissingTransformers, export_run  # heavy imports only when something runs
+
+    code, export = _on_a_run("export-hf", lambda: export_run(args.run_id, args.out_dir, uri=args.uri),
+                             (MissingTransformers,))
+    if code:
+        return code
+    card = export.card
+    print(f"wrote {export.out_dir}: {', '.join(export.files)}")
+    prompt = (f"class c -> [{card['class_offset']} + c] (c < {card['num_classes']}), null class {card['null_class']}"
+              if card["class_conditional"] else f"[{card['bos_id']}] (BOS)")
+    print(f"image ids [0, {card['vocab_size']}), up to {card['max_tokens']} per image; prompt {prompt}; "
+          f"EOS {card['eos_id'] if card['variable_length'] else 'none (fixed grid)'}")
+    print(f"load with: transformers.LlamaForCausalLM.from_pretrained({str(export.out_dir)!r})")
     return 0
 
 
@@ -175,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="sample.*, metrics.* and seed overrides, e.g. sample.num_samples=1000")
     ev.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export-hf", help="write a finished LM run as a transformers LlamaForCausalLM checkpoint "
+                                          "(+ lmgen.json: the sequence layout to prompt and decode it)")
+    ex.add_argument("run_id", help="MLflow run id of an LM run (tag lmgen.stage=lm) trained with train.checkpoint")
+    ex.add_argument("out_dir", type=Path, help="output folder (created; files in it are overwritten)")
+    ex.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
+    ex.set_defaults(func=cmd_export_hf)
 
     pl = sub.add_parser("plot", help="paper-style figures, a results table and report.md from an experiment's runs")
     pl.add_argument("--experiment", required=True, help="MLflow experiment or sweep name, e.g. quickstart")

@@ -13,19 +13,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from lmgen.ar_module import ARModule, OptimConfig, position_loss_csv
+from lmgen.ar_module import ARModule, OptimConfig, SpeedConfig, position_loss_csv
 from lmgen.concurrency import is_global_zero, share_from_rank_zero
 from lmgen.config import ConfigError, load_config, resolve_precision, run_config_hash, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
 from lmgen.datasets import build_dataset, frame_view
 from lmgen.evaluate import evaluate_model
-from lmgen.llama import llama_config
+from lmgen.llama import Llama, llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.stage1 import load_tokenizer_state, prepare_tokenizer, reference_cache, tokenizer_key, tokenizer_state_path
 from lmgen.tokenizers import ImageTokenizer, tokenizer_for
@@ -34,7 +35,7 @@ from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_ho
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/rfid_probe", "tok/rfid",
-                "lm/params", "lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s",
+                "lm/params", "lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s", "lm/mfu",
                 "gen/decode_valid_rate", "gen/fd_probe", "gen/fid", "gen/class_accuracy", "gen/images_per_s",
                 "gen/prefix_r25/fd_probe", "gen/prefix_r50/fd_probe", "gen/prefix_r75/fd_probe", "gen/eval_seconds")
 # What `lmgen eval` may change: how the trained model is sampled and scored, never what was trained.
@@ -103,7 +104,8 @@ def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
     # Seed here, after stage 1 and the probe: whether those were cached or trained must not
     # change the LM's initialisation or data order.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = ARModule(_model_config(cfg, tokenizer, layout), layout, optim)
+    speed = SpeedConfig(compile=cfg.train.compile, fused_adamw=cfg.train.fused_adamw, peak_flops=cfg.train.peak_flops)
+    module = ARModule(_model_config(cfg, tokenizer, layout), layout, optim, speed)
     datamodule = TokenDataModule(stage1.train, stage1.val, layout, cfg.train.batch_size,
                                  num_workers=cfg.data.num_workers, seed=cfg.seed)
 
@@ -217,17 +219,37 @@ def _eval_config(client, run_id: str, overrides: list[str]) -> tuple[DictConfig,
     return trained, cfg
 
 
-def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = None) -> RunSummary:
-    """Recompute the gen/* metrics of finished LM run ``run_id`` from its ``last.ckpt``.
+@dataclass(frozen=True)
+class RestoredRun:
+    """A finished LM run rebuilt from its ``last.ckpt``: where ``lmgen eval`` and ``lmgen export-hf`` start.
 
-    ``overrides`` change sampling and scoring only (``sample.num_samples=1000``,
-    ``metrics.prefix_samples=256``, ``seed=1`` ...). Results go to a new child run of
-    ``run_id`` (tags ``lmgen.stage=eval``, ``lmgen.eval_of``; ``mlflow.parentRunId``), so the
-    original run's params and metrics are never rewritten; the child also carries the
-    original's tok/* and lm/* metrics and lmgen.* tags, so it reads on its own. The stage-1
-    tokenizer is restored from ``$LMGEN_HOME/tokenizers/<lmgen.tokenizer_hash>`` — never retrained.
+    ``run`` is the MLflow run (info, tags, metrics) and ``client`` the client that read it;
+    ``trained`` its resolved config and ``cfg`` the same with the caller's overrides; the
+    tokenizer carries its stage-1 state (read from ``tokenizer_state``); ``model`` is the
+    trained Llama on the CPU, fp32, in eval mode.
     """
-    start = time.perf_counter()
+
+    run: Any
+    client: Any
+    uri: str
+    home: Path
+    trained: DictConfig
+    cfg: DictConfig
+    train_ds: Any
+    val_ds: Any
+    tokenizer: ImageTokenizer
+    tokenizer_state: Path
+    layout: SequenceLayout
+    model: Llama
+
+
+def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None = None) -> RestoredRun:
+    """Config, stage-1 tokenizer, layout and Llama of finished LM run ``run_id``, never retrained.
+
+    ``overrides`` may change ``EVAL_SECTIONS`` only (ConfigError otherwise). ValueError for an
+    unknown run, a run that is not an LM run (tag ``lmgen.stage``) or a tokenizer whose
+    config no longer hashes as it did; FileNotFoundError without ``last.ckpt`` or stage-1 state.
+    """
     uri = resolve_tracking_uri(uri)
     check_tracking(uri)
     home = lmgen_home()
@@ -253,15 +275,35 @@ def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = 
     if key != tags.get("lmgen.tokenizer_hash", key):
         raise ValueError(f"run {run_id} used tokenizer {tags['lmgen.tokenizer_hash']} but its config now hashes to "
                          f"{key}: the dataset or lmgen's cache format changed since it was trained")
-    load_tokenizer_state(tokenizer, tokenizer_state_path(home, key))
+    state = tokenizer_state_path(home, key)
+    load_tokenizer_state(tokenizer, state)
     layout = _layout(cfg, tokenizer, train_ds)
     module = ARModule(_model_config(cfg, tokenizer, layout), layout, OptimConfig())
     module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
-    model = module.model.to(_eval_device(cfg))
-    probe = _probe(cfg, train_ds, val_ds, home)
+    return RestoredRun(run=original, client=client, uri=uri, home=home, trained=trained, cfg=cfg, train_ds=train_ds,
+                       val_ds=val_ds, tokenizer=tokenizer, tokenizer_state=state, layout=layout,
+                       model=module.model.eval())
 
-    tracker = Tracker(uri, client.get_experiment(original.info.experiment_id).name)
-    run_name = cfg.tracking.run_name if cfg.tracking.run_name != trained.tracking.run_name else None
+
+def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = None) -> RunSummary:
+    """Recompute the gen/* metrics of finished LM run ``run_id`` from its ``last.ckpt``.
+
+    ``overrides`` change sampling and scoring only (``sample.num_samples=1000``,
+    ``metrics.prefix_samples=256``, ``seed=1`` ...). Results go to a new child run of
+    ``run_id`` (tags ``lmgen.stage=eval``, ``lmgen.eval_of``; ``mlflow.parentRunId``), so the
+    original run's params and metrics are never rewritten; the child also carries the
+    original's tok/* and lm/* metrics and lmgen.* tags, so it reads on its own. The stage-1
+    tokenizer is restored from ``$LMGEN_HOME/tokenizers/<lmgen.tokenizer_hash>`` — never retrained.
+    """
+    start = time.perf_counter()
+    restored = restore_run(run_id, overrides, uri)
+    cfg, original, tags = restored.cfg, restored.run, restored.run.data.tags
+    model = restored.model.to(_eval_device(cfg))
+    train_ds, val_ds = restored.train_ds, restored.val_ds
+    probe = _probe(cfg, train_ds, val_ds, restored.home)
+
+    tracker = Tracker(restored.uri, restored.client.get_experiment(original.info.experiment_id).name)
+    run_name = cfg.tracking.run_name if cfg.tracking.run_name != restored.trained.tracking.run_name else None
     run_name = run_name or f"{original.info.run_name}-eval-n{cfg.sample.num_samples}-s{cfg.seed}"
     child_tags = {**{k: v for k, v in tags.items() if k.startswith("lmgen.")}, "lmgen.stage": "eval",
                   "lmgen.eval_of": run_id, "mlflow.parentRunId": run_id}
@@ -270,12 +312,13 @@ def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = 
         tracker.log_config(eval_id, to_dict(cfg))
         tracker.log_metrics(eval_id, {k: v for k, v in original.data.metrics.items() if k.startswith(("tok/", "lm/"))})
         L.seed_everything(cfg.seed, verbose=False)
-        evaluate_model(cfg, model, layout, tokenizer, train_ds, val_ds, probe, tracker, eval_id, reference_cache(home))
+        evaluate_model(cfg, model, restored.layout, restored.tokenizer, train_ds, val_ds, probe, tracker, eval_id,
+                       reference_cache(restored.home))
     except BaseException:
         tracker.end_run(eval_id, "FAILED")
         raise
     tracker.end_run(eval_id, "FINISHED")
-    return RunSummary(run_id=eval_id, run_name=run_name, experiment=tracker.experiment, tracking_uri=uri,
+    return RunSummary(run_id=eval_id, run_name=run_name, experiment=tracker.experiment, tracking_uri=restored.uri,
                       tokenizer_run_id=tags.get("lmgen.tokenizer_run_id", ""), artifact_uri=tracker.artifact_dir(eval_id),
                       wall_time_s=time.perf_counter() - start, metrics=tracker.metrics(eval_id))
 

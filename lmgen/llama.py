@@ -3,7 +3,7 @@
 A decoder-only Llama (RMSNorm, RoPE, SwiGLU, no biases, untied head), written to be read in
 one sitting. Parameter names and the rotary convention follow Hugging Face's
 `LlamaForCausalLM` (rotate_half over split halves, not interleaved pairs), so exporting to
-`transformers` is a renaming of keys with no weight permutation:
+`transformers` (`to_hf`, code in `lmgen.hf_export`) is a renaming of keys with no weight permutation:
 
     embed            -> model.embed_tokens
     layers.i.attn_norm / ffn_norm -> model.layers.i.input_layernorm / post_attention_layernorm
@@ -197,13 +197,22 @@ class Rotary(nn.Module):
             self.cos, self.sin = self._tables(self.cos.device)
         return self
 
-    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        """Rotate x (B, H, T, Hd) at absolute positions pos (T,); computed in fp32, cast back."""
-        cos, sin = self.cos[pos], self.sin[pos]  # (T, Hd)
+    def tables(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """(cos, signed sin), each (T, Hd) fp32 at positions pos (T,), looked up once per forward.
+        HF rotate_half(x) * sin == roll(x, Hd/2) * sin with its first half negated (bit for bit)."""
+        half = self.head_dim // 2
+        return self.cos[pos], torch.cat([-self.sin[pos, :half], self.sin[pos, half:]], dim=-1)
+
+    @staticmethod
+    def rotate(x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+        """Rotate x (B, H, T, Hd) by `tables(pos)`; computed in fp32, cast back."""
+        cos, signed_sin = tables
         xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)  # HF rotate_half
-        return (xf * cos + rotated * sin).to(x.dtype)
+        return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """Rotate x (B, H, T, Hd) at absolute positions pos (T,)."""
+        return self.rotate(x, self.tables(pos))
 
 
 class Attention(nn.Module):
@@ -215,32 +224,38 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Rotary, pos: Tensor, cache: KVCache | None,
-                layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, layer: int) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
-        q, k = rope(q, pos), rope(k, pos)
+        q, k = Rotary.rotate(q, rope), Rotary.rotate(k, rope)  # rope: Rotary.tables at these positions
         offset = 0
         if cache is not None:
             offset = cache.length
             k, v = cache.update(layer, k, v)  # (B, K, S, Hd), S = offset + T
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv_heads != self.n_heads:  # GQA: query head h reads kv head h // n_rep (HF repeat_kv)
-            n_rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        if offset == 0:  # keys == queries: plain causal (T == 1 included)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:  # one new token sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:
-            # A chunk at an offset: query i (absolute offset + i) sees keys j <= offset + i.
-            # is_causal would align the mask top-left and hide the cache, hence explicit.
-            mask = torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = self._attend(q, k, v, offset)  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, D)
         return self.wo(y)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+        """Causal attention of queries (B, H, T, Hd) at positions [offset, offset + T) over keys
+        and values (B, K, S, Hd), S = offset + T; query head h reads kv head h // n_rep (HF repeat_kv)."""
+        B, _, T, _ = q.shape
+        n_rep = self.n_heads // self.n_kv_heads
+        if T == 1:  # a decoding step sees every key: no mask, so a kv head's n_rep queries go as one
+            # group (B, K, n_rep, Hd); repeating the whole cache every step costs ~8x more under GQA.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, n_rep, self.head_dim), k, v)
+            return y.view(B, self.n_heads, 1, self.head_dim)
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        if offset == 0:  # keys == queries: plain causal
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # A chunk at an offset: query i (absolute offset + i) sees keys j <= offset + i.
+        # is_causal would align the mask top-left and hide the cache, hence explicit.
+        mask = torch.ones(T, offset + T, dtype=torch.bool, device=q.device).tril(offset)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class FeedForward(nn.Module):
@@ -264,9 +279,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: Tensor, rope: Rotary, pos: Tensor, cache: KVCache | None,
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None,
                 layer: int) -> Tensor:  # (B, T, D) -> (B, T, D), pre-norm residuals
-        x = x + self.attn(self.attn_norm(x), rope, pos, cache, layer)
+        x = x + self.attn(self.attn_norm(x), rope, cache, layer)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -355,10 +370,10 @@ class Llama(nn.Module):
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
         if start + T > limit:
             raise ValueError(f"positions up to {start + T} exceed the limit {limit}")
-        pos = torch.arange(start, start + T, device=ids.device)  # (T,) absolute, for RoPE
+        rope = self.rope.tables(torch.arange(start, start + T, device=ids.device))  # 2 x (T, Hd)
         x = self.embed_ids(ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, pos, cache, i)  # (B, T, D)
+            x = layer(x, rope, cache, i)  # (B, T, D)
         if cache is not None:
             cache.length += T
         return self.head(self.norm(x)).float()  # (B, T, C)
@@ -408,3 +423,11 @@ class Llama(nn.Module):
         """
         matmul_params = self.num_params(non_embedding=True) + self.head.weight.numel()
         return 6.0 * matmul_params + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+
+def to_hf(model: Llama, **token_ids: int | None):
+    """The equivalent `transformers.LlamaForCausalLM` (`lmgen.hf_export.to_hf`, imported only when
+    called so that `import lmgen.llama` never loads transformers); ValueError for sub-codes."""
+    from lmgen.hf_export import to_hf as export
+
+    return export(model, **token_ids)

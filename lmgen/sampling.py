@@ -74,7 +74,9 @@ def _sample(logits: Tensor, temperature: float, top_k: int, top_p: float,
     """(B, V) fp32 logits -> (B,) int64 ids; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    if temperature != 1.0:  # x / 1 == x exactly: skip the op
+        logits = logits / temperature
+    probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -101,8 +103,9 @@ def _guide(logits: Tensor, step: Tensor, budget: Tensor, cfg_scale: float, cfg_s
     """(2B, C) cond-then-uncond logits → (B, C) guided u + s·(c − u), s per row from its own
     0-based new-token index ``step`` (B,) and budget (B,)."""
     cond, uncond = logits.chunk(2)
-    scale = torch.as_tensor(cfg_scale_at(step, budget, cfg_scale, cfg_schedule), dtype=logits.dtype,
-                            device=logits.device).expand(cond.shape[0])
+    if cfg_schedule == "constant":  # a Python scale: no per-step host-to-device tensor (same fp32 product)
+        return uncond + cfg_scale * (cond - uncond)
+    scale = cfg_scale_at(step, budget, cfg_scale, cfg_schedule).to(logits.dtype)  # (B,)
     return uncond + scale[:, None] * (cond - uncond)
 
 
@@ -124,6 +127,13 @@ def _check_args(prompt: Tensor, max_new_tokens: int | Tensor, prompt_lengths: Te
     if plen.shape != (B,) or int(plen.min()) < 1 or int(plen.max()) > P:
         raise ValueError(f"prompt_lengths must be (B,) = ({B},) values in [1, {P}], got {prompt_lengths}")
     return budget, plen
+
+
+def _write(tokens: Tensor, nxt: Tensor, new: Tensor, out: Tensor) -> None:
+    """tokens[i, new[i]] = nxt[i] in place for the rows where out[i]; (B, W), (B,), (B,), (B,) bool.
+    A gather/scatter pair instead of boolean indexing, which waits for the device to count rows."""
+    col = new.clamp(0, tokens.shape[1] - 1)[:, None]  # (B, 1): rows outside `tokens` write back what is there
+    tokens.scatter_(1, col, torch.where(out[:, None], nxt[:, None], tokens.gather(1, col)))
 
 
 @torch.no_grad()
@@ -171,7 +181,7 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
 
     Returns tokens (B, max budget) aligned at each row's prompt end.
     """
-    B, P = prompt.shape
+    B = prompt.shape[0]
     device = prompt.device
     budget, plen = _check_args(prompt, max_new_tokens, prompt_lengths, temperature, cfg_schedule, uncond_prompt)
     subcodes = model.cfg.subcodes
@@ -180,14 +190,19 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
         allowed = None  # every image id is allowed, and the heads cannot emit specials
     guided = cfg_scale != 1.0 and uncond_prompt is not None
     full = torch.cat([prompt, uncond_prompt]) if guided else prompt  # (B or 2B, P): forced ids
+    copies = 2 if guided else 1
     start = int(plen.min())  # positions < start are prefilled together
+    prompt_end = int(plen.max())  # positions >= prompt_end feed sampled ids in every row
     end = int((plen + budget).max())  # one past the last position any row fills
     width = int(budget.max())
+    # Per-step work stays on the device: the mask is moved and inverted once, tokens are written
+    # by a scatter (`_write`), and without EOS no row can stop early (every row runs to `end`),
+    # so the early-stop test, a host sync, runs only with an EOS.
+    banned = None if allowed is None else ~allowed.to(device)
 
     tokens = torch.full((B, width), pad_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    rows = torch.arange(B, device=device)
     seq = full[:, :start]
     cache: KVCache | None = model.new_cache(seq.shape[0], end) if use_cache else None
     logits = model(seq, cache)[:, -1]  # (B or 2B, C) fp32: prefill
@@ -197,24 +212,22 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
         sampling = out & ~finished  # rows that sample at this position
         if guided:
             logits = _guide(logits, new.clamp(min=0), budget, cfg_scale, cfg_schedule)  # (B, C)
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed.to(device), float("-inf"))
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))
         if subcodes:
             nxt = _sample_subcodes(logits, subcodes, temperature, top_k, top_p, generator)  # (B,)
         else:
             nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
-        nxt = torch.where(sampling, nxt, torch.full_like(nxt, pad_id))
-        tokens[rows[out], new[out]] = nxt[out]
+        nxt = torch.where(sampling, nxt, pad_id)
+        _write(tokens, nxt, new, out)
         is_eos = sampling & (nxt == (-1 if eos_id is None else eos_id))  # ids are >= 0: never -1
         lengths += (sampling & ~is_eos).long()
         finished |= is_eos
-        if pos == end - 1 or bool((finished | (new + 1 >= budget)).all()):
+        if pos == end - 1 or (eos_id is not None and bool((finished | (new + 1 >= budget)).all())):
             break
-        prompt_pos = min(pos, P - 1)
-        forced = new < 0  # still inside the row's own prompt: feed the prompt id
-        feed = torch.where(forced, full[:B, prompt_pos], nxt)  # (B,)
-        if guided:
-            feed = torch.cat([feed, torch.where(forced, full[B:, prompt_pos], nxt)])  # (2B,)
+        feed = nxt.repeat(copies)  # (B or 2B,): cond rows, then uncond rows
+        if pos < prompt_end:  # rows still inside their own prompt are fed its next id (teacher forcing)
+            feed = torch.where((new < 0).repeat(copies), full[:, pos], feed)
         if cache is not None:
             logits = model(feed[:, None], cache)[:, -1]
         else:
