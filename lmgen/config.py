@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -111,6 +112,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile forward + loss; needs a C++ compiler on CPU, ~10-60 s to compile
     fused_adamw: bool = True  # torch's fused AdamW kernel (CPU and CUDA)
     peak_flops: float = 0.0  # per-device FLOP/s for lm/mfu; 0 = lmgen.perf.PEAK_FLOPS (GPU) or measured (CPU)
+    max_bad_steps: int = 0  # steps with a non-finite loss/gradient skipped (weights untouched) before the run fails
 
 
 @dataclass
@@ -162,6 +164,22 @@ class ExperimentConfig:
 
 DEFAULT_TOKENIZER = "pixels"
 
+# The interval (lmgen.tokenizers.base.check_interval) each numeric field must lie in: "[" and "]"
+# closed ends, "(" and ")" open ones. Checked by ``validate``, so a bad value fails before compute.
+RANGES: dict[str, str] = {
+    "seed": "[0, 4294967295]",  # Lightning's seed_everything raises outside uint32 — after stage 1
+    "data.image_size": "[1, inf)", "data.seed": "[0, inf)", "data.val_fraction": "[0, 1)",
+    "data.encode_batch_size": "[1, inf)", "data.num_workers": "[0, inf)", "data.fit_images": "[0, inf)",
+    "train.max_steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
+    "train.weight_decay": "[0, inf)", "train.beta1": "[0, 1)", "train.beta2": "[0, 1)",
+    "train.warmup_steps": "[0, inf)", "train.min_lr_ratio": "[0, 1]", "train.grad_clip": "[0, inf)",
+    "train.class_dropout": "[0, 1)", "train.val_every": "[1, inf)", "train.val_batches": "[0, inf)",
+    "train.log_every": "[1, inf)", "train.num_nodes": "[1, inf)", "train.max_bad_steps": "[0, inf)",
+    "sample.num_samples": "[0, inf)", "sample.batch_size": "[1, inf)", "sample.temperature": "[0, inf)",
+    "sample.top_k": "[0, inf)", "sample.top_p": "(0, 1]",
+    "metrics.num_reference": "[0, inf)", "metrics.prefix_samples": "[0, inf)",
+}
+
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Schema defaults ← YAML deltas at ``path`` ← dotlist ``overrides``, strictly.
@@ -180,6 +198,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         layers.append(OmegaConf.from_dotlist([_quote_sexagesimal(o) for o in overrides]))
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad override in {list(overrides)}: {err}") from None
+    unset = _unset_required(layers)
+    if unset:
+        raise ConfigError(f"{unset[0]} is ??? (a required value) and nothing sets it; give it on the command "
+                          f"line: {unset[0]}=<value>" + (f" (also unset: {', '.join(unset[1:])})" if unset[1:] else ""))
     loose = OmegaConf.merge(*layers) if layers else OmegaConf.create()
     name = OmegaConf.select(loose, "tokenizer.name", default=DEFAULT_TOKENIZER)
     if name not in TOKENIZERS:
@@ -193,9 +215,32 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(_type_message(err)) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{err.full_key or '?'}: {err.msg}") from None
+    _check_resolves(cfg)
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _unset_required(layers: Sequence[DictConfig]) -> list[str]:
+    """Dotted keys some layer sets to ``???`` (OmegaConf's "required") that no later layer sets.
+
+    A plain merge would keep the schema default under a ``???`` and run with it silently.
+    """
+    unset: set[str] = set()
+    for layer in layers:
+        tree = flatten(OmegaConf.to_container(layer, resolve=False))  # type: ignore[arg-type]
+        unset = (unset - tree.keys()) | {k for k, v in tree.items() if v == "???"}
+    return sorted(unset)
+
+
+def _check_resolves(cfg: DictConfig) -> None:
+    """ConfigError naming the key of the first interpolation that does not resolve (an unset
+    ``${oc.env:VAR}``, a reference to no key) — now, rather than when a run first reads it."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        first_line = str(err.msg).splitlines()[0] if err.msg else type(err).__name__
+        raise ConfigError(f"{err.full_key or '?'}: cannot resolve its value: {first_line}") from None
 
 
 def _quote_sexagesimal(override: str) -> str:
@@ -207,9 +252,12 @@ def _quote_sexagesimal(override: str) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check registry names and string choices; raises ``ConfigError`` naming the key."""
+    """Check registry names, string choices, numeric ``RANGES``, the data block against its
+    dataset and the tokenizer block against the tokenizer (built here, cheaply, so its own
+    checks run); raises ``ConfigError`` naming the key."""
     from lmgen.datasets import DATASETS
     from lmgen.llama import LLAMA_SIZES
+    from lmgen.tokenizers.base import check_interval
 
     if cfg.data.name not in DATASETS:
         raise ConfigError(_choice_message("data.name", cfg.data.name, DATASETS))
@@ -218,19 +266,14 @@ def validate(cfg: DictConfig) -> None:
     for key, value, valid in _choice_fields(cfg):
         if value not in valid:
             raise ConfigError(_choice_message(key, value, valid))
-    positive = ("data.image_size", "data.encode_batch_size", "train.max_steps",
-                "train.batch_size", "train.val_every", "train.log_every", "sample.batch_size")
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {OmegaConf.select(cfg, key)}")
+    for key, interval in RANGES.items():
+        try:
+            check_interval(key, OmegaConf.select(cfg, key), interval)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if cfg.train.devices < 1 and cfg.train.devices != -1:
+        raise ConfigError(f"train.devices must be >= 1, or -1 for every device, got {cfg.train.devices}")
     _check_data(cfg.data, DATASETS[cfg.data.name])
-    if not 0.0 <= cfg.train.class_dropout < 1.0:
-        raise ConfigError(f"train.class_dropout must be in [0, 1), got {cfg.train.class_dropout}")
-    if not 0.0 < cfg.sample.top_p <= 1.0:
-        raise ConfigError(f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}")
-    for key in ("sample.num_samples", "metrics.num_reference", "metrics.prefix_samples"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {OmegaConf.select(cfg, key)}")
     bad = [r for r in cfg.metrics.prefix_ratios if not 0.0 < r < 1.0]
     if bad:
         raise ConfigError(f"metrics.prefix_ratios must lie in (0, 1), got {bad}")
@@ -254,21 +297,44 @@ def _check_data(data: DictConfig, dataset_cls: type) -> None:
         raise ConfigError(f"data.frames must be 0 for the image dataset data.name={data.name!r}, got {data.frames}")
     if not data.fps > 0:
         raise ConfigError(f"data.fps must be > 0, got {data.fps}")
+    if procedural:
+        _check_scene(data)
     if not 0 <= data.motion.min_speed <= data.motion.max_speed or data.motion.max_speed <= 0:
         raise ConfigError(f"data.motion: need 0 <= min_speed <= max_speed and max_speed > 0, "
                           f"got {data.motion.min_speed}, {data.motion.max_speed}")
 
 
+def _check_scene(data: DictConfig) -> None:
+    """The ``data.shapes`` scene knobs the procedural datasets (shapes, moving_shapes) render with."""
+    from lmgen.datasets.shapes import CLASS_NAMES
+
+    if data.image_size < 4:  # the renderer's smallest canvas
+        raise ConfigError(f"data.image_size must be >= 4 for data.name={data.name!r}, got {data.image_size}")
+    if not 2 <= data.shapes.num_classes <= len(CLASS_NAMES):
+        raise ConfigError(f"data.shapes.num_classes must be in [2, {len(CLASS_NAMES)}] (the shapes drawn), "
+                          f"got {data.shapes.num_classes}")
+    if not 1 <= data.shapes.min_objects <= data.shapes.max_objects:
+        raise ConfigError(f"data.shapes: need 1 <= min_objects <= max_objects, got {data.shapes.min_objects}, "
+                          f"{data.shapes.max_objects}")
+
+
 def _check_tokenizer(cfg: DictConfig) -> None:
     """Construct the tokenizer (cheap) so its own checks fail now, keyed ``tokenizer.<field>``."""
     from lmgen.tokenizers import tokenizer_for
+    from lmgen.tokenizers.base import MAX_VOCAB_SIZE
 
     try:
-        tokenizer_for(cfg)
+        tokenizer = tokenizer_for(cfg)
     except (ValueError, RuntimeError) as err:
-        message = str(err).replace(f"{cfg.tokenizer.name}.", "tokenizer.", 1)
+        message = re.sub(rf"\b{re.escape(cfg.tokenizer.name)}\.", "tokenizer.", str(err))
         named = message.startswith(("tokenizer.", "data."))
         raise ConfigError(message if named else f"tokenizer: {message}") from None
+    # The protocol's promises every tokenizer's own checks should already keep (a backstop):
+    vocab, subcodes = int(tokenizer.vocab_size), tuple(tokenizer.subcodes)
+    if not 1 <= vocab <= MAX_VOCAB_SIZE:
+        raise ConfigError(f"tokenizer: vocab_size={vocab} must be in [1, 2^31]: the token cache stores ids as int32")
+    if subcodes and math.prod(subcodes) != vocab:
+        raise ConfigError(f"tokenizer: subcodes {subcodes} multiply to {math.prod(subcodes)}, not vocab_size={vocab}")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -283,10 +349,11 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-# Keys that change how fast a run computes, never what: left out of the run's config hash, so
-# a point trained without torch.compile is the same point with it (and adding such a switch
-# does not orphan the runs logged before it existed).
-SPEED_KEYS = ("train.compile", "train.fused_adamw", "train.peak_flops")
+# Keys that change how fast a run computes, or when it gives up, never what a finished run
+# computed: left out of the run's config hash, so a point trained without torch.compile is the
+# same point with it (and adding such a key does not orphan the runs logged before it existed).
+# A run that FINISHED under max_bad_steps=0 met no bad step, so any limit would give it again.
+SPEED_KEYS = ("train.compile", "train.fused_adamw", "train.peak_flops", "train.max_bad_steps")
 
 
 def run_config_hash(cfg: DictConfig) -> str:

@@ -359,6 +359,22 @@ def test_folder_empty_roots_raise_naming_the_path(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path / "missing", "train")
 
 
+def test_folder_with_no_readable_image_fails_naming_the_root(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Corrupt, truncated and zero-byte files only: the split fails at construction, naming the
+    root, each file warned about; one good image in the split is enough to build it."""
+    _write_tree(tmp_path / "val", {"cat": 2}, bad=False)
+    for rel in BAD_FILES:
+        (tmp_path / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+    _write_tree(tmp_path / "train", {}, bad=True)
+    with caplog.at_level(logging.WARNING, logger="lmgen.datasets.folder"), \
+            pytest.raises(ValueError, match=f"no readable image in split 'train' of {re.escape(str(tmp_path))}"):
+        ImageFolderDataset(tmp_path, "train")
+    assert all(any(b in r.getMessage() for r in caplog.records) for b in BAD_FILES)
+    assert len(ImageFolderDataset(tmp_path, "val")) == 2  # the other split is fine
+    _write_tree(tmp_path / "train", {"dog": 1}, bad=False)
+    assert len(ImageFolderDataset(tmp_path, "train")) == 4  # three bad files still listed, skipped on read
+
+
 def test_collate_drops_and_counts_none() -> None:
     image = torch.zeros(3, 4, 4, dtype=torch.uint8)
     batch = collate_images([(0, (image, 1)), (1, None), (2, (image + 1, 2))])

@@ -43,6 +43,8 @@ LEARNED = ("quickstart_vq", "quickstart_lfq", "quickstart_bae", "quickstart_crt"
 @pytest.mark.parametrize("experiment", ["quickstart_pixels", "quickstart_jpeg", *LEARNED])
 def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
     extra = LEARNED_TINY if experiment in LEARNED else []
+    if experiment == "quickstart_causal1d":  # 16 px at downsample 4: 16 feature positions for its pooled queries
+        extra = [*extra, "tokenizer.num_tokens=16"]
     assert main(["run", str(ROOT / f"experiments/{experiment}.yaml"), *TINY, *extra]) == 0
     assert "lm/val_bits_per_image" in capsys.readouterr().out  # the one-screen summary
     client, runs = _runs(lmgen_home)

@@ -14,7 +14,8 @@ hidden files and folders ignored); classes are the sorted subfolder names. Split
 seed-independent), listed in path order. Items are opened with Pillow, converted to RGB,
 centre-cropped to a square and resized with bicubic (antialiased) filtering. A file that
 cannot be decoded (corrupt, truncated, empty) yields ``None`` and one logged warning with
-its path; it still counts in ``class_counts`` (which comes from the listing).
+its path; it still counts in ``class_counts`` (which comes from the listing). A split with
+no decodable file at all is a ``ValueError`` naming the root, raised by the constructor.
 
 The listing helpers (``list_folder``, ``cap_order``) and the transform (``square_resize``)
 are shared with ``videofolder``.
@@ -229,6 +230,11 @@ class ImageFolderDataset(ListedFolder):
         self._labels = torch.tensor([f.label for f in entries], dtype=torch.int64)
         self._warned: set[str] = set()
         self._fingerprint: str | None = None
+        # Fail now, naming the root, rather than after the listing has reached the token cache:
+        # decodes files in order up to the first good one (one file, for a healthy folder).
+        if not any(self[i] is not None for i in range(len(entries))):
+            raise ValueError(f"imagefolder: no readable image in split {split!r} of {self.root}: all "
+                             f"{len(entries)} files are corrupt, truncated or empty (warned above, one by one)")
 
     @classmethod
     def from_config(cls, cfg: Any, split: str) -> ImageFolderDataset:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .learned import LearnedConfig, LearnedTokenizer, bits_label, split_bits
+from .learned import LearnedConfig, LearnedTokenizer, bits_label, check_code_bits, split_bits
 from .quantizers import BinaryQuantizer
 
 
@@ -34,8 +34,9 @@ class BAETokenizer(LearnedTokenizer):
     Config = BAEConfig
 
     def build_quantizer(self, cfg: BAEConfig) -> nn.Module:
-        if not 1 <= cfg.bits <= 62 or cfg.embed_dim < 1:
-            raise ValueError(f"bae.bits must be in [1, 62] and bae.embed_dim >= 1, got {cfg.bits}, {cfg.embed_dim}")
+        check_code_bits(cfg)
+        if cfg.embed_dim < 1:
+            raise ValueError(f"{cfg.name}.embed_dim must be >= 1, got {cfg.embed_dim}")
         return BinaryQuantizer(cfg.bits, cfg.embed_dim, deterministic=cfg.deterministic)
 
     def build_subcodes(self, cfg: BAEConfig) -> tuple[int, ...]:

@@ -115,6 +115,13 @@ class Causal1DTokenizer(LearnedTokenizer):
         if cfg.encoder_layers < 1 or cfg.decoder_layers < 1:
             raise ValueError(f"{cfg.name}.encoder_layers and {cfg.name}.decoder_layers must be >= 1")
         super().__init__(cfg, image_size)
+        positions = (self.image_size[0] // cfg.downsample) * (self.image_size[1] // cfg.downsample)
+        if cfg.query_init == "pooled" and cfg.num_tokens > positions:
+            # Each pooled query starts from its own raster chunk of the feature map: with more
+            # tokens than map positions the chunks overlap and tokens start as copies.
+            raise ValueError(f"{cfg.name}.num_tokens={cfg.num_tokens} exceeds the {positions} positions of the "
+                             f"feature map ({self.image_size[0]}×{self.image_size[1]} at downsample={cfg.downsample}) "
+                             f"that pooled queries split; lower it, lower {cfg.name}.downsample or use query_init=learned")
 
     def token_grid(self, cfg: Causal1DConfig) -> tuple[int, int]:
         return 1, cfg.num_tokens

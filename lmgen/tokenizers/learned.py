@@ -23,10 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from .autoencoder import AutoencoderConfig, Decoder, Encoder, to_uint8, to_unit
-from .base import Decoded, TokenBatch, grey_images, row_prefix_lengths
+from .base import MAX_VOCAB_SIZE, Decoded, TokenBatch, check_interval, grey_images, row_prefix_lengths
 from .quantizers import QuantizerOutput
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+# The interval (base.check_interval) each numeric stage-1 field must lie in, checked at build time
+# so a bad value fails in load_config, before stage 1 trains anything.
+STAGE1_RANGES = {
+    "steps": "[0, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)",
+    "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)", "l1_weight": "[0, inf)",
+    "l2_weight": "[0, inf)", "perceptual_weight": "[0, inf)", "adversarial_weight": "[0, inf)",
+    "adversarial_start": "[0, inf)", "train_images": "[0, inf)", "val_every": "[1, inf)", "val_images": "[0, inf)",
+    "seed": "[0, 4294967295]",  # Lightning's seed_everything raises outside uint32, when training starts
+}
 
 
 @dataclass
@@ -106,8 +116,8 @@ class LearnedTokenizer(nn.Module, abc.ABC):
         h, w = image_size
         if h % cfg.downsample or w % cfg.downsample:
             raise ValueError(f"{cfg.name}.downsample={cfg.downsample} must divide the image size {h}×{w}")
-        if cfg.steps < 0 or cfg.batch_size < 1 or cfg.lr <= 0:
-            raise ValueError(f"{cfg.name}: need steps >= 0, batch_size >= 1 and lr > 0")
+        for key, interval in STAGE1_RANGES.items():
+            check_interval(f"{cfg.name}.{key}", getattr(cfg, key), interval)
         self.cfg = cfg
         self.image_size = (int(h), int(w))
         self.grid = self.token_grid(cfg)
@@ -241,6 +251,15 @@ def bits_label(cfg: LearnedConfig) -> str:
     """Label of a code of ``cfg.bits`` bits in ``cfg.num_subcodes`` sub-codes (LFQ, BAE): ``bae 16-bit 2×8 f4``."""
     split = f" {cfg.num_subcodes}×{cfg.bits // cfg.num_subcodes}" if cfg.num_subcodes > 1 else ""
     return f"{cfg.name} {cfg.bits}-bit{split} f{cfg.downsample}"
+
+
+def check_code_bits(cfg: LearnedConfig) -> None:
+    """ValueError naming ``<name>.bits`` unless the 2^bits codes of a binary code (LFQ, BAE) fit
+    the token cache: bits in [1, 31] (the quantizers index up to 62 bits; the cache's int32 ids
+    stop at 31, ``base.MAX_VOCAB_SIZE``)."""
+    limit = MAX_VOCAB_SIZE.bit_length() - 1
+    if not 1 <= cfg.bits <= limit:
+        raise ValueError(f"{cfg.name}.bits must be in [1, {limit}] (token ids are cached as int32), got {cfg.bits}")
 
 
 def split_bits(bits: int, num_subcodes: int, name: str) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .learned import LearnedConfig, LearnedTokenizer, bits_label, split_bits
+from .learned import LearnedConfig, LearnedTokenizer, bits_label, check_code_bits, split_bits
 from .quantizers import LookupFreeQuantizer
 
 
@@ -44,8 +44,7 @@ class LFQTokenizer(LearnedTokenizer):
 
 def lookup_free_quantizer(cfg: LFQConfig) -> LookupFreeQuantizer:
     """The ``LookupFreeQuantizer`` an LFQ config describes (also crt's with ``quantizer: lfq``)."""
-    if not 1 <= cfg.bits <= 62:
-        raise ValueError(f"{cfg.name}.bits must be in [1, 62], got {cfg.bits}")
+    check_code_bits(cfg)
     return LookupFreeQuantizer(cfg.bits, commitment_weight=cfg.commitment_weight,
                                entropy_weight=cfg.entropy_weight, entropy_temperature=cfg.entropy_temperature,
                                max_entropy_group_bits=cfg.max_entropy_group_bits)

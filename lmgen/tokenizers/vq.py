@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .base import count_label
+from .base import MAX_VOCAB_SIZE, count_label
 from .learned import LearnedConfig, LearnedTokenizer
 from .quantizers import VectorQuantizer
 
@@ -43,9 +43,12 @@ class VQTokenizer(LearnedTokenizer):
 
 def vector_quantizer(cfg: VQConfig) -> VectorQuantizer:
     """The ``VectorQuantizer`` a VQ config describes (also crt's with ``quantizer: vq``)."""
-    if cfg.codebook_size < 2 or cfg.codebook_dim < 1:
-        raise ValueError(f"{cfg.name}.codebook_size must be >= 2 and {cfg.name}.codebook_dim >= 1, "
-                         f"got {cfg.codebook_size}, {cfg.codebook_dim}")
+    # Checked before the (codebook_size, codebook_dim) codebook is allocated.
+    if not 2 <= cfg.codebook_size <= MAX_VOCAB_SIZE:
+        raise ValueError(f"{cfg.name}.codebook_size must be in [2, 2^31] (token ids are cached as int32), "
+                         f"got {cfg.codebook_size}")
+    if cfg.codebook_dim < 1:
+        raise ValueError(f"{cfg.name}.codebook_dim must be >= 1, got {cfg.codebook_dim}")
     return VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, beta=cfg.beta, l2_norm=cfg.l2_norm,
                            ema=cfg.ema, ema_decay=cfg.ema_decay, restart_every=cfg.restart_every,
                            restart_threshold=cfg.restart_threshold)

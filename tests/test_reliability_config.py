@@ -1,0 +1,129 @@
+"""Bad configs fail before compute, naming the key (issue 10, "Nothing lost", item 4).
+
+One table: overrides → the full dotted key the ``ConfigError`` must name. Unknown keys, wrong
+types, missing required values and impossible combinations all fail inside ``load_config``,
+before a dataset is read or a tokenizer trained. tests/test_config.py holds the older cases
+(typos with suggestions, choices, data-block checks); tests/test_sweep.py shows a sweep
+validating every point before it launches any.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmgen.config import ConfigError, load_config
+from lmgen.tokenizers.base import MAX_VOCAB_SIZE
+
+VIDEO = ["data.name=moving_shapes", "data.frames=4"]
+BAD = [
+    # unknown keys, at every depth
+    (["trainn.lr=0.1"], "trainn"),
+    (["data.shapes.num_clases=3"], "data.shapes.num_clases"),
+    (["tokenizer.name=vq", "tokenizer.codebook=64"], "tokenizer.codebook"),
+    # wrong types
+    (["train.batch_size=3.5"], "train.batch_size"),
+    (["train.lr=fast"], "train.lr"),
+    (["lm.class_conditional=maybe"], "lm.class_conditional"),
+    (["metrics.prefix_ratios=0.5"], "metrics.prefix_ratios"),
+    # missing required values: a dataset root, an OmegaConf ??? nobody set, an unset env variable
+    (["data.name=imagefolder"], "data.root"),
+    (["data.name=imagefolder", "data.root=???"], "data.root"),
+    (["train.lr=???"], "train.lr"),
+    (["tokenizer.name=jpeg", "tokenizer.quality=???"], "tokenizer.quality"),
+    (["data.name=imagefolder", "data.root=${oc.env:LMGEN_TEST_SURELY_UNSET}"], "data.root"),
+    (["tracking.uri=${oc.env:LMGEN_TEST_SURELY_UNSET}"], "tracking.uri"),
+    (["train.lr=${train.no_such_key}"], "train.lr"),
+    # impossible combinations: a token grid the image size and downsampling cannot produce
+    (["tokenizer.name=vq", "data.image_size=30"], "tokenizer.downsample"),
+    (["tokenizer.name=lfq", "data.image_size=32", "tokenizer.downsample=64"], "tokenizer.downsample"),  # < 1×1
+    (["tokenizer.name=bae", "tokenizer.downsample=3"], "tokenizer.downsample"),
+    (["tokenizer.name=causal1d", "tokenizer.num_tokens=0"], "tokenizer.num_tokens"),
+    (["tokenizer.name=causal1d", "tokenizer.num_tokens=65"], "tokenizer.num_tokens"),  # 8×8 map, pooled queries
+    # ... a vocabulary the quantizer cannot index or the int32 token cache cannot store
+    (["tokenizer.name=vq", "tokenizer.codebook_size=1"], "tokenizer.codebook_size"),
+    (["tokenizer.name=vq", f"tokenizer.codebook_size={MAX_VOCAB_SIZE + 1}"], "tokenizer.codebook_size"),
+    (["tokenizer.name=lfq", "tokenizer.bits=32"], "tokenizer.bits"),
+    (["tokenizer.name=lfq", "tokenizer.bits=63"], "tokenizer.bits"),
+    (["tokenizer.name=bae", "tokenizer.bits=40", "tokenizer.num_subcodes=2"], "tokenizer.bits"),
+    (["tokenizer.name=crt", "tokenizer.quantizer=lfq", "tokenizer.bits=36"], "tokenizer.bits"),
+    (["tokenizer.name=lfq", "tokenizer.bits=10", "tokenizer.num_subcodes=3"], "tokenizer.num_subcodes"),
+    (["tokenizer.name=bae", "tokenizer.num_subcodes=0"], "tokenizer.num_subcodes"),
+    # ... codec settings the codec cannot honour
+    (["tokenizer.name=jpeg", "tokenizer.bpe_vocab=256"], "tokenizer.bpe_vocab"),
+    (["tokenizer.name=h264", *VIDEO, "data.image_size=33"], "data.image_size"),
+    (["tokenizer.name=h264", *VIDEO, "tokenizer.qp=52"], "tokenizer.qp"),
+    (["tokenizer.name=h264", "data.frames=0"], "data.frames"),
+    (["tokenizer.name=jpeg", *VIDEO], "data.frames"),  # still-image tokenizer on clips
+    # ... scene knobs the procedural datasets cannot draw
+    (["data.shapes.num_classes=1"], "data.shapes.num_classes"),
+    (["data.shapes.min_objects=4", "data.shapes.max_objects=2"], "data.shapes"),
+    (["data.image_size=2"], "data.image_size"),
+    # batch sizes of 0, negative steps and other numbers outside their range
+    (["train.batch_size=0"], "train.batch_size"),
+    (["sample.batch_size=0"], "sample.batch_size"),
+    (["data.encode_batch_size=0"], "data.encode_batch_size"),
+    (["tokenizer.name=vq", "tokenizer.batch_size=0"], "tokenizer.batch_size"),
+    (["train.max_steps=-5"], "train.max_steps"),
+    (["train.warmup_steps=-1"], "train.warmup_steps"),
+    (["tokenizer.name=lfq", "tokenizer.steps=-1"], "tokenizer.steps"),
+    (["tokenizer.name=vq", "tokenizer.val_every=0"], "tokenizer.val_every"),
+    (["tokenizer.name=bae", "tokenizer.lr=0"], "tokenizer.lr"),
+    (["train.lr=0"], "train.lr"),
+    (["train.lr=nan"], "train.lr"),
+    (["train.beta2=1.0"], "train.beta2"),
+    (["train.min_lr_ratio=1.5"], "train.min_lr_ratio"),
+    (["train.val_batches=-1"], "train.val_batches"),
+    (["train.devices=0"], "train.devices"),
+    (["seed=-1"], "seed"),  # Lightning would raise on it only after stage 1
+    (["sample.temperature=-0.5"], "sample.temperature"),
+    (["sample.top_k=-1"], "sample.top_k"),
+    (["data.num_workers=-2"], "data.num_workers"),
+    (["data.val_fraction=1.0"], "data.val_fraction"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_fails_in_load_config_naming_the_key(overrides: list[str], key: str, lmgen_home: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert key in str(err.value), str(err.value)
+    assert not lmgen_home.exists()  # nothing was written: no store, no cache, no checkpoint
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.devices=-1"],  # Lightning: every device
+    ["seed=4294967295", "train.warmup_steps=0", "train.grad_clip=0", "train.min_lr_ratio=1", "sample.temperature=0"],
+    ["tokenizer.name=causal1d", "tokenizer.num_tokens=64"],  # one token per position of the 8×8 map
+    ["tokenizer.name=causal1d", "tokenizer.num_tokens=65", "tokenizer.query_init=learned"],
+    ["tokenizer.name=lfq", "tokenizer.bits=31"],
+    ["tokenizer.name=vq", "data.image_size=32", "tokenizer.downsample=32"],  # a 1×1 grid
+    ["data.name=imagefolder", "data.root=/data", "data.val_fraction=0"],
+], ids=lambda o: " ".join(o))
+def test_the_edges_of_each_range_still_load(overrides: list[str]) -> None:
+    """The checks are not tighter than the code needs: each boundary value loads."""
+    load_config(None, overrides)
+
+
+def test_a_required_value_in_yaml_is_satisfied_by_an_override(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text("data:\n  name: imagefolder\n  root: ???\ntrain:\n  lr: ???\n")
+    with pytest.raises(ConfigError, match=r"data\.root is \?\?\?.*also unset: train\.lr"):
+        load_config(path)
+    cfg = load_config(path, ["data.root=/data", "train.lr=0.01"])
+    assert cfg.data.root == "/data" and cfg.train.lr == 0.01
+
+
+def test_the_token_cache_stores_every_id_of_the_largest_vocabulary() -> None:
+    """MAX_VOCAB_SIZE is what lmgen.data's cache can hold: its dtype for that vocabulary reaches the
+    last id (and the cast the cache does is exact for it)."""
+    from lmgen.data import RowEncoder
+
+    class Widest:
+        vocab_size, max_tokens = MAX_VOCAB_SIZE, 1
+
+    dtype = RowEncoder(Widest()).dtype
+    assert np.iinfo(dtype).max >= MAX_VOCAB_SIZE - 1
+    assert int(np.array([MAX_VOCAB_SIZE - 1]).astype(dtype)[0]) == MAX_VOCAB_SIZE - 1
