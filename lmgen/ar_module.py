@@ -48,6 +48,12 @@ class OptimConfig:
     max_steps: int = 1000
     min_lr_ratio: float = 0.1
     class_dropout: float = 0.1
+    max_bad_steps: int = 0  # non-finite losses/gradients skipped before the run fails (0: fail at the first)
+    seed: int = 0  # seeds the module's own generator (label dropout)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss or gradient more often than ``max_bad_steps`` allows."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,11 @@ class ARModule(L.LightningModule):
         self.train_seconds = 0.0  # wall time of training so far, validation excluded
         self._clock = 0.0  # perf_counter at the start of the current stretch of training
         self._peak: Peak | None = None
+        self.bad_steps = 0  # steps skipped for a non-finite loss or gradient
+        # Label dropout draws from the module's own generator, saved in checkpoints: a resumed
+        # run draws what the uninterrupted one would, whatever else used the global RNG.
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
         self._val_nll_bits: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
         positions = layout.seq_len - 1  # target positions: image token 0 .. last (EOS for codec streams)
@@ -148,10 +159,34 @@ class ARModule(L.LightningModule):
         """Replace the class token by the null class with p = class_dropout (CFG training)."""
         if not self.layout.class_conditional or self.optim.class_dropout <= 0:
             return inputs
-        drop = torch.rand(inputs.shape[0], device=inputs.device) < self.optim.class_dropout
+        drop = torch.rand(inputs.shape[0], device=inputs.device, generator=self.generator(inputs.device))
+        drop = drop < self.optim.class_dropout
         inputs = inputs.clone()
         inputs[drop, 0] = self.layout.null_class
         return inputs
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The module's generator on ``device``: seeded from ``optim.seed``, or a checkpoint's state."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device).manual_seed(self.optim.seed)
+            if self._generator_state is not None:
+                try:
+                    self._generator.set_state(self._generator_state)
+                except RuntimeError:  # saved on another device type (CPU vs CUDA state layouts)
+                    log.warning("label-dropout generator state from another device type: reseeded")
+        return self._generator
+
+    def _skip_or_fail(self, what: str) -> None:
+        """A non-finite ``what`` at this step: count it, say where, and raise past ``max_bad_steps``."""
+        self.bad_steps += 1
+        where = (f"non-finite {what} at global step {self.global_step} (epoch {self.current_epoch}, "
+                 f"batch {self.trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1})")
+        self.log("lm/bad_steps", float(self.bad_steps), batch_size=1)
+        if self.bad_steps > self.optim.max_bad_steps:
+            raise NonFiniteLossError(f"{where}; the weights were not updated. {self.bad_steps} bad step(s) "
+                                     f"> train.max_bad_steps={self.optim.max_bad_steps} (raise it to skip such steps, "
+                                     "or lower train.lr / use train.precision=32-true)")
+        log.warning("%s: step skipped (%d of train.max_bad_steps=%d)", where, self.bad_steps, self.optim.max_bad_steps)
 
     # ---- Lightning hooks ----------------------------------------------------------------
 
@@ -178,16 +213,36 @@ class ARModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lmgen_counters"] = {"tokens_seen": self.tokens_seen, "flops": self.flops,
-                                        "train_seconds": self.train_seconds}
+                                        "train_seconds": self.train_seconds, "bad_steps": self.bad_steps}
+        if self._generator is not None:
+            checkpoint["lmgen_generator"] = self._generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("lmgen_counters", {})
         self.tokens_seen = int(counters.get("tokens_seen", 0))
         self.flops = float(counters.get("flops", 0.0))
         self.train_seconds = float(counters.get("train_seconds", 0.0))
+        self.bad_steps = int(counters.get("bad_steps", 0))
+        self._generator_state, self._generator = checkpoint.get("lmgen_generator"), None
 
-    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A finite loss can still give inf/NaN gradients (an overflow in backward). Dropping the
+        # gradients makes AdamW skip every parameter: no update, no weight decay, no moment change.
+        # 16-mixed is left to its GradScaler, which skips its own overflowing steps.
+        if str(self.trainer.precision) == "16-mixed":
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_or_fail("gradient")
+
+    def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor | None:
         loss, count = self.loss(batch)
+        # Every rank must agree, or DDP's all-reduce would wait for a backward that never runs.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(loss.isfinite()), all=True):
+            self._skip_or_fail(f"loss ({float(loss)})")
+            return None  # Lightning skips backward and the optimizer step
         self.tokens_seen += int(count) * self.trainer.world_size
         self.flops += self.model.flops_per_token(batch.inputs.shape[1]) * int(count) * self.trainer.world_size
         self.log("lm/train_loss", loss, prog_bar=True, batch_size=len(batch))

@@ -31,6 +31,8 @@ def _setup_logging(verbose: bool) -> None:
     # Lightning suggests workers for tiny in-memory token datasets; not useful advice here.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # TokenDataModule resumes mid-epoch itself (EpochSampler), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lmgen.datasets import ImageBatch, collate_images, iter_batches
 from lmgen.datasets.base import Item
@@ -366,8 +366,59 @@ class SequenceCollator:
         return SequenceBatch(inputs=seq[:, :-1], targets=seq[:, 1:], labels=labels)
 
 
+class EpochSampler(Sampler[int]):
+    """The item order of one rank in one epoch, a pure function of (seed, epoch, rank, world).
+
+    ``shuffle``: a permutation drawn from a generator seeded by (seed, epoch) alone — not a
+    generator carried from epoch to epoch — so any epoch can be rebuilt after a restart; else
+    index order. With ``world`` ranks, rank r takes items r, r + world, … of the epoch's order,
+    cut (``drop_last``) or wrapped around to a multiple of ``world``. ``resume_after(k, e)`` makes
+    the next pass, if it is epoch e, start after the first k items of this rank (a run restarting
+    mid-epoch; a checkpoint written at an epoch's last batch restarts in epoch e + 1, whole);
+    later passes are whole. ``set_epoch`` is called by Lightning before each epoch.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,  # noqa: PLR0913
+                 drop_last: bool = False) -> None:
+        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
+        self.drop_last, self.epoch, self._skip = drop_last, 0, (0, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_after(self, items: int, epoch: int) -> None:
+        self._skip = (items, epoch)
+
+    def order(self) -> Tensor:
+        """(len(self),) int64: this rank's item indices for the current epoch, whole."""
+        if self.shuffle:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(self.size)
+        if self.drop_last:
+            order = order[: self.size - self.size % self.world]
+        elif self.size % self.world:
+            order = torch.cat([order, order[: self.world - self.size % self.world]])
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        (skip, epoch), self._skip = self._skip, (0, 0)
+        return iter(self.order()[skip if epoch == self.epoch else 0 :].tolist())
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.size // self.world
+        return -(-self.size // self.world)
+
+
 class TokenDataModule(L.LightningDataModule):
     """Train/val loaders over two token caches.
+
+    The train order is ``EpochSampler``'s (seeded per epoch, sharded over DDP ranks here, so
+    the trainer runs with ``use_distributed_sampler=False``). A run restored from a checkpoint
+    mid-epoch continues the epoch where it stopped: the loader is built after Lightning has
+    restored its loop counters, and skips the batches the checkpointed run had consumed.
 
     ``pin_memory``: put batches in page-locked memory so the copy to the GPU is asynchronous;
     None (default) pins when the attached trainer runs on CUDA.
@@ -387,10 +438,19 @@ class TokenDataModule(L.LightningDataModule):
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _loader(self, cache: TokenCache, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(cache, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle and
-                          len(cache) >= self.batch_size, num_workers=self.num_workers,
-                          collate_fn=SequenceCollator(self.layout), generator=generator,
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        drop_last = shuffle and len(cache) >= self.batch_size * world
+        sampler = EpochSampler(len(cache), self.seed, shuffle, rank, world, drop_last)
+        if shuffle and trainer is not None:
+            # Batches of the current epoch that the restored run already trained on (0 unless
+            # restarting mid-epoch: Lightning restores its loop state before asking for loaders).
+            # `ready`, not `completed`: a checkpoint written in on_train_batch_end (ModelCheckpoint)
+            # holds completed = ready - 1 although that batch's optimizer step is done.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            sampler.resume_after(done * self.batch_size, trainer.current_epoch)
+        return DataLoader(cache, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=self.num_workers, collate_fn=SequenceCollator(self.layout),
                           persistent_workers=self.num_workers > 0, pin_memory=self._pin())
 
     def train_dataloader(self) -> DataLoader:

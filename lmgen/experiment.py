@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from lmgen.ar_module import ARModule, OptimConfig, SpeedConfig, position_loss_csv
+from lmgen.checkpointing import AtomicCheckpointIO, Preemption, usable_checkpoint
 from lmgen.concurrency import is_global_zero, share_from_rank_zero
 from lmgen.config import ConfigError, load_config, resolve_precision, run_config_hash, to_dict
 from lmgen.data import SequenceLayout, TokenDataModule
@@ -30,7 +31,7 @@ from lmgen.llama import Llama, llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.stage1 import load_tokenizer_state, prepare_tokenizer, reference_cache, tokenizer_key, tokenizer_state_path
 from lmgen.tokenizers import ImageTokenizer, tokenizer_for
-from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, resolve_tracking_uri
+from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, owner_tags, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,20 @@ def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
     """Train and sample one (dataset, tokenizer, LM, seed) point, logging everything to MLflow.
 
     ``resume`` (what ``lmgen sweep`` asks for): a FINISHED LM run with this config hash is
-    returned as it is, without compute; an unfinished one (RUNNING, FAILED, KILLED) with a
-    ``last.ckpt`` is reopened and its training continues from that checkpoint. Without
-    ``resume`` every call trains a new run. In a distributed run every rank calls this; only
-    rank 0 logs, writes and evaluates.
+    returned as it is, without compute; an unfinished one (FAILED, KILLED, or RUNNING with its
+    process gone) with an intact ``last.ckpt`` (or ``last.prev.ckpt``) is reopened and its
+    training continues from that checkpoint. Without ``resume`` every call trains a new run. In
+    a distributed run every rank calls this; only rank 0 logs, writes and evaluates.
+
+    SIGTERM (preemption) ends the run KILLED, after writing ``last.ckpt`` if training had begun,
+    and raises ``Preempted`` (exit status 143); a failure ends it FAILED with tag ``lmgen.error``.
     """
+    preemption = Preemption(None)
+    with preemption.armed():
+        return _run_experiment(cfg, resume, preemption)
+
+
+def _run_experiment(cfg: DictConfig, resume: bool, preemption: Preemption) -> RunSummary:
     start = time.perf_counter()
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)  # before any compute: never fail after hours of training
@@ -100,7 +110,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
     optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                         betas=(cfg.train.beta1, cfg.train.beta2), warmup_steps=cfg.train.warmup_steps,
                         max_steps=cfg.train.max_steps, min_lr_ratio=cfg.train.min_lr_ratio,
-                        class_dropout=cfg.train.class_dropout)
+                        class_dropout=cfg.train.class_dropout, max_bad_steps=cfg.train.max_bad_steps, seed=cfg.seed)
     # Seed here, after stage 1 and the probe: whether those were cached or trained must not
     # change the LM's initialisation or data order.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -118,16 +128,17 @@ def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
         if not resume_from:
             tracker.log_config(run_id, to_dict(cfg))
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
-        _train(cfg, module, datamodule, tracker, run_id, home, resume_from or None)
+        _train(cfg, module, datamodule, tracker, run_id, home, preemption, resume_from or None)
         if not lead:  # the other ranks' part ends with training; rank 0 evaluates
             return RunSummary(run_id, run_name, tracker.experiment, uri, stage1.run_id, "", time.perf_counter() - start)
         tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
         evaluate_model(cfg, module.model, layout, tokenizer, train_ds, val_ds, probe, tracker, run_id,
                        reference_cache(home))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (Preempted, Lightning's SIGTERMException)
         tracker.end_run(run_id, "KILLED")
         raise
-    except BaseException:
+    except BaseException as err:
+        tracker.set_tags(run_id, {"lmgen.error": f"{type(err).__name__}: {err}"})
         tracker.end_run(run_id, "FAILED")
         raise
     tracker.end_run(run_id, "FINISHED")
@@ -139,13 +150,22 @@ def _open_lm_run(cfg: DictConfig, tracker: Tracker, stage1, run_name: str, run_h
     """(run id, checkpoint to resume from or ""): the unfinished run of this config reopened when
     ``resume`` finds one with a checkpoint, else a new run (child of ``tracking.parent_run_id``)."""
     if resume:
-        earlier = tracker.find_run({"lmgen.stage": "lm", "lmgen.config_hash": run_hash})
-        if earlier is not None and checkpoint_path(home, earlier).is_file():
-            log.info("run %s: resuming from %s", earlier, checkpoint_path(home, earlier))
+        point = {"lmgen.stage": "lm", "lmgen.config_hash": run_hash}
+        for stale in tracker.reconcile(point):  # left RUNNING by a process that is gone (SIGKILL)
+            log.warning("run %s was RUNNING but its process is gone: marked KILLED", stale)
+        earlier = tracker.find_run(point)
+        owner = tracker.live_owner(earlier) if earlier is not None else None
+        if owner is not None:
+            raise RuntimeError(f"run {earlier} of this point is being trained right now by {owner}; "
+                               "wait for it (or stop it) before running the point again")
+        ckpt = usable_checkpoint(checkpoint_path(home, earlier)) if earlier is not None else None
+        if earlier is not None and ckpt is not None:
+            log.info("run %s: resuming from %s", earlier, ckpt)
             tracker.reopen_run(earlier)
-            return earlier, str(checkpoint_path(home, earlier))
+            tracker.set_tags(earlier, {**owner_tags(), "lmgen.resumed_from": ckpt.name})
+            return earlier, str(ckpt)
     tags = {"lmgen.stage": "lm", "lmgen.tokenizer": cfg.tokenizer.name, "lmgen.config_hash": run_hash,
-            "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key}
+            "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key, **owner_tags()}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     if cfg.tracking.sweep:
@@ -161,13 +181,16 @@ def _summary(tracker: Tracker, run_id: str, seconds: float) -> RunSummary:
 
 
 def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, tracker: Tracker,  # noqa: PLR0913
-           run_id: str, home: Path, resume_from: str | None = None) -> None:
+           run_id: str, home: Path, preemption: Preemption, resume_from: str | None = None) -> None:
     t = cfg.train
-    callbacks = []
+    callbacks: list[L.Callback] = [preemption]
     if t.checkpoint:
+        preemption.checkpoint = checkpoint_path(home, run_id)
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_path(home, run_id).parent, save_last=True,
                                          save_top_k=0, every_n_train_steps=t.val_every))
-    trainer = L.Trainer(
+    # use_distributed_sampler=False: TokenDataModule shards (and resumes) its own order; the
+    # checkpoint IO writes atomically and keeps the previous checkpoint.
+    trainer = L.Trainer(use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=t.strategy, precision=resolve_precision(t.precision, t.accelerator), gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every, check_val_every_n_epoch=None,
@@ -264,9 +287,10 @@ def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None
     tags = original.data.tags
     if tags.get("lmgen.stage") != "lm":
         raise ValueError(f"run {run_id} is not an lmgen LM run (lmgen.stage={tags.get('lmgen.stage')!r})")
-    ckpt = checkpoint_path(home, run_id)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"no checkpoint for run {run_id} at {ckpt}: it was trained with train.checkpoint=false "
+    ckpt = usable_checkpoint(checkpoint_path(home, run_id))
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint for run {run_id} at {checkpoint_path(home, run_id)}: it was trained "
+                                "with train.checkpoint=false "
                                 "or under another LMGEN_HOME")
     trained, cfg = _eval_config(client, run_id, overrides or [])
     train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")

@@ -133,6 +133,9 @@ def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Pa
         listed_out = sum(getattr(ds, "skipped_files", 0) for ds in (train_ds, val_ds))
         metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped + listed_out)
         tracker.log_metrics(run_id, metrics)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: stopped, not broken
+        tracker.end_run(run_id, "KILLED")
+        raise
     except BaseException:
         tracker.end_run(run_id, "FAILED")  # never leave a stage-1 run RUNNING
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -114,6 +115,43 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def find_runs(self, tags: Mapping[str, str], status: str) -> list[str]:
+        """Ids of every run of this experiment carrying all ``tags`` with ``status``."""
+        if self.experiment_id is None:
+            return []
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"]
+        return [r.info.run_id for r in self.client.search_runs([self.experiment_id], " and ".join(clauses))]
+
+    def reconcile(self, tags: Mapping[str, str]) -> list[str]:
+        """End as KILLED the RUNNING runs carrying ``tags`` whose process is gone (a SIGKILL, an
+        out-of-memory kill, a lost machine) — on this host, where that can be checked; returns
+        their ids. A run owned by a live process, or by another host, is left alone."""
+        stale = []
+        for run_id in self.find_runs(tags, "RUNNING"):
+            owner = self.client.get_run(run_id).data.tags
+            if owner.get("lmgen.host") != socket.gethostname() or _alive(int(owner.get("lmgen.pid", "0") or 0)):
+                continue
+            if self.writes:
+                self.client.set_tag(run_id, "lmgen.reconciled",
+                                    f"RUNNING but process {owner.get('lmgen.pid')} on {owner.get('lmgen.host')} was gone")
+                self.client.set_terminated(run_id, status="KILLED")
+            stale.append(run_id)
+        return stale
+
+    def live_owner(self, run_id: str) -> str | None:
+        """"process P on HOST" if run ``run_id`` is RUNNING in another live process on this host, else None."""
+        run = self.client.get_run(run_id)
+        tags, pid = run.data.tags, int(run.data.tags.get("lmgen.pid", "0") or 0)
+        mine = tags.get("lmgen.host") == socket.gethostname()
+        if run.info.status != "RUNNING" or not mine or pid == os.getpid() or not _alive(pid):
+            return None
+        return f"process {pid} on {tags['lmgen.host']}"
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        if self.writes:
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, str(value)[:PARAM_VALUE_LIMIT])
+
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """Id of the newest FINISHED run of this experiment carrying all ``tags``."""
         return self.find_run(tags, "FINISHED")
@@ -185,6 +223,27 @@ class Tracker:
 
     def artifact_dir(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.artifact_uri
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming the process that runs a run (``lmgen.host``, ``lmgen.pid``): what ``reconcile`` checks."""
+    return {"lmgen.host": socket.gethostname(), "lmgen.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a zombie child counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): it answered the signal
 
 
 class MlflowMetricLogger(Logger):

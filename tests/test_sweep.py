@@ -108,6 +108,17 @@ def test_a_bad_point_fails_the_sweep_before_anything_runs(tmp_path, lmgen_home, 
     assert not (lmgen_home / "mlflow.db").exists()  # validated first: nothing was launched or logged
 
 
+def test_an_unreachable_tracking_server_fails_the_sweep_before_anything_runs(tmp_path, lmgen_home):
+    from lmgen.sweep import run_sweep
+
+    path = write_sweep(tmp_path, {"name": "offline", "experiment": PIXELS, "grid": {"lm.size": ["nano"]}})
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"http://127\.0\.0\.1:9"):
+        run_sweep(path, uri="http://127.0.0.1:9")
+    assert time.perf_counter() - start < 30
+    assert not (lmgen_home / "sweeps").exists() and not (lmgen_home / "cache").exists()  # no point launched
+
+
 # --- running ------------------------------------------------------------------------------------
 
 
