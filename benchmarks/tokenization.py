@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lmgen.data import SequenceBatch, SequenceLayout, TokenCache, TokenDataModule
+from lmgen.data import EpochSampler, SequenceBatch, SequenceLayout, TokenCache, TokenDataModule
 from lmgen.datasets import MovingShapesDataset, ShapesDataset, load_images
 from lmgen.tokenizers import TOKENIZERS, build_tokenizer
 
@@ -168,8 +168,9 @@ def read_speed(fields: dict, args: argparse.Namespace, root: Path) -> dict[str, 
     cache = TokenCache.build_or_load(root, f"read-{fields['name']}", dataset, tok, num_workers=args.workers)
     layout = SequenceLayout(tok.vocab_size, tok.max_tokens, dataset.num_classes, tok.variable_length)
     new = TokenDataModule(cache, cache, layout, args.batch, seed=0).train_dataloader()
-    old = DataLoader(ItemByItem(cache), batch_size=args.batch, shuffle=True, drop_last=True,
-                     collate_fn=StackingCollator(layout), generator=torch.Generator().manual_seed(0))
+    # the same order (the LM's EpochSampler): only the read path differs
+    old = DataLoader(ItemByItem(cache), batch_size=args.batch, sampler=EpochSampler(len(cache), 0, shuffle=True),
+                     drop_last=True, collate_fn=StackingCollator(layout))
     a, b = next(iter(new)), next(iter(old))
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets), "the read paths disagree"
     rounds = {"old": [], "new": []}
