@@ -166,9 +166,10 @@ class ARModule(L.LightningModule):
         return inputs
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The module's generator on ``device``: seeded from ``optim.seed``, or a checkpoint's state."""
+        """The module's generator on ``device``: seeded from ``optim.seed`` (and the rank, so DDP
+        ranks drop different labels), or a checkpoint's state."""
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device).manual_seed(self.optim.seed)
+            self._generator = torch.Generator(device).manual_seed(self.optim.seed + 7919 * self.global_rank)
             if self._generator_state is not None:
                 try:
                     self._generator.set_state(self._generator_state)
@@ -214,8 +215,10 @@ class ARModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lmgen_counters"] = {"tokens_seen": self.tokens_seen, "flops": self.flops,
                                         "train_seconds": self.train_seconds, "bad_steps": self.bad_steps}
-        if self._generator is not None:
-            checkpoint["lmgen_generator"] = self._generator.get_state()
+        # Every rank's generator (on_save_checkpoint runs on all ranks; rank 0 writes): (world, N) uint8.
+        state = self.generator(self.device).get_state().to(self.device)
+        states = self.all_gather(state) if self.trainer.world_size > 1 else state[None]
+        checkpoint["lmgen_generator"] = states.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("lmgen_counters", {})
@@ -223,7 +226,9 @@ class ARModule(L.LightningModule):
         self.flops = float(counters.get("flops", 0.0))
         self.train_seconds = float(counters.get("train_seconds", 0.0))
         self.bad_steps = int(counters.get("bad_steps", 0))
-        self._generator_state, self._generator = checkpoint.get("lmgen_generator"), None
+        states = checkpoint.get("lmgen_generator")  # (world, N): this rank's row (or rank 0's, if the world grew)
+        self._generator = None
+        self._generator_state = None if states is None else states[min(self.global_rank, len(states) - 1)].clone()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # A finite loss can still give inf/NaN gradients (an overflow in backward). Dropping the
