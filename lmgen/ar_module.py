@@ -234,13 +234,28 @@ class ARModule(L.LightningModule):
         # A finite loss can still give inf/NaN gradients (an overflow in backward). Dropping the
         # gradients makes AdamW skip every parameter: no update, no weight decay, no moment change.
         # 16-mixed is left to its GradScaler, which skips its own overflowing steps.
-        if str(self.trainer.precision) == "16-mixed":
+        if self._precision() == "16-mixed":
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
         if not self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
             optimizer.zero_grad(set_to_none=True)
             self._skip_or_fail("gradient")
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales in its
+        # own step (fused AdamW), bf16 included, where there is no scaler and nothing to unscale:
+        # clip here then. 16-mixed (plain AdamW, see configure_optimizers) keeps Lightning's path,
+        # which unscales before it clips.
+        if gradient_clip_val and self._precision() != "16-mixed" and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _precision(self) -> str | None:
+        """The trainer's precision ("bf16-mixed", "32-true", ...), None outside a trainer."""
+        return None if self._trainer is None else str(self._trainer.precision)
 
     def training_step(self, batch: SequenceBatch, batch_idx: int) -> Tensor | None:
         loss, count = self.loss(batch)
@@ -304,8 +319,9 @@ class ARModule(L.LightningModule):
             (decay if param.dim() >= 2 and not is_embedding else no_decay).append(param)
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        # The fused kernel (one launch for every tensor) exists for CPU and CUDA parameters.
-        fused = self.speed.fused_adamw and self.device.type in ("cpu", "cuda")
+        # The fused kernel (one launch for every tensor) exists for CPU and CUDA parameters. Under
+        # 16-mixed it would unscale inside its step, after the clipping: the plain kernel there.
+        fused = self.speed.fused_adamw and self.device.type in ("cpu", "cuda") and self._precision() != "16-mixed"
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, self.optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

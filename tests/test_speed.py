@@ -39,18 +39,25 @@ class LossHistory(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
+        self.grad_norms: list[float] = []  # after clipping: the gradients the optimizer stepped with
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
 def train(layout: SequenceLayout, speed: SpeedConfig, precision: str = "32-true", steps: int = STEPS,  # noqa: PLR0913
-          ckpt: str | None = None, root=None, validate: bool = True) -> tuple[ARModule, list[float], dict]:
+          ckpt: str | None = None, root=None, validate: bool = True, clip: float | None = 1.0,
+          history: LossHistory | None = None) -> tuple[ARModule, list[float], dict]:
+    """Train as `lmgen run` does (gradients clipped at ``train.grad_clip``: 1.0)."""
     L.seed_everything(0, verbose=False)
     module = ARModule(llama_config("nano", layout.total_vocab, layout.seq_len), layout,
                       OptimConfig(lr=3e-3, warmup_steps=2, max_steps=STEPS), speed)
     data = TokenDataModule(items(layout, 96), items(layout, 24, seed=1), layout, batch_size=8, seed=0)
-    history = LossHistory()
+    history = history or LossHistory()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, precision=precision,
+                        gradient_clip_val=clip,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, val_check_interval=4, check_val_every_n_epoch=None,
                         limit_val_batches=1.0 if validate else 0,
@@ -89,6 +96,18 @@ def test_bf16_autocast_follows_the_fp32_curve_within_noise() -> None:
     _, bf16, _ = train(GRID, PLAIN, precision="bf16-mixed")
     # bf16 rounds activations (8 bits of mantissa): the curves agree to ~1%, not bitwise.
     torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=0.03, atol=0.03)
+
+
+def test_fused_adamw_clips_gradients_under_bf16_autocast() -> None:
+    # Lightning's mixed-precision plugin refuses to clip for a fused optimizer ("performs unscaling
+    # internally"), bf16 included: on a GPU or an AMX CPU every run died at its first step.
+    clipped, unclipped = LossHistory(), LossHistory()
+    _, fused, _ = train(GRID, SpeedConfig(), precision="bf16-mixed", clip=0.05, history=clipped)
+    _, plain, _ = train(GRID, PLAIN, precision="bf16-mixed", clip=0.05)
+    train(GRID, SpeedConfig(), precision="bf16-mixed", clip=None, history=unclipped)
+    assert max(clipped.grad_norms) <= 0.05 * 1.001
+    assert min(unclipped.grad_norms) > 0.05  # so the clip above is what bounded them
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=0.01, atol=0.01)
 
 
 def test_throughput_metrics_count_training_time_and_survive_a_resume(tmp_path) -> None:
