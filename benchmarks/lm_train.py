@@ -27,7 +27,7 @@ from lmgen.ar_module import ARModule, OptimConfig, SpeedConfig
 from lmgen.config import resolve_precision
 from lmgen.data import SequenceBatch, SequenceLayout
 from lmgen.llama import llama_config, to_hf
-from lmgen.perf import interleaved, markdown_table, matmul_ceiling, precision_dtype
+from lmgen.perf import ceiling_size, interleaved, markdown_table, matmul_ceiling, precision_dtype
 
 SHAPES = [  # (label, size, image vocab, tokens per image, batch) — the quickstart's stage 2
     ("micro, VQ 1k 8×8 grid", "micro", 1024, 64, 32),
@@ -126,7 +126,8 @@ def versus_ceiling(args: argparse.Namespace, device: torch.device, precision: st
         rows.append(row)
     header = ["size", "params (M, non-emb.)", "eager GFLOP/s", "eager ÷ ceiling", "compiled GFLOP/s",
               "compiled ÷ ceiling"]
-    return (f"dense {precision_dtype(precision)} matmul ceiling (2048³, same run): {ceiling / 1e9:.1f} GFLOP/s; "
+    side = ceiling_size(device)
+    return (f"dense {precision_dtype(precision)} matmul ceiling ({side}³, same run): {ceiling / 1e9:.1f} GFLOP/s; "
             f"batch {args.batch} × {layout.seq_len - 1} tokens\n\n" + markdown_table(header, rows))
 
 

@@ -32,7 +32,7 @@ PEAK_FLOPS: dict[str, float] = {
     "V100": 125e12,
 }
 
-_CEILINGS: dict[tuple[str, torch.dtype], float] = {}
+_CEILINGS: dict[tuple[str, torch.dtype, int], float] = {}
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,19 @@ def device_peak(device: torch.device, dtype: torch.dtype, configured: float = 0.
     return Peak(matmul_ceiling(device, dtype), "measured")
 
 
-def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
-    """Dense matmul FLOP/s of (size × size) @ (size × size) in ``dtype`` on ``device``, median of
-    ``repeats`` after a warm-up, with the process's current thread count. Cached per process."""
-    key = (str(device), dtype)
+def ceiling_size(device: torch.device) -> int:
+    """Side of the square matmul ``matmul_ceiling`` times: 8192 on a GPU, where a 2048³ product
+    (tens of µs on an H100/H200) measures the launch more than the tensor cores, 2048 on a CPU,
+    where 8192³ would take seconds per product."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
+    """Dense matmul FLOP/s of (size × size) @ (size × size) in ``dtype`` on ``device`` (size:
+    ``ceiling_size``), median of ``repeats`` after a warm-up, with the process's current thread
+    count. Cached per process."""
+    size = size or ceiling_size(device)
+    key = (str(device), dtype, size)
     if key not in _CEILINGS:
         # A private generator: measuring must not move the global RNG (a run's label dropout
         # would then depend on whether the ceiling was already cached in this process).
