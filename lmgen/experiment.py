@@ -124,7 +124,7 @@ def _run_experiment(cfg: DictConfig, resume: bool, preemption: Preemption) -> Ru
     if lead:
         run_id, resume_from = _open_lm_run(cfg, tracker, stage1, run_name, run_hash, home, resume)
     run_id, resume_from = share_from_rank_zero("LMGEN_LM_RUN", f"{run_id}\n{resume_from}" if lead else None).split("\n")
-    try:
+    with tracker.ending(run_id):  # KILLED on Ctrl-C or SIGTERM (Preempted, Lightning's SIGTERMException)
         if not resume_from:
             tracker.log_config(run_id, to_dict(cfg))
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
@@ -134,14 +134,6 @@ def _run_experiment(cfg: DictConfig, resume: bool, preemption: Preemption) -> Ru
         tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
         evaluate_model(cfg, module.model, layout, tokenizer, train_ds, val_ds, probe, tracker, run_id,
                        reference_cache(home))
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (Preempted, Lightning's SIGTERMException)
-        tracker.end_run(run_id, "KILLED")
-        raise
-    except BaseException as err:
-        tracker.set_tags(run_id, {"lmgen.error": f"{type(err).__name__}: {err}"})
-        tracker.end_run(run_id, "FAILED")
-        raise
-    tracker.end_run(run_id, "FINISHED")
     return _summary(tracker, run_id, time.perf_counter() - start)
 
 
@@ -332,16 +324,12 @@ def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = 
     child_tags = {**{k: v for k, v in tags.items() if k.startswith("lmgen.")}, "lmgen.stage": "eval",
                   "lmgen.eval_of": run_id, "mlflow.parentRunId": run_id}
     eval_id = tracker.start_run(run_name, child_tags)
-    try:
+    with tracker.ending(eval_id):
         tracker.log_config(eval_id, to_dict(cfg))
         tracker.log_metrics(eval_id, {k: v for k, v in original.data.metrics.items() if k.startswith(("tok/", "lm/"))})
         L.seed_everything(cfg.seed, verbose=False)
         evaluate_model(cfg, model, restored.layout, restored.tokenizer, train_ds, val_ds, probe, tracker, eval_id,
                        reference_cache(restored.home))
-    except BaseException:
-        tracker.end_run(eval_id, "FAILED")
-        raise
-    tracker.end_run(eval_id, "FINISHED")
     return RunSummary(run_id=eval_id, run_name=run_name, experiment=tracker.experiment, tracking_uri=restored.uri,
                       tokenizer_run_id=tags.get("lmgen.tokenizer_run_id", ""), artifact_uri=tracker.artifact_dir(eval_id),
                       wall_time_s=time.perf_counter() - start, metrics=tracker.metrics(eval_id))

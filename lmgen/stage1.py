@@ -116,7 +116,7 @@ def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Pa
         caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
         return Stage1Result(tokenizer, key, run_id, tracker.metrics(run_id), caches["train"], caches["val"])
     run_id = tracker.start_run(f"tokenizer-{cfg.tokenizer.name}-{key[:6]}", tags)
-    try:
+    with tracker.ending(run_id):  # never left RUNNING
         tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
         fit_stats = _fit_or_load(cfg, tokenizer, train_ds, val_ds, directory, (tracker, run_id))
         caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
@@ -133,13 +133,6 @@ def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Pa
         listed_out = sum(getattr(ds, "skipped_files", 0) for ds in (train_ds, val_ds))
         metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped + listed_out)
         tracker.log_metrics(run_id, metrics)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM: stopped, not broken
-        tracker.end_run(run_id, "KILLED")
-        raise
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")  # never leave a stage-1 run RUNNING
-        raise
-    tracker.end_run(run_id)
     return Stage1Result(tokenizer, key, run_id, metrics, caches["train"], caches["val"])
 
 

@@ -7,6 +7,7 @@ Default store: ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -15,7 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,22 @@ class Tracker:
         if self.writes:
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, str(value)[:PARAM_VALUE_LIMIT])
+
+    @contextlib.contextmanager
+    def ending(self, run_id: str) -> Iterator[None]:
+        """End ``run_id`` as the block ends, never leaving it RUNNING: KILLED when it was stopped
+        (Ctrl-C; SIGTERM, which raises SystemExit), FAILED with tag ``lmgen.error`` when it
+        raised, FINISHED otherwise. The exception goes on."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException as err:
+            self.set_tags(run_id, {"lmgen.error": f"{type(err).__name__}: {err}"})
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
 
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """Id of the newest FINISHED run of this experiment carrying all ``tags``."""
