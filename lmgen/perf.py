@@ -84,7 +84,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int | None = 
         # would then depend on whether the ceiling was already cached in this process).
         g = torch.Generator().manual_seed(0)
         a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-        seconds = time_call(lambda: a @ b, device, repeats=repeats, warmup=1)
+        seconds = interleaved({"matmul": lambda: a @ b}, device, repeats=repeats)["matmul"]
         _CEILINGS[key] = 2.0 * size**3 / seconds
     return _CEILINGS[key]
 
@@ -93,22 +93,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels (CUDA is asynchronous; a CPU needs nothing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1,
-              inner: int = 1) -> float:
-    """Median seconds of one ``fn()`` over ``repeats`` timings of ``inner`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
 
 
 def interleaved(arms: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5,
