@@ -30,9 +30,7 @@ VOCABS = {"jpeg": (320, 1024), "h264": (320, 1024)}
 
 def items(data: dict, split: str, n: int) -> torch.Tensor:
     """The first n readable items of a split: uint8 images (N, 3, H, W) or clips (N, T, 3, H, W)."""
-    from lmgen.config import DataConfig
-
-    cfg = DataConfig(**data, train_size=n, val_size=n)
+    cfg = {k: v for k, v in data.items() if k != "frames" or v} | {"train_size": n, "val_size": n}
     return load_images(build_dataset(cfg, split), n)
 
 

@@ -6,7 +6,7 @@ Table 1 — one training step (forward, loss, backward, gradient clipping, AdamW
 the quickstart trains (micro Llama: a 64-token VQ grid at batch 32, 1024 palette pixels at
 batch 16). Ours is ``ARModule.loss`` with the optimiser of ``ARModule.configure_optimizers``,
 eager and with ``train.compile``; the peer is ``transformers.LlamaForCausalLM`` built by
-``lmgen.llama.to_hf`` from the same weights (so the same config), its logits through the
+``lmgen.hf_export.to_hf`` from the same weights (so the same config), its logits through the
 same cross-entropy and a default ``torch.optim.AdamW``, eager and compiled. Arms are timed in
 turns (median of ``--repeats``), so a busy machine slows them alike; the ratio is the figure.
 
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from lmgen.ar_module import ARModule, OptimConfig, SpeedConfig
-from lmgen.config import resolve_precision
 from lmgen.data import SequenceBatch, SequenceLayout
-from lmgen.llama import llama_config, to_hf
-from lmgen.perf import ceiling_size, interleaved, markdown_table, matmul_ceiling, precision_dtype
+from lmgen.hf_export import to_hf
+from lmgen.llama import llama_config
+from lmgen.perf import ceiling_size, interleaved, markdown_table, matmul_ceiling, precision_dtype, resolve_precision
 
 SHAPES = [  # (label, size, image vocab, tokens per image, batch) — the quickstart's stage 2
     ("micro, VQ 1k 8×8 grid", "micro", 1024, 64, 32),

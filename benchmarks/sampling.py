@@ -33,10 +33,10 @@ from collections.abc import Callable
 
 import torch
 
-from lmgen.config import resolve_precision
 from lmgen.data import SequenceLayout
-from lmgen.llama import LLAMA_SIZES, Llama, llama_config, to_hf
-from lmgen.perf import interleaved
+from lmgen.hf_export import to_hf
+from lmgen.llama import LLAMA_SIZES, Llama, llama_config
+from lmgen.perf import interleaved, resolve_precision
 from lmgen.sampling import generate
 
 

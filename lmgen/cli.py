@@ -1,7 +1,8 @@
 """The ``lmgen`` console entry point: ``lmgen run | sweep | eval | export-hf | plot | ui``.
 
-Every subcommand that runs something takes an experiment YAML plus dotlist overrides:
-``lmgen run experiments/quickstart_jpeg.yaml train.max_steps=100 lm.size=nano``.
+Every subcommand that runs something takes an experiment YAML plus dotlist overrides, a
+preset chosen by name among them:
+``lmgen run experiments/base.yaml tokenizer=jpeg_q25 train.images=3200 lm.size=nano``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from lmgen.config import ConfigError, load_config
+from lmgen.config import ConfigError, load_config, to_dict
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -42,7 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"lmgen: config error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(OmegaConf.to_yaml(cfg))
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     from lmgen.concurrency import is_global_zero
     from lmgen.experiment import run_experiment  # heavy imports only when something runs
@@ -178,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train + sample one experiment, tracked in MLflow")
     run.add_argument("experiment", type=Path, help="experiment YAML (deltas from the schema)")
-    run.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. lm.size=mini train.max_steps=200")
+    run.add_argument("overrides", nargs="*", help="presets and dotlist overrides, e.g. tokenizer=vq_1k lm.size=mini "
+                                                   "train.images=6400")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     run.add_argument("--resume", action="store_true", help="skip if a FINISHED run of this config exists; continue "
                                                            "an unfinished one from its last.ckpt")

@@ -1,82 +1,61 @@
-"""Typed configuration: dataclass schema + OmegaConf strict merge.
+"""Typed configuration: a dataclass schema, composed from a base experiment, presets and overrides.
 
-Every default lives here. An experiment YAML holds only the deltas; the CLI adds dotlist
-overrides (``lmgen run experiments/x.yaml lm.size=mini``). The merge runs in struct mode, so
-an unknown key or a wrong type fails *before any compute* with a ``ConfigError`` that names
-the key and the valid choices.
+A run's config is composed in layers, later ones winning:
 
-The ``tokenizer`` block is polymorphic: its schema is the ``Config`` dataclass of the
-tokenizer named by ``tokenizer.name`` in ``lmgen.tokenizers.TOKENIZERS``.
+1. the schema's defaults (the dataclasses below; every default lives in one of them);
+2. the experiment YAML (``experiments/base.yaml``), holding only deltas;
+3. dotlist overrides from the command line or a sweep point, one at a time, in order.
+
+A layer that sets a *preset group* (``tokenizer``, ``data``) to a name instead of a mapping —
+``tokenizer=vq_1k`` on the command line, ``tokenizer: vq_1k`` in YAML — takes that whole block
+from the preset file ``<experiment's folder>/tokenizers/vq_1k.yaml`` (``PRESET_GROUPS``; the
+shipped ``experiments/`` folder when the experiment has none); later ``tokenizer.*`` overrides
+apply on top. A layer that changes ``tokenizer.name`` (or ``data.name``) keeps only the fields
+set so far that the new tokenizer (dataset) also has. The chosen preset names are recorded in
+the ``preset`` section.
+
+The ``tokenizer`` and ``data`` blocks are polymorphic: their schema is the ``Config``
+dataclass of the tokenizer (``lmgen.tokenizers.TOKENIZERS``) or dataset
+(``lmgen.datasets.DATASETS``) they name. Learned tokenizers take whatever recipe field they
+leave unset from the shared ``stage1`` section. The merge is strict, so an unknown key, a
+wrong type, a bad choice or a value outside its range fails *before any compute* with a
+``ConfigError`` naming the key. ``load_config`` returns the typed tree (``ExperimentConfig``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
-CFG_SCHEDULES = ("constant", "linear")
+from lmgen.checks import check_choices, check_interval, choices
+from lmgen.perf import PRECISIONS
+from lmgen.sampling import CFG_SCHEDULES
+from lmgen.tokenizers.learned import Stage1Config
+
+BUDGETS = ("images", "tokens", "flops", "steps")
+DEFAULT_TOKENIZER = "pixels"
+DEFAULT_DATASET = "shapes"
+# Sections a layer may set to a preset's name, and the folder (beside the experiment file)
+# that holds one YAML per preset, each a single block of that section.
+PRESET_GROUPS = {"tokenizer": "tokenizers", "data": "data"}
+SHIPPED_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # a source checkout's presets
 
 
 class ConfigError(ValueError):
     """A configuration problem, raised before any compute; the message names the key."""
 
 
-def choices(*values: str) -> dict[str, Any]:
-    """Field metadata listing the valid values of a string option (checked by ``validate``)."""
-    return {"choices": tuple(values)}
-
-
-@dataclass
-class ShapesConfig:
-    """Knobs of the procedural ``shapes`` dataset (lmgen.datasets.shapes)."""
-
-    num_classes: int = 10
-    tail_alpha: float = 1.5  # Zipf exponent of class frequencies: rarest of 10 classes ≈ 1.6%
-    min_objects: int = 2
-    max_objects: int = 5
-
-
-@dataclass
-class MotionConfig:
-    """Motion of the ``moving_shapes`` main object (lmgen.datasets.moving_shapes)."""
-
-    # outline speed, fraction of the image side per second, uniform per clip:
-    # ~1 px per frame at 32 px and 3 fps; the same clip at any image_size
-    min_speed: float = 0.04
-    max_speed: float = 0.12
-
-
-@dataclass
-class DataConfig:
-    name: str = "shapes"  # a key of lmgen.datasets.DATASETS
-    image_size: int = 32
-    train_size: int = 4000  # folders: 0 = every file
-    val_size: int = 500
-    seed: int = 0  # the dataset's own seed (content), separate from the run seed
-    root: str | None = None  # folder datasets; use ${oc.env:VAR} rather than relative hops
-    val_fraction: float = 0.05  # folders without train/ and val/ subfolders
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
-    frames: int = 0  # frames per clip; 0 = still images. Video datasets need > 0; AVC-LM: 15
-    fps: float = 3.0  # clip frame rate; AVC-LM: 3
-    motion: MotionConfig = field(default_factory=MotionConfig)  # moving_shapes
-    encode_batch_size: int = 256  # images per tokenizer.encode call when filling the cache
-    num_workers: int = 0  # DataLoader workers for reading images and token batches
-    fit_images: int = 2000  # train images a non-learned tokenizer fits on (palette, BPE)
-
-
-@dataclass
+@dataclass(frozen=True)
 class LMConfig:
     size: str = "micro"  # a key of lmgen.llama.LLAMA_SIZES
     class_conditional: bool = True  # position 0 holds the class token (else BOS)
@@ -85,10 +64,18 @@ class LMConfig:
     subcode_embed: str = field(default="sum", metadata=choices("sum", "concat"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 32
+    """Stage 2: how the Llama is trained. ``budget`` says what a comparison holds equal across
+    its arms — images seen, tokens seen or training FLOPs — and the step count is derived from
+    it per arm (``lmgen.budget``); ``budget=steps`` gives ``max_steps`` directly."""
+
+    budget: str = field(default="images", metadata=choices(*BUDGETS))
+    images: int = 32000  # budget=images: images seen in training, all devices together
+    tokens: float = 0.0  # budget=tokens: training tokens seen (the positions that carry a loss), e.g. 3e6
+    flops: float = 0.0  # budget=flops: training FLOPs (Llama.flops_per_token × tokens)
+    max_steps: int = 0  # budget=steps: the step count; otherwise derived (0 here)
+    batch_size: int = 32  # per device
     lr: float = 3e-4  # JPEG-LM: 3e-4
     weight_decay: float = 0.05  # ELM/LlamaGen: 0.05, off norms and embeddings
     beta1: float = 0.9
@@ -97,11 +84,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio
     grad_clip: float = 1.0
     class_dropout: float = 0.1  # ELM/LlamaGen: 10% label dropout for classifier-free guidance
-    val_every: int = 250  # steps between validations (and one at the end)
+    val_every: int = 0  # steps between validations (and one at the end); 0 = val_points evenly spaced
+    val_points: int = 5  # validations per run when val_every = 0 (lmgen plot: loss_curves)
     val_batches: int = 0  # 0 = the whole val split
     log_every: int = 10
-    # auto: bf16-mixed where bf16 matmuls are fast (CUDA, or a CPU with AMX/AVX512-BF16),
-    # else 32-true — on an AVX2-only CPU bf16 matmuls are ~40x slower than fp32.
+    # auto: bf16-mixed on a CUDA GPU, 32-true on a CPU (lmgen.perf.resolve_precision says why)
     precision: str = field(default="auto", metadata=choices(*PRECISIONS))
     accelerator: str = field(default="auto", metadata=choices("auto", "cpu", "gpu", "cuda", "mps"))
     devices: int = 1
@@ -115,8 +102,10 @@ class TrainConfig:
     max_bad_steps: int = 0  # steps with a non-finite loss/gradient skipped (weights untouched) before the run fails
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
+    """How every arm is sampled (one block for all arms of a comparison)."""
+
     num_samples: int = 64  # 0 = skip sampling
     batch_size: int = 64
     temperature: float = 1.0
@@ -126,7 +115,7 @@ class SampleConfig:
     cfg_schedule: str = field(default="constant", metadata=choices(*CFG_SCHEDULES))
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsConfig:
     """Evaluation (DESIGN §7): offline probe metrics always; Inception where weights exist."""
 
@@ -140,21 +129,31 @@ class MetricsConfig:
     prefix_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under $LMGEN_HOME
     experiment: str | None = None  # None: the experiment's `name`
-    run_name: str | None = None  # None: "<tokenizer>-<lm.size>-s<seed>"
+    run_name: str | None = None  # None: "<preset or tokenizer>-<lm.size>-s<seed>"
     parent_run_id: str | None = None  # set by `lmgen sweep`: the sweep's parent run (mlflow.parentRunId)
     sweep: str | None = None  # set by `lmgen sweep`: tag lmgen.sweep
 
 
-@dataclass
+@dataclass(frozen=True)
+class PresetConfig:
+    """The presets a run was composed from (set by ``load_config``; a record, never read for compute)."""
+
+    tokenizer: str | None = None
+    data: str | None = None
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "default"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: Any = None  # filled with TOKENIZERS[name].Config by load_config
+    seed: int = 0  # the LM's seed (initialisation, data order, label dropout, sampling)
+    preset: PresetConfig = field(default_factory=PresetConfig)
+    data: Any = None  # the dataset's Config (lmgen.datasets.DATASETS[data.name].Config)
+    tokenizer: Any = None  # the tokenizer's Config (lmgen.tokenizers.TOKENIZERS[tokenizer.name].Config)
+    stage1: Stage1Config = field(default_factory=Stage1Config)  # the learned tokenizers' shared recipe
     lm: LMConfig = field(default_factory=LMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -162,53 +161,47 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-DEFAULT_TOKENIZER = "pixels"
-
-# The interval (lmgen.tokenizers.base.check_interval) each numeric field must lie in: "[" and "]"
-# closed ends, "(" and ")" open ones. Checked by ``validate``, so a bad value fails before compute.
+# The interval (lmgen.checks.check_interval) each numeric field of the fixed sections must lie in:
+# "[" and "]" closed ends, "(" and ")" open ones. The data, tokenizer and stage1 blocks check
+# themselves (their Config's ``check``). Every float must also be finite (check_choices).
 RANGES: dict[str, str] = {
     "seed": "[0, 4294967295]",  # Lightning's seed_everything raises outside uint32 — after stage 1
-    "data.image_size": "[1, inf)", "data.seed": "[0, inf)", "data.val_fraction": "[0, 1)",
-    "data.encode_batch_size": "[1, inf)", "data.num_workers": "[0, inf)", "data.fit_images": "[0, inf)",
-    "train.max_steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
+    "train.images": "[0, inf)", "train.tokens": "[0, inf)", "train.flops": "[0, inf)", "train.max_steps": "[0, inf)",
+    "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.weight_decay": "[0, inf)", "train.beta1": "[0, 1)", "train.beta2": "[0, 1)",
     "train.warmup_steps": "[0, inf)", "train.min_lr_ratio": "[0, 1]", "train.grad_clip": "[0, inf)",
-    "train.class_dropout": "[0, 1)", "train.val_every": "[1, inf)", "train.val_batches": "[0, inf)",
-    "train.log_every": "[1, inf)", "train.num_nodes": "[1, inf)", "train.max_bad_steps": "[0, inf)",
+    "train.class_dropout": "[0, 1)", "train.val_every": "[0, inf)", "train.val_points": "[1, inf)",
+    "train.val_batches": "[0, inf)", "train.log_every": "[1, inf)", "train.num_nodes": "[1, inf)",
+    "train.max_bad_steps": "[0, inf)", "train.peak_flops": "[0, inf)",
     "sample.num_samples": "[0, inf)", "sample.batch_size": "[1, inf)", "sample.temperature": "[0, inf)",
-    "sample.top_k": "[0, inf)", "sample.top_p": "(0, 1]",
+    "sample.top_k": "[0, inf)", "sample.top_p": "(0, 1]", "sample.cfg_scale": "[0, inf)",
     "metrics.num_reference": "[0, inf)", "metrics.prefix_samples": "[0, inf)",
 }
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults ← YAML deltas at ``path`` ← dotlist ``overrides``, strictly.
-
-    Returns a read-only struct ``DictConfig``. Raises ``ConfigError`` naming the offending
-    key (with valid keys or choices) for unknown keys, wrong types and invalid choices.
-    """
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Schema defaults ← the YAML at ``path`` ← each dotlist override in turn, strictly (see the
+    module docstring). Returns the typed ``ExperimentConfig``; raises ``ConfigError`` naming the
+    offending key (with the valid keys, choices or presets) before anything is computed."""
+    from lmgen.datasets import DATASETS
     from lmgen.tokenizers import TOKENIZERS
 
-    layers = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
-    try:
-        layers.append(OmegaConf.from_dotlist([_quote_sexagesimal(o) for o in overrides]))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"bad override in {list(overrides)}: {err}") from None
-    unset = _unset_required(layers)
+    layers = _layers(path, overrides)
+    loose, presets = _compose(layers, _preset_dirs(path))
+    unset = sorted(k for k, v in flatten(OmegaConf.to_container(loose, resolve=False)).items() if v == "???")
     if unset:
         raise ConfigError(f"{unset[0]} is ??? (a required value) and nothing sets it; give it on the command "
                           f"line: {unset[0]}=<value>" + (f" (also unset: {', '.join(unset[1:])})" if unset[1:] else ""))
-    loose = OmegaConf.merge(*layers) if layers else OmegaConf.create()
     name = OmegaConf.select(loose, "tokenizer.name", default=DEFAULT_TOKENIZER)
     if name not in TOKENIZERS:
         raise ConfigError(_choice_message("tokenizer.name", name, TOKENIZERS))
-    schema = OmegaConf.structured(ExperimentConfig(tokenizer=TOKENIZERS[name].Config()))
+    dataset = OmegaConf.select(loose, "data.name", default=DEFAULT_DATASET)
+    if dataset not in DATASETS:
+        raise ConfigError(_choice_message("data.name", dataset, DATASETS))
+    schema = OmegaConf.structured(ExperimentConfig(tokenizer=TOKENIZERS[name].Config(),
+                                                   data=DATASETS[dataset].Config()))
     try:
-        cfg = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.merge(schema, loose, {"preset": presets})
     except ConfigKeyError as err:
         raise ConfigError(_unknown_key_message(err)) from None
     except ValidationError as err:
@@ -216,21 +209,108 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except OmegaConfBaseException as err:
         raise ConfigError(f"{err.full_key or '?'}: {err.msg}") from None
     _check_resolves(cfg)
-    validate(cfg)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    typed: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if hasattr(typed.tokenizer, "with_recipe"):  # a learned tokenizer: the shared stage-1 recipe
+        typed = dataclasses.replace(typed, tokenizer=typed.tokenizer.with_recipe(typed.stage1))
+    validate(typed)
+    return typed
 
 
-def _unset_required(layers: Sequence[DictConfig]) -> list[str]:
-    """Dotted keys some layer sets to ``???`` (OmegaConf's "required") that no later layer sets.
+def _layers(path: str | Path | None, overrides: Sequence[str]) -> list[tuple[str, DictConfig]]:
+    """(where, layer): the experiment file, then each override as its own layer, in order."""
+    layers = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as err:  # YAML syntax, a duplicate key, bytes that are not UTF-8 ...
+            raise ConfigError(f"{path}: not a readable YAML mapping ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    for override in overrides:
+        try:
+            layers.append((override, OmegaConf.from_dotlist([_quote_sexagesimal(override)])))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"bad override {override!r}: {err}") from None
+    for where, layer in layers:
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{where}: a config is a mapping of sections ({', '.join(_SECTIONS)}), "
+                              f"got {type(layer).__name__}")
+    return layers
 
-    A plain merge would keep the schema default under a ``???`` and run with it silently.
-    """
-    unset: set[str] = set()
-    for layer in layers:
-        tree = flatten(OmegaConf.to_container(layer, resolve=False))  # type: ignore[arg-type]
-        unset = (unset - tree.keys()) | {k for k, v in tree.items() if v == "???"}
-    return sorted(unset)
+
+_SECTIONS = tuple(f.name for f in fields(ExperimentConfig))
+
+
+def _compose(layers: Sequence[tuple[str, DictConfig]], preset_dirs: Sequence[Path]) -> tuple[DictConfig, dict]:
+    """Merge the layers loosely (no schema yet), swapping in preset blocks; returns the merged
+    tree and the preset names chosen ({group: name or None})."""
+    loose: DictConfig = OmegaConf.create()
+    presets: dict[str, str | None] = dict.fromkeys(PRESET_GROUPS)
+    for where, layer in layers:
+        layer = layer.copy()
+        raw = OmegaConf.to_container(layer, resolve=False)
+        for section, value in raw.items():
+            if section in PRESET_GROUPS and isinstance(value, str) and not value.startswith("${"):
+                loose[section] = _preset_block(section, value, preset_dirs)
+                presets[section] = value
+                del layer[section]
+            elif section in PRESET_GROUPS and isinstance(value, dict) and "name" in value:
+                before = OmegaConf.select(loose, f"{section}.name", default=None)
+                if before is not None and value["name"] != before:  # another tokenizer/dataset
+                    _keep_shared_fields(loose, section, value["name"])
+                    presets[section] = None
+            elif section in _SECTION_TYPES and not isinstance(value, dict) and value is not None:
+                raise ConfigError(f"{where}: {section} is a section of keys ({section}.<key>=...), not a value: "
+                                  f"got {section}={value!r}" + (f"; or name a preset: {section}=<name>"
+                                                                if section in PRESET_GROUPS else ""))
+        loose = OmegaConf.merge(loose, layer)
+    return loose, presets
+
+
+_SECTION_TYPES = {f.name for f in fields(ExperimentConfig) if f.name not in ("name", "seed")}
+
+
+def _keep_shared_fields(loose: DictConfig, section: str, name: Any) -> None:
+    """A layer switches ``section`` to another tokenizer or dataset ``name``: keep the fields set so
+    far that its config also has (``downsample``, ``image_size`` ...), drop the rest."""
+    from lmgen.datasets import DATASETS
+    from lmgen.tokenizers import TOKENIZERS
+
+    registry = {"tokenizer": TOKENIZERS, "data": DATASETS}[section]
+    if name not in registry:
+        return  # the unknown name fails with its valid choices once the layers are merged
+    valid = {f.name for f in fields(registry[name].Config)}
+    loose[section] = {k: v for k, v in OmegaConf.to_container(loose[section], resolve=False).items() if k in valid}
+
+
+def _preset_dirs(path: str | Path | None) -> list[Path]:
+    """Where presets are looked up: beside the experiment file, then the shipped experiments/."""
+    dirs = [Path(path).resolve().parent] if path is not None else []
+    return [*dirs, SHIPPED_EXPERIMENTS] if SHIPPED_EXPERIMENTS not in dirs else dirs
+
+
+def preset_names(group: str, preset_dirs: Sequence[Path] = (SHIPPED_EXPERIMENTS,)) -> list[str]:
+    """The presets of ``group`` (e.g. ``tokenizer``) found in ``preset_dirs``, sorted."""
+    return sorted({p.stem for d in preset_dirs for p in (d / PRESET_GROUPS[group]).glob("*.yaml")})
+
+
+def _preset_block(group: str, name: str, preset_dirs: Sequence[Path]) -> DictConfig:
+    """The ``group`` block of preset ``name``; ConfigError listing the valid presets if none."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        for directory in preset_dirs:
+            candidate = directory / PRESET_GROUPS[group] / f"{name}.yaml"
+            if candidate.is_file():
+                doc = OmegaConf.load(candidate)
+                if not isinstance(doc, DictConfig) or set(doc.keys()) != {group} or not isinstance(doc[group], DictConfig):
+                    raise ConfigError(f"preset {candidate} must hold exactly one '{group}:' block")
+                return doc[group]
+    valid = preset_names(group, preset_dirs)
+    hint = difflib.get_close_matches(name, valid, n=1)
+    did = f" (did you mean {hint[0]!r}?)" if hint else ""
+    where = ", ".join(str(d / PRESET_GROUPS[group]) for d in preset_dirs)
+    raise ConfigError(f"{group}={name!r}: no such preset{did}; valid presets: {', '.join(valid) or 'none'} "
+                      f"(in {where}); or set the block's keys: {group}.name=...")
 
 
 def _check_resolves(cfg: DictConfig) -> None:
@@ -251,75 +331,50 @@ def _quote_sexagesimal(override: str) -> str:
     return override
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check registry names, string choices, numeric ``RANGES``, the data block against its
-    dataset and the tokenizer block against the tokenizer (built here, cheaply, so its own
-    checks run); raises ``ConfigError`` naming the key."""
-    from lmgen.datasets import DATASETS
+def validate(cfg: ExperimentConfig) -> None:
+    """Check registry names, string choices, finite floats, numeric ``RANGES``, the budget, the
+    data block (its dataset's own ``check``), the stage-1 recipe and the tokenizer block (built
+    here, cheaply, so its own checks run); raises ``ConfigError`` naming the key."""
     from lmgen.llama import LLAMA_SIZES
-    from lmgen.tokenizers.base import check_interval
 
-    if cfg.data.name not in DATASETS:
-        raise ConfigError(_choice_message("data.name", cfg.data.name, DATASETS))
     if cfg.lm.size not in LLAMA_SIZES:
         raise ConfigError(_choice_message("lm.size", cfg.lm.size, LLAMA_SIZES))
-    for key, value, valid in _choice_fields(cfg):
-        if value not in valid:
-            raise ConfigError(_choice_message(key, value, valid))
-    for key, interval in RANGES.items():
-        try:
-            check_interval(key, OmegaConf.select(cfg, key), interval)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    try:
+        check_choices("", cfg)  # every section, the data, tokenizer and stage1 blocks included
+        for key, interval in RANGES.items():
+            section, _, leaf = key.rpartition(".")
+            check_interval(key, getattr(getattr(cfg, section) if section else cfg, leaf), interval)
+        cfg.stage1.check("stage1")
+        cfg.data.check()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.train.devices < 1 and cfg.train.devices != -1:
         raise ConfigError(f"train.devices must be >= 1, or -1 for every device, got {cfg.train.devices}")
-    _check_data(cfg.data, DATASETS[cfg.data.name])
+    _check_budget(cfg.train)
     bad = [r for r in cfg.metrics.prefix_ratios if not 0.0 < r < 1.0]
     if bad:
         raise ConfigError(f"metrics.prefix_ratios must lie in (0, 1), got {bad}")
     _check_tokenizer(cfg)
 
 
-def _check_data(data: DictConfig, dataset_cls: type) -> None:
-    """The data block against its dataset class's plain attributes ``procedural`` (generated,
-    no root) and ``video`` (clips: needs ``frames > 0``)."""
-    procedural, video = getattr(dataset_cls, "procedural", False), getattr(dataset_cls, "video", False)
-    if not procedural and not data.root:
-        raise ConfigError(f"data.root is required for data.name={data.name!r}")
-    for key in ("train_size", "val_size"):  # folders: 0 = every file
-        if data[key] < 0:
-            raise ConfigError(f"data.{key} must be >= 0, got {data[key]}")
-        if procedural and data[key] == 0:  # generated data has no "all"
-            raise ConfigError(f"data.{key} must be positive for data.name={data.name!r}")
-    if video and data.frames <= 0:
-        raise ConfigError(f"data.frames must be > 0 for the video dataset data.name={data.name!r}, got {data.frames}")
-    if not video and data.frames != 0:
-        raise ConfigError(f"data.frames must be 0 for the image dataset data.name={data.name!r}, got {data.frames}")
-    if not data.fps > 0:
-        raise ConfigError(f"data.fps must be > 0, got {data.fps}")
-    if procedural:
-        _check_scene(data)
-    if not 0 <= data.motion.min_speed <= data.motion.max_speed or data.motion.max_speed <= 0:
-        raise ConfigError(f"data.motion: need 0 <= min_speed <= max_speed and max_speed > 0, "
-                          f"got {data.motion.min_speed}, {data.motion.max_speed}")
+def _check_budget(train: TrainConfig) -> None:
+    """The budget's amount is set (and only the step count is given when budget=steps)."""
+    if train.budget == "steps":
+        if train.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 with train.budget=steps, got {train.max_steps}")
+        return
+    if train.max_steps:
+        raise ConfigError(f"train.max_steps={train.max_steps} is derived from train.budget={train.budget} "
+                          f"(train.{train.budget}); give the steps directly with train.budget=steps")
+    if not getattr(train, train.budget) > 0:
+        raise ConfigError(f"train.{train.budget} must be > 0 with train.budget={train.budget}, "
+                          f"got {getattr(train, train.budget)}")
 
 
-def _check_scene(data: DictConfig) -> None:
-    """The ``data.shapes`` scene knobs the procedural datasets (shapes, moving_shapes) render with."""
-    from lmgen.datasets.shapes import CLASS_NAMES
-
-    if data.image_size < 4:  # the renderer's smallest canvas
-        raise ConfigError(f"data.image_size must be >= 4 for data.name={data.name!r}, got {data.image_size}")
-    if not 2 <= data.shapes.num_classes <= len(CLASS_NAMES):
-        raise ConfigError(f"data.shapes.num_classes must be in [2, {len(CLASS_NAMES)}] (the shapes drawn), "
-                          f"got {data.shapes.num_classes}")
-    if not 1 <= data.shapes.min_objects <= data.shapes.max_objects:
-        raise ConfigError(f"data.shapes: need 1 <= min_objects <= max_objects, got {data.shapes.min_objects}, "
-                          f"{data.shapes.max_objects}")
-
-
-def _check_tokenizer(cfg: DictConfig) -> None:
+def _check_tokenizer(cfg: ExperimentConfig) -> None:
     """Construct the tokenizer (cheap) so its own checks fail now, keyed ``tokenizer.<field>``."""
+    import math
+
     from lmgen.tokenizers import tokenizer_for
     from lmgen.tokenizers.base import MAX_VOCAB_SIZE
 
@@ -337,14 +392,16 @@ def _check_tokenizer(cfg: DictConfig) -> None:
         raise ConfigError(f"tokenizer: subcodes {subcodes} multiply to {math.prod(subcodes)}, not vocab_size={vocab}")
 
 
-def to_dict(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain containers."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config (the typed tree, any section of it, or a DictConfig) as plain containers."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    return dataclasses.asdict(cfg)
 
 
 def config_hash(*parts: Any) -> str:
-    """Short stable hash of configs/fingerprints (DictConfig, dataclass, dict or str)."""
-    norm = [to_dict(p) if isinstance(p, DictConfig) else p for p in parts]
+    """Short stable hash of configs/fingerprints (config dataclasses, dicts or strings)."""
+    norm = [to_dict(p) if is_dataclass(p) and not isinstance(p, type) else p for p in parts]
     blob = json.dumps(norm, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -354,12 +411,14 @@ def config_hash(*parts: Any) -> str:
 # same point with it (and adding such a key does not orphan the runs logged before it existed).
 # A run that FINISHED under max_bad_steps=0 met no bad step, so any limit would give it again.
 SPEED_KEYS = ("train.compile", "train.fused_adamw", "train.peak_flops", "train.max_bad_steps")
+# Sections that say where a run is logged and what it was composed from, never what it computes.
+UNHASHED_SECTIONS = ("tracking", "preset")
 
 
-def run_config_hash(cfg: DictConfig) -> str:
-    """``lmgen.config_hash`` of a run: everything but ``tracking`` (where a run is logged does not
-    change what it computes) and ``SPEED_KEYS``, so a sweep rerun finds the run of the same point."""
-    tree = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+def run_config_hash(cfg: ExperimentConfig) -> str:
+    """``lmgen.config_hash`` of a run: everything but ``UNHASHED_SECTIONS`` and ``SPEED_KEYS``,
+    so a sweep rerun finds the run of the same point."""
+    tree = {k: v for k, v in to_dict(cfg).items() if k not in UNHASHED_SECTIONS}
     for key in SPEED_KEYS:
         section, _, leaf = key.partition(".")
         tree[section] = {k: v for k, v in tree[section].items() if k != leaf}
@@ -376,25 +435,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[full] = value
     return out
-
-
-def _choice_fields(cfg: DictConfig) -> list[tuple[str, Any, tuple[str, ...]]]:
-    """(key, value, valid) for every dataclass field declaring ``choices`` metadata."""
-    found = []
-
-    def walk(node: DictConfig, prefix: str) -> None:
-        schema = OmegaConf.get_type(node)
-        if schema is None or not is_dataclass(schema):
-            return
-        for f in fields(schema):
-            value = node[f.name]
-            if "choices" in f.metadata:
-                found.append((f"{prefix}{f.name}", value, f.metadata["choices"]))
-            if isinstance(value, DictConfig):
-                walk(value, f"{prefix}{f.name}.")
-
-    walk(cfg, "")
-    return found
 
 
 def _choice_message(key: str, value: Any, valid: Any) -> str:
@@ -420,20 +460,3 @@ def _unknown_key_message(err: ConfigKeyError) -> str:
 def _type_message(err: ValidationError) -> str:
     first_line = str(err.msg).splitlines()[0]
     return f"{err.full_key}: {first_line}"
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """Lightning precision for ``train.precision``; ``auto`` picks bf16 only where it is fast."""
-    if precision != "auto":
-        return precision
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if _cpu_has_fast_bf16() else "32-true"
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability().upper().startswith("AMX")
-    return "amx_bf16" in flags or "avx512_bf16" in flags

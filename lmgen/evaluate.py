@@ -28,18 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
-from lmgen.config import resolve_precision
+from lmgen.config import ExperimentConfig, MetricsConfig, SampleConfig
 from lmgen.data import SequenceLayout
-from lmgen.datasets import ImageBatch, load_batch
+from lmgen.datasets import ImageBatch, ImageDataset, load_batch
 from lmgen.llama import Llama
 from lmgen.metrics.fidelity import KINDS, FidelityResult, class_accuracy, fidelity_keys, fidelity_metrics
 from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd
 from lmgen.metrics.probe import Probe
+from lmgen.perf import resolve_precision
 from lmgen.sampling import generate
-from lmgen.stage1 import as_frames, log_fidelity_context, to_grid
+from lmgen.stage1 import as_frames, log_fidelity_context, reference_cache, to_grid
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import Tracker
 
@@ -79,27 +79,67 @@ class SampleSet:
         return self.images[keep], self.labels.view(-1, 1).expand_as(keep)[keep]
 
 
+@dataclass(frozen=True)
+class Generator:
+    """A trained Llama ready to write images: its sequence layout, the tokenizer that decodes
+    its ids, the sampling settings (one block for every arm) and whether it samples under
+    bf16 autocast (as it trained)."""
+
+    model: Llama
+    layout: SequenceLayout
+    tokenizer: ImageTokenizer
+    sample: SampleConfig
+    bf16: bool = False
+
+    @classmethod
+    def for_run(cls, cfg: ExperimentConfig, model: Llama, layout: SequenceLayout,
+                tokenizer: ImageTokenizer) -> Generator:
+        bf16 = resolve_precision(cfg.train.precision, cfg.train.accelerator).startswith("bf16")
+        return cls(model, layout, tokenizer, cfg.sample, bf16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        device = next(self.model.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What samples are scored with and where the scores go: the scoring settings, the run's
+    seed, the data (val images are the reference; train class frequencies the long-tail axis),
+    the probe, the MLflow run and the reference-statistics cache."""
+
+    metrics: MetricsConfig
+    seed: int
+    train_ds: ImageDataset
+    val_ds: ImageDataset
+    probe: Probe | None
+    tracker: Tracker
+    run_id: str
+    cache_dir: Path | None = None
+    encode_batch_size: int = 256
+    fps: float = 3.0  # samples.gif of clips
+
+    @classmethod
+    def for_run(cls, cfg: ExperimentConfig, train_ds: ImageDataset, val_ds: ImageDataset, probe: Probe | None,  # noqa: PLR0913
+                tracker: Tracker, run_id: str, home: Path) -> Scoring:
+        return cls(cfg.metrics, cfg.seed, train_ds, val_ds, probe, tracker, run_id, reference_cache(home),
+                   cfg.data.encode_batch_size, getattr(cfg.data, "fps", 3.0))
+
+
 def prefix_key(ratio: float) -> str:
     """Metric prefix of prefix completion at ``ratio``: 0.25 → ``gen/prefix_r25``."""
     return f"gen/prefix_r{round(ratio * 100):d}"
 
 
-def _autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if resolve_precision(cfg.train.precision, cfg.train.accelerator).startswith("bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _sample_chunk(cfg: DictConfig, model: Llama, layout: SequenceLayout, labels: Tensor,
-                  prefix: TokenBatch | None = None) -> TokenBatch:
+def _sample_chunk(gen: Generator, labels: Tensor, prefix: TokenBatch | None = None) -> TokenBatch:
     """Image tokens of one batch: sampled after the cond token, or after cond + ``prefix``.
 
     labels: (B,) int64. prefix: the first ids of each image (``lengths`` per row, at least
     1) or None. Returns the whole image streams (prefix included), clipped to ``max_tokens``,
     with ids outside the image vocabulary replaced by 0 (the decoder then judges them).
     """
-    s, b = cfg.sample, len(labels)
-    device = next(model.parameters()).device
+    s, b, layout = gen.sample, len(labels), gen.layout
+    device = next(gen.model.parameters()).device
     cond = layout.cond_tokens(labels, b)  # (B, 1)
     if prefix is None:
         kept = torch.zeros(b, dtype=torch.int64)
@@ -109,13 +149,13 @@ def _sample_chunk(cfg: DictConfig, model: Llama, layout: SequenceLayout, labels:
         prompt = torch.cat([cond, prefix.ids[:, : int(kept.max())].cpu()], 1)  # (B, 1 + longest prefix)
     uncond = torch.cat([layout.null_tokens(b), prompt[:, 1:]], 1) if s.cfg_scale != 1.0 else None
     budget = layout.max_tokens + int(layout.variable_length) - kept  # room left for new ids (+ EOS)
-    with _autocast(cfg, device):
-        gen = generate(model, prompt.to(device), budget.to(device), prompt_lengths=(1 + kept).to(device),
+    with gen.autocast():
+        out = generate(gen.model, prompt.to(device), budget.to(device), prompt_lengths=(1 + kept).to(device),
                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale,
                        cfg_schedule=s.cfg_schedule, uncond_prompt=None if uncond is None else uncond.to(device),
                        allowed=layout.allowed().to(device), eos_id=layout.eos if layout.variable_length else None,
                        pad_id=layout.pad)
-    new, new_len = gen.tokens.cpu(), gen.lengths.cpu()
+    new, new_len = out.tokens.cpu(), out.lengths.cpu()
     ids = torch.zeros(b, layout.max_tokens, dtype=torch.int64)
     lengths = (kept + new_len).clamp(max=layout.max_tokens)
     for i in range(b):
@@ -128,23 +168,23 @@ def _sample_chunk(cfg: DictConfig, model: Llama, layout: SequenceLayout, labels:
 
 
 @torch.no_grad()
-def sample_images(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer) -> SampleSet:
+def sample_images(gen: Generator) -> SampleSet:
     """``sample.num_samples`` images (classes round-robin, so per-class metrics are balanced), decoded."""
-    labels = torch.arange(cfg.sample.num_samples) % layout.num_classes
-    return _sample_and_decode(cfg, model, layout, tokenizer, labels, None)
+    labels = torch.arange(gen.sample.num_samples) % gen.layout.num_classes
+    return _sample_and_decode(gen, labels, None)
 
 
-def _sample_and_decode(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,
-                       labels: Tensor, prefixes: TokenBatch | None) -> SampleSet:
+def _sample_and_decode(gen: Generator, labels: Tensor, prefixes: TokenBatch | None) -> SampleSet:
+    model = gen.model
     was_training = model.training
     model.eval()
     images, valid, lengths, frames = [], [], [], []
     start = time.perf_counter()
     try:
-        for chunk in torch.arange(len(labels)).split(cfg.sample.batch_size):
+        for chunk in torch.arange(len(labels)).split(gen.sample.batch_size):
             prefix = None if prefixes is None else TokenBatch(prefixes.ids[chunk], prefixes.lengths[chunk])
-            tokens = _sample_chunk(cfg, model, layout, labels[chunk], prefix)
-            decoded = tokenizer.decode(tokens)  # never raises: undecodable streams come back valid=False
+            tokens = _sample_chunk(gen, labels[chunk], prefix)
+            decoded = gen.tokenizer.decode(tokens)  # never raises: undecodable streams come back valid=False
             images.append(decoded.images.cpu())
             valid.append(decoded.valid.cpu())
             lengths.append(tokens.lengths)
@@ -157,18 +197,18 @@ def _sample_and_decode(cfg: DictConfig, model: Llama, layout: SequenceLayout, to
 
 
 @torch.no_grad()
-def complete_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,
-                      originals: ImageBatch, ratio: float) -> SampleSet:
+def complete_prefixes(gen: Generator, originals: ImageBatch, ratio: float) -> SampleSet:
     """Prompt with the top ``ratio`` of each original's tokens (``tokenizer.prefix_lengths``)
     and its class (BOS for an unconditional model), sample the rest, decode.
 
     originals: uint8 images with labels. Raises ValueError where the tokenizer cannot cut a
     prefix (e.g. JPEG without restart markers).
     """
+    tokenizer = gen.tokenizer
     tokens = tokenizer.encode(originals.images)
     cuts = tokenizer.prefix_lengths(tokens, ratio).cpu()
     prefixes = TokenBatch(ids=tokens.ids.cpu(), lengths=cuts)
-    done = _sample_and_decode(cfg, model, layout, tokenizer, originals.labels.cpu(), prefixes)
+    done = _sample_and_decode(gen, originals.labels.cpu(), prefixes)
     done = dataclasses.replace(done, prompt_fraction=cuts / tokens.lengths.cpu())
     if done.frames is None:
         return done
@@ -188,22 +228,22 @@ def frame_batch(batch: ImageBatch) -> ImageBatch:
     return ImageBatch(images=frames, labels=labels, indices=indices, skipped=batch.skipped)
 
 
-def _fidelity(cfg: DictConfig, generated: Tensor, reference: ImageBatch, probe: Probe, prefix: str,  # noqa: PLR0913
-              reference_name: str, cache_dir: Path | None, kinds: tuple[str, ...] = KINDS) -> FidelityResult:
+def _fidelity(scoring: Scoring, generated: Tensor, reference: ImageBatch, prefix: str, reference_name: str,
+              kinds: tuple[str, ...] = KINDS) -> FidelityResult:
     """Fidelity of generated images (or frames) against ``reference`` (clips: scored by their frames)."""
-    return fidelity_metrics(generated, frame_batch(reference).images, probe=probe,
-                            inception_weights=cfg.metrics.inception_weights, prefix=prefix,
-                            reference_name=reference_name, seed=cfg.seed, cache_dir=cache_dir, kinds=kinds)
+    return fidelity_metrics(generated, frame_batch(reference).images, probe=scoring.probe,
+                            inception_weights=scoring.metrics.inception_weights, prefix=prefix,
+                            reference_name=reference_name, seed=scoring.seed, cache_dir=scoring.cache_dir, kinds=kinds)
 
 
-def evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout, train_ds,  # noqa: PLR0913
-                     reference: ImageBatch, probe: Probe | None, tracker: Tracker, run_id: str,
-                     cache_dir: Path | None = None) -> dict[str, float]:
+def evaluate_samples(scoring: Scoring, samples: SampleSet, layout: SequenceLayout,
+                     reference: ImageBatch) -> dict[str, float]:
     """gen/* metrics of the decodable samples against ``reference`` (val images); samples.png; per_class.csv.
 
     Undecodable samples are counted (``gen/num_invalid``) and left out of every fidelity
     metric — never replaced.
     """
+    probe, tracker, run_id = scoring.probe, scoring.tracker, scoring.run_id
     good, good_labels = samples.good_frames()
     metrics = {"gen/decode_valid_rate": float(samples.valid.float().mean()),
                "gen/num_invalid": float((~samples.valid).sum()),
@@ -214,7 +254,7 @@ def evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout
         metrics["gen/partial_decode_rate"] = float(((samples.frames > 0) & (samples.frames < t)).float().mean())
         metrics["gen/frames_per_clip"] = float(decoded.float().mean()) if len(decoded) else 0.0
     if probe is not None and len(good) >= 2:
-        result = _fidelity(cfg, good, reference, probe, "gen", "val", cache_dir)
+        result = _fidelity(scoring, good, reference, "gen", "val")
         metrics.update(result.metrics)
         log_fidelity_context(tracker, run_id, result, "gen")
     elif probe is not None:
@@ -223,7 +263,7 @@ def evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout
         tracker.log_text(run_id, json.dumps(dict.fromkeys(fidelity_keys("gen"), reason), indent=1),
                          "gen_metrics_skipped.json")
     if probe is not None and layout.class_conditional and len(good) > 0:
-        per_class = _per_class_metrics(probe, good, good_labels, frame_batch(reference), train_ds, tracker, run_id)
+        per_class = _per_class_metrics(scoring, good, good_labels, frame_batch(reference))
         metrics.update(per_class)
     tracker.log_metrics(run_id, metrics)
     nrow = min(layout.num_classes if layout.class_conditional else 8, len(samples.images))
@@ -231,29 +271,28 @@ def evaluate_samples(cfg: DictConfig, samples: SampleSet, layout: SequenceLayout
         strip = samples.images[:SAMPLE_STRIP_CLIPS]
         tracker.log_image(run_id, to_grid(strip.flatten(0, 1), nrow=strip.shape[1]), "samples.png")
         frames = np.stack([to_grid(samples.images[:, t], nrow=nrow) for t in range(samples.images.shape[1])])
-        tracker.log_animation(run_id, frames, "samples.gif", fps=cfg.data.fps)
+        tracker.log_animation(run_id, frames, "samples.gif", fps=scoring.fps)
     else:
         tracker.log_image(run_id, to_grid(samples.images, nrow=nrow), "samples.png")
     return metrics
 
 
-def evaluate_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,  # noqa: PLR0913
-                      originals: ImageBatch, probe: Probe | None, tracker: Tracker, run_id: str,
-                      cache_dir: Path | None = None) -> dict[str, float]:
+def evaluate_prefixes(gen: Generator, scoring: Scoring, originals: ImageBatch) -> dict[str, float]:
     """Prefix completion at every ``metrics.prefix_ratios``: ``gen/prefix_r{pct}/fd_probe``
     (and ``/fid`` with Inception weights) of the decodable completions against the
     originals, ``/decode_valid_rate``, ``/num_invalid``; ``prefix_completion.png`` shows
     originals then one row of completions per ratio. A ratio the tokenizer cannot cut is
     skipped with the reason in ``gen_prefix_skipped.json``; it never fails the run.
     """
+    probe, tracker, run_id = scoring.probe, scoring.tracker, scoring.run_id
     metrics: dict[str, float] = {}
     params: dict[str, str] = {}
     skipped: dict[str, str] = {}
     rows = [_sheet_images(originals.images[:PREFIX_SHEET_IMAGES])]
-    for ratio in cfg.metrics.prefix_ratios:
+    for ratio in scoring.metrics.prefix_ratios:
         key = prefix_key(ratio)
         try:
-            done = complete_prefixes(cfg, model, layout, tokenizer, originals, ratio)
+            done = complete_prefixes(gen, originals, ratio)
         except ValueError as err:
             skipped[f"{key}/*"] = str(err)
             continue
@@ -263,7 +302,7 @@ def evaluate_prefixes(cfg: DictConfig, model: Llama, layout: SequenceLayout, tok
         metrics[f"{key}/images_per_s"] = len(done.images) / done.seconds
         metrics[f"{key}/prompt_fraction"] = float(done.prompt_fraction.mean())  # tokens given, not the ratio asked
         if probe is not None and len(good) >= 2:
-            result = _fidelity(cfg, good, originals, probe, key, "prefix originals", cache_dir, kinds=("fd",))
+            result = _fidelity(scoring, good, originals, key, "prefix originals", kinds=("fd",))
             metrics.update(result.metrics)
             params.update(result.params)
             skipped.update(result.skipped)
@@ -287,29 +326,25 @@ def _sheet_images(images: Tensor) -> Tensor:
     return images[:, -1] if images.dim() == 5 else images
 
 
-def evaluate_model(cfg: DictConfig, model: Llama, layout: SequenceLayout, tokenizer: ImageTokenizer,  # noqa: PLR0913
-                   train_ds, val_ds, probe: Probe | None, tracker: Tracker, run_id: str,
-                   cache_dir: Path | None = None) -> dict[str, float]:
+def evaluate_model(gen: Generator, scoring: Scoring) -> dict[str, float]:
     """Samples (``sample.num_samples``) and prefix completions (``metrics.prefix_samples`` val
-    images × ``metrics.prefix_ratios``), every gen/* metric logged to ``run_id``;
+    images × ``metrics.prefix_ratios``), every gen/* metric logged to the scoring run;
     ``gen/eval_seconds`` is the wall time of it all."""
     start = time.perf_counter()
     metrics: dict[str, float] = {}
-    if cfg.sample.num_samples > 0:
-        reference = load_batch(val_ds, cfg.metrics.num_reference, cfg.data.encode_batch_size)
-        samples = sample_images(cfg, model, layout, tokenizer)
-        metrics.update(evaluate_samples(cfg, samples, layout, train_ds, reference, probe, tracker, run_id, cache_dir))
-    if cfg.metrics.prefix_samples > 0 and cfg.metrics.prefix_ratios:
-        originals = load_batch(val_ds, cfg.metrics.prefix_samples, cfg.data.encode_batch_size)
-        metrics.update(evaluate_prefixes(cfg, model, layout, tokenizer, originals, probe, tracker, run_id,
-                                         cache_dir))
+    settings = scoring.metrics
+    if gen.sample.num_samples > 0:
+        reference = load_batch(scoring.val_ds, settings.num_reference, scoring.encode_batch_size)
+        metrics.update(evaluate_samples(scoring, sample_images(gen), gen.layout, reference))
+    if settings.prefix_samples > 0 and settings.prefix_ratios:
+        originals = load_batch(scoring.val_ds, settings.prefix_samples, scoring.encode_batch_size)
+        metrics.update(evaluate_prefixes(gen, scoring, originals))
     metrics["gen/eval_seconds"] = time.perf_counter() - start
-    tracker.log_metrics(run_id, {"gen/eval_seconds": metrics["gen/eval_seconds"]})
+    scoring.tracker.log_metrics(scoring.run_id, {"gen/eval_seconds": metrics["gen/eval_seconds"]})
     return metrics
 
 
-def _per_class_metrics(probe: Probe, images: Tensor, labels: Tensor, reference: ImageBatch,
-                       train_ds, tracker: Tracker, run_id: str) -> dict[str, float]:
+def _per_class_metrics(scoring: Scoring, images: Tensor, labels: Tensor, reference: ImageBatch) -> dict[str, float]:
     """Class accuracy and the long-tail view (per-class probe FD vs train frequency) of class-conditional samples.
 
     images: uint8 (N, 3, H, W) decodable samples; labels: int64 (N,) the class asked for.
@@ -318,9 +353,10 @@ def _per_class_metrics(probe: Probe, images: Tensor, labels: Tensor, reference: 
     correlations with frequency are only worth reading with tens of samples per class.
     Logs ``per_class.csv``; returns the ``gen/*`` metrics.
     """
+    probe, train_ds = scoring.probe, scoring.train_ds
     acc = class_accuracy(probe, images, labels)
     fd = per_class_fd(probe, images, labels, reference.images, reference.labels, probe.num_classes)
-    tracker.log_text(run_id, _per_class_csv(train_ds, acc, fd), "per_class.csv")
+    scoring.tracker.log_text(scoring.run_id, _per_class_csv(train_ds, acc, fd), "per_class.csv")
     counts = train_ds.class_counts().double()
     return {"gen/class_accuracy": acc["accuracy"], "gen/class_accuracy_balanced": acc["balanced_accuracy"],
             **longtail_metrics(counts / counts.sum(), fd.fd, acc["per_class_accuracy"], prefix="gen")}

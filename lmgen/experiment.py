@@ -18,18 +18,35 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
 
 from lmgen.ar_module import ARModule, OptimConfig, SpeedConfig, position_loss_csv
+from lmgen.budget import Budget, resolve_budget, world_size
 from lmgen.checkpointing import AtomicCheckpointIO, Preemption, usable_checkpoint
 from lmgen.concurrency import is_global_zero, share_from_rank_zero
-from lmgen.config import ConfigError, load_config, resolve_precision, run_config_hash, to_dict
+from lmgen.config import (
+    ConfigError,
+    ExperimentConfig,
+    LMConfig,
+    MetricsConfig,
+    TrainConfig,
+    load_config,
+    run_config_hash,
+    to_dict,
+)
 from lmgen.data import SequenceLayout, TokenDataModule
 from lmgen.datasets import build_dataset, frame_view
-from lmgen.evaluate import evaluate_model
-from lmgen.llama import Llama, llama_config
+from lmgen.evaluate import Generator, Scoring, evaluate_model
+from lmgen.llama import Llama, LlamaConfig, llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
-from lmgen.stage1 import load_tokenizer_state, prepare_tokenizer, reference_cache, tokenizer_key, tokenizer_state_path
+from lmgen.perf import resolve_precision
+from lmgen.stage1 import (
+    Stage1Job,
+    Stage1Result,
+    load_tokenizer_state,
+    prepare_tokenizer,
+    tokenizer_key,
+    tokenizer_state_path,
+)
 from lmgen.tokenizers import ImageTokenizer, tokenizer_for
 from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, owner_tags, resolve_tracking_uri
 
@@ -70,7 +87,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
+def run_experiment(cfg: ExperimentConfig, resume: bool = False) -> RunSummary:
     """Train and sample one (dataset, tokenizer, LM, seed) point, logging everything to MLflow.
 
     ``resume`` (what ``lmgen sweep`` asks for): a FINISHED LM run with this config hash is
@@ -87,7 +104,7 @@ def run_experiment(cfg: DictConfig, resume: bool = False) -> RunSummary:
         return _run_experiment(cfg, resume, preemption)
 
 
-def _run_experiment(cfg: DictConfig, resume: bool, preemption: Preemption) -> RunSummary:
+def _run_experiment(cfg: ExperimentConfig, resume: bool, preemption: Preemption) -> RunSummary:
     start = time.perf_counter()
     uri = resolve_tracking_uri(cfg.tracking.uri)
     check_tracking(uri)  # before any compute: never fail after hours of training
@@ -103,41 +120,65 @@ def _run_experiment(cfg: DictConfig, resume: bool, preemption: Preemption) -> Ru
     train_ds = build_dataset(cfg.data, "train")
     val_ds = build_dataset(cfg.data, "val")
     tokenizer = tokenizer_for(cfg)
-    probe = _probe(cfg, train_ds, val_ds, home)
-    stage1 = prepare_tokenizer(cfg, tokenizer, train_ds, val_ds, tracker, home, probe)
+    probe = _probe(cfg.metrics, train_ds, val_ds, home)
+    stage1 = prepare_tokenizer(Stage1Job.for_run(cfg, tokenizer, train_ds, val_ds, home), tracker, probe)
 
-    layout = _layout(cfg, tokenizer, train_ds)
-    optim = OptimConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                        betas=(cfg.train.beta1, cfg.train.beta2), warmup_steps=cfg.train.warmup_steps,
-                        max_steps=cfg.train.max_steps, min_lr_ratio=cfg.train.min_lr_ratio,
-                        class_dropout=cfg.train.class_dropout, max_bad_steps=cfg.train.max_bad_steps, seed=cfg.seed)
+    layout = sequence_layout(cfg.lm, tokenizer, train_ds.num_classes)
+    t = cfg.train
+    model_cfg = model_config(cfg.lm, tokenizer, layout)
+    # loss-bearing tokens per image: the train split's mean length, plus EOS for codec streams
+    budget = arm_budget(t, float(stage1.train.lengths.double().mean()) + int(layout.variable_length), model_cfg)
     # Seed here, after stage 1 and the probe: whether those were cached or trained must not
     # change the LM's initialisation or data order.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    speed = SpeedConfig(compile=cfg.train.compile, fused_adamw=cfg.train.fused_adamw, peak_flops=cfg.train.peak_flops)
-    module = ARModule(_model_config(cfg, tokenizer, layout), layout, optim, speed)
-    datamodule = TokenDataModule(stage1.train, stage1.val, layout, cfg.train.batch_size,
+    speed = SpeedConfig(compile=t.compile, fused_adamw=t.fused_adamw, peak_flops=t.peak_flops)
+    module = ARModule(model_cfg, layout, _optim(t, budget, cfg.seed), speed)
+    datamodule = TokenDataModule(stage1.train, stage1.val, layout, t.batch_size,
                                  num_workers=cfg.data.num_workers, seed=cfg.seed)
 
-    run_name = cfg.tracking.run_name or f"{cfg.tokenizer.name}-{cfg.lm.size}-s{cfg.seed}"
     run_id, resume_from = None, ""
     if lead:
-        run_id, resume_from = _open_lm_run(cfg, tracker, stage1, run_name, run_hash, home, resume)
+        run_id, resume_from = _open_lm_run(cfg, tracker, stage1, run_hash, home, resume)
     run_id, resume_from = share_from_rank_zero("LMGEN_LM_RUN", f"{run_id}\n{resume_from}" if lead else None).split("\n")
     with tracker.ending(run_id):  # KILLED on Ctrl-C or SIGTERM (Preempted, Lightning's SIGTERMException)
         if not resume_from:
             tracker.log_config(run_id, to_dict(cfg))
+            tracker.log_params(run_id, {**budget.params(),
+                                        "resolved.precision": resolve_precision(t.precision, t.accelerator)})
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
-        _train(cfg, module, datamodule, tracker, run_id, home, preemption, resume_from or None)
+        _train(t, budget, module, datamodule, MlflowMetricLogger(tracker, run_id),
+               checkpoint_path(home, run_id) if t.checkpoint else None, preemption, resume_from or None)
         if not lead:  # the other ranks' part ends with training; rank 0 evaluates
-            return RunSummary(run_id, run_name, tracker.experiment, uri, stage1.run_id, "", time.perf_counter() - start)
+            return RunSummary(run_id, run_name(cfg), tracker.experiment, uri, stage1.run_id, "",
+                              time.perf_counter() - start)
         tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
-        evaluate_model(cfg, module.model, layout, tokenizer, train_ds, val_ds, probe, tracker, run_id,
-                       reference_cache(home))
+        evaluate_model(Generator.for_run(cfg, module.model, layout, tokenizer),
+                       Scoring.for_run(cfg, train_ds, val_ds, probe, tracker, run_id, home))
     return _summary(tracker, run_id, time.perf_counter() - start)
 
 
-def _open_lm_run(cfg: DictConfig, tracker: Tracker, stage1, run_name: str, run_hash: str,  # noqa: PLR0913
+def arm_budget(train: TrainConfig, per_image: float, model_cfg: LlamaConfig) -> Budget:
+    """An arm's steps for ``train.budget``, given its loss-bearing tokens per image and its
+    Llama, whose FLOPs per token at that length are counted on a weightless ``meta`` copy."""
+    width = max(1, round(per_image))  # the model's input width for a fixed grid: exactly its tokens
+    with torch.device("meta"):
+        flops_per_token = Llama(model_cfg).flops_per_token(width)
+    return resolve_budget(train, per_image, flops_per_token, world_size(train))
+
+
+def _optim(train: TrainConfig, budget: Budget, seed: int) -> OptimConfig:
+    return OptimConfig(lr=train.lr, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2),
+                       warmup_steps=train.warmup_steps, max_steps=budget.steps, min_lr_ratio=train.min_lr_ratio,
+                       class_dropout=train.class_dropout, max_bad_steps=train.max_bad_steps, seed=seed)
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """A run's name: ``tracking.run_name`` (a sweep point's name), else what it is made of, the
+    preset (or tokenizer) first: ``vq_1k-micro-s0``."""
+    return cfg.tracking.run_name or f"{cfg.preset.tokenizer or cfg.tokenizer.name}-{cfg.lm.size}-s{cfg.seed}"
+
+
+def _open_lm_run(cfg: ExperimentConfig, tracker: Tracker, stage1: Stage1Result, run_hash: str,  # noqa: PLR0913
                  home: Path, resume: bool) -> tuple[str, str]:
     """(run id, checkpoint to resume from or ""): the unfinished run of this config reopened when
     ``resume`` finds one with a checkpoint, else a new run (child of ``tracking.parent_run_id``)."""
@@ -158,11 +199,13 @@ def _open_lm_run(cfg: DictConfig, tracker: Tracker, stage1, run_name: str, run_h
             return earlier, str(ckpt)
     tags = {"lmgen.stage": "lm", "lmgen.tokenizer": cfg.tokenizer.name, "lmgen.config_hash": run_hash,
             "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key, **owner_tags()}
+    if cfg.preset.tokenizer:
+        tags["lmgen.tokenizer_preset"] = cfg.preset.tokenizer
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     if cfg.tracking.sweep:
         tags["lmgen.sweep"] = cfg.tracking.sweep
-    return tracker.start_run(run_name, tags), ""
+    return tracker.start_run(run_name(cfg), tags), ""
 
 
 def _summary(tracker: Tracker, run_id: str, seconds: float) -> RunSummary:
@@ -172,28 +215,31 @@ def _summary(tracker: Tracker, run_id: str, seconds: float) -> RunSummary:
                       artifact_uri=run.info.artifact_uri, wall_time_s=seconds, metrics=dict(run.data.metrics))
 
 
-def _train(cfg: DictConfig, module: ARModule, datamodule: TokenDataModule, tracker: Tracker,  # noqa: PLR0913
-           run_id: str, home: Path, preemption: Preemption, resume_from: str | None = None) -> None:
-    t = cfg.train
+def _train(t: TrainConfig, budget: Budget, module: ARModule, datamodule: TokenDataModule,  # noqa: PLR0913
+           logger: MlflowMetricLogger, checkpoint: Path | None, preemption: Preemption,
+           resume_from: str | None = None) -> None:
+    """Fit ``module`` for ``budget.steps``, validating every ``budget.val_every`` steps and at the
+    end; with ``checkpoint``, ``last.ckpt`` is written there (atomically) along the way and
+    holds the final weights at the end."""
     callbacks: list[L.Callback] = [preemption]
-    if t.checkpoint:
-        preemption.checkpoint = checkpoint_path(home, run_id)
-        callbacks.append(ModelCheckpoint(dirpath=checkpoint_path(home, run_id).parent, save_last=True,
-                                         save_top_k=0, every_n_train_steps=t.val_every))
+    if checkpoint is not None:
+        preemption.checkpoint = checkpoint
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint.parent, save_last=True, save_top_k=0,
+                                         every_n_train_steps=budget.val_every))
     # use_distributed_sampler=False: TokenDataModule shards (and resumes) its own order; the
     # checkpoint IO writes atomically and keeps the previous checkpoint.
     trainer = L.Trainer(use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
-        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        max_steps=budget.steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=t.strategy, precision=resolve_precision(t.precision, t.accelerator), gradient_clip_val=t.grad_clip or None,
-        val_check_interval=t.val_every, check_val_every_n_epoch=None,
+        val_check_interval=budget.val_every, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches or 1.0, log_every_n_steps=t.log_every,
-        logger=MlflowMetricLogger(tracker, run_id), callbacks=callbacks, num_sanity_val_steps=0,
-        enable_model_summary=False, default_root_dir=str(home), enable_checkpointing=t.checkpoint)
+        logger=logger, callbacks=callbacks, num_sanity_val_steps=0,
+        enable_model_summary=False, default_root_dir=str(lmgen_home()), enable_checkpointing=checkpoint is not None)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    if t.max_steps % t.val_every:  # always end on a validation of the final weights
+    if budget.steps % budget.val_every:  # always end on a validation of the final weights
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    if t.checkpoint:  # last.ckpt holds the final weights whatever val_every was (lmgen eval reads it)
-        trainer.save_checkpoint(checkpoint_path(home, run_id))
+    if checkpoint is not None:  # last.ckpt holds the final weights whatever val_every was (lmgen eval reads it)
+        trainer.save_checkpoint(checkpoint)
 
 
 def checkpoint_path(home: Path, run_id: str) -> Path:
@@ -201,25 +247,27 @@ def checkpoint_path(home: Path, run_id: str) -> Path:
     return home / "checkpoints" / run_id / "last.ckpt"
 
 
-def _layout(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds) -> SequenceLayout:
-    return SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, train_ds.num_classes,
-                          tokenizer.variable_length, cfg.lm.class_conditional)
+def sequence_layout(lm: LMConfig, tokenizer: ImageTokenizer, num_classes: int) -> SequenceLayout:
+    """The LM's sequence layout for ``tokenizer``'s ids over a dataset of ``num_classes`` classes."""
+    return SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, num_classes, tokenizer.variable_length,
+                          lm.class_conditional)
 
 
-def _model_config(cfg: DictConfig, tokenizer: ImageTokenizer, layout: SequenceLayout):
-    return llama_config(cfg.lm.size, layout.total_vocab, layout.seq_len, subcodes=tuple(tokenizer.subcodes),
-                        subcode_embed=cfg.lm.subcode_embed)
+def model_config(lm: LMConfig, tokenizer: ImageTokenizer, layout: SequenceLayout) -> LlamaConfig:
+    """The Llama of ``lm.size`` over ``layout``'s vocabulary and length, with the tokenizer's sub-codes."""
+    return llama_config(lm.size, layout.total_vocab, layout.seq_len, subcodes=tuple(tokenizer.subcodes),
+                        subcode_embed=lm.subcode_embed)
 
 
-def _probe(cfg: DictConfig, train_ds, val_ds, home: Path) -> Probe | None:
+def _probe(metrics: MetricsConfig, train_ds, val_ds, home: Path) -> Probe | None:
     """The probe classifier behind the offline metrics: trained once per dataset, cached; on
     video, trained on frames (one per clip) and applied frame by frame."""
-    if not cfg.metrics.probe:
+    if not metrics.probe:
         return None
     return load_or_train_probe(frame_view(train_ds), frame_view(val_ds), home / "probes", ProbeConfig())
 
 
-def _eval_config(client, run_id: str, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
+def _eval_config(client, run_id: str, overrides: list[str]) -> tuple[ExperimentConfig, ExperimentConfig]:
     """(the run's resolved config, the same with ``overrides``), both validated; ConfigError
     if an override reaches outside ``EVAL_SECTIONS``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,8 +296,8 @@ class RestoredRun:
     client: Any
     uri: str
     home: Path
-    trained: DictConfig
-    cfg: DictConfig
+    trained: ExperimentConfig
+    cfg: ExperimentConfig
     train_ds: Any
     val_ds: Any
     tokenizer: ImageTokenizer
@@ -287,14 +335,14 @@ def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None
     trained, cfg = _eval_config(client, run_id, overrides or [])
     train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     tokenizer = tokenizer_for(cfg)
-    key = tokenizer_key(cfg, train_ds)
+    key = tokenizer_key(cfg.tokenizer, cfg.data.image_size, train_ds)
     if key != tags.get("lmgen.tokenizer_hash", key):
         raise ValueError(f"run {run_id} used tokenizer {tags['lmgen.tokenizer_hash']} but its config now hashes to "
                          f"{key}: the dataset or lmgen's cache format changed since it was trained")
     state = tokenizer_state_path(home, key)
     load_tokenizer_state(tokenizer, state)
-    layout = _layout(cfg, tokenizer, train_ds)
-    module = ARModule(_model_config(cfg, tokenizer, layout), layout, OptimConfig())
+    layout = sequence_layout(cfg.lm, tokenizer, train_ds.num_classes)
+    module = ARModule(model_config(cfg.lm, tokenizer, layout), layout, OptimConfig())
     module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
     return RestoredRun(run=original, client=client, uri=uri, home=home, trained=trained, cfg=cfg, train_ds=train_ds,
                        val_ds=val_ds, tokenizer=tokenizer, tokenizer_state=state, layout=layout,
@@ -314,27 +362,27 @@ def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = 
     start = time.perf_counter()
     restored = restore_run(run_id, overrides, uri)
     cfg, original, tags = restored.cfg, restored.run, restored.run.data.tags
-    model = restored.model.to(_eval_device(cfg))
+    model = restored.model.to(_eval_device(cfg.train))
     train_ds, val_ds = restored.train_ds, restored.val_ds
-    probe = _probe(cfg, train_ds, val_ds, restored.home)
+    probe = _probe(cfg.metrics, train_ds, val_ds, restored.home)
 
     tracker = Tracker(restored.uri, restored.client.get_experiment(original.info.experiment_id).name)
-    run_name = cfg.tracking.run_name if cfg.tracking.run_name != restored.trained.tracking.run_name else None
-    run_name = run_name or f"{original.info.run_name}-eval-n{cfg.sample.num_samples}-s{cfg.seed}"
+    name = cfg.tracking.run_name if cfg.tracking.run_name != restored.trained.tracking.run_name else None
+    name = name or f"{original.info.run_name}-eval-n{cfg.sample.num_samples}-s{cfg.seed}"
     child_tags = {**{k: v for k, v in tags.items() if k.startswith("lmgen.")}, "lmgen.stage": "eval",
                   "lmgen.eval_of": run_id, "mlflow.parentRunId": run_id}
-    eval_id = tracker.start_run(run_name, child_tags)
+    eval_id = tracker.start_run(name, child_tags)
     with tracker.ending(eval_id):
         tracker.log_config(eval_id, to_dict(cfg))
         tracker.log_metrics(eval_id, {k: v for k, v in original.data.metrics.items() if k.startswith(("tok/", "lm/"))})
         L.seed_everything(cfg.seed, verbose=False)
-        evaluate_model(cfg, model, restored.layout, restored.tokenizer, train_ds, val_ds, probe, tracker, eval_id,
-                       reference_cache(restored.home))
-    return RunSummary(run_id=eval_id, run_name=run_name, experiment=tracker.experiment, tracking_uri=restored.uri,
+        evaluate_model(Generator.for_run(cfg, model, restored.layout, restored.tokenizer),
+                       Scoring.for_run(cfg, train_ds, val_ds, probe, tracker, eval_id, restored.home))
+    return RunSummary(run_id=eval_id, run_name=name, experiment=tracker.experiment, tracking_uri=restored.uri,
                       tokenizer_run_id=tags.get("lmgen.tokenizer_run_id", ""), artifact_uri=tracker.artifact_dir(eval_id),
                       wall_time_s=time.perf_counter() - start, metrics=tracker.metrics(eval_id))
 
 
-def _eval_device(cfg: DictConfig) -> torch.device:
-    use_cuda = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+def _eval_device(train: TrainConfig) -> torch.device:
+    use_cuda = train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return torch.device("cuda" if use_cuda else "cpu")

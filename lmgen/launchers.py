@@ -1,4 +1,10 @@
-"""The SLURM sweep launcher: one job per point (a job array), through submitit.
+"""How sweep points run: ``local_launcher`` (processes on this machine) and ``slurm_launcher``
+(one job per point, a job array, through submitit).
+
+A launcher takes ``(point name, lmgen run argv, log path)`` jobs and returns each point's exit
+code; every point runs as ``lmgen run --resume`` in a fresh interpreter (``run_point_process``).
+
+The SLURM launcher:
 
 Each job runs the point as ``lmgen run --resume`` in a fresh interpreter, so a job that is
 preempted or runs out of time is requeued (submitit's ``Checkpointable``) and the rerun
@@ -11,16 +17,55 @@ one rank per GPU. ``cluster="local"`` runs the same jobs through submitit's loca
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from lmgen.sweep import Launch, run_point_process
-
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_MIN = 24 * 60
+
+Launch = Callable[[list[tuple[str, list[str], Path]]], dict[str, int]]
+
+
+def run_command(argv: Sequence[str]) -> list[str]:
+    """The command line of ``lmgen run --resume`` with ``argv`` in a fresh interpreter."""
+    return [sys.executable, "-m", "lmgen", "run", "--resume", *argv]
+
+
+def run_point_process(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> int:
+    """Run one point as ``lmgen run --resume`` in its own process; stdout/stderr go to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run_command(argv))}\n".encode())
+        out.flush()
+        return subprocess.call(run_command(argv), stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def local_launcher(max_parallel: int) -> Launch:
+    """At most ``max_parallel`` points at once, each a subprocess; returns exit codes by point.
+
+    Points side by side share the cores: each gets ``cpu_count // max_parallel`` intra-op threads
+    (``OMP_NUM_THREADS``, unless the caller set it), since oversubscribed BLAS threads make the
+    whole sweep several times slower than running the points one by one.
+    """
+    env = os.environ.copy()
+    if max_parallel > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max_parallel))
+
+    def launch(jobs: list[tuple[str, list[str], Path]]) -> dict[str, int]:
+        with ThreadPoolExecutor(max_workers=max_parallel) as pool:
+            codes = pool.map(lambda job: run_point_process(job[1], job[2], env), jobs)
+            return {name: code for (name, _, _), code in zip(jobs, codes, strict=True)}
+
+    return launch
 
 
 class PointJob(submitit.helpers.Checkpointable):

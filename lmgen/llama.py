@@ -3,7 +3,7 @@
 A decoder-only Llama (RMSNorm, RoPE, SwiGLU, no biases, untied head), written to be read in
 one sitting. Parameter names and the rotary convention follow Hugging Face's
 `LlamaForCausalLM` (rotate_half over split halves, not interleaved pairs), so exporting to
-`transformers` (`to_hf`, code in `lmgen.hf_export`) is a renaming of keys with no weight permutation:
+`transformers` (`lmgen.hf_export.to_hf`) is a renaming of keys with no weight permutation:
 
     embed            -> model.embed_tokens
     layers.i.attn_norm / ffn_norm -> model.layers.i.input_layernorm / post_attention_layernorm
@@ -424,10 +424,3 @@ class Llama(nn.Module):
         matmul_params = self.num_params(non_embedding=True) + self.head.weight.numel()
         return 6.0 * matmul_params + 12.0 * self.cfg.n_layers * self.cfg.dim * seq_len
 
-
-def to_hf(model: Llama, **token_ids: int | None):
-    """The equivalent `transformers.LlamaForCausalLM` (`lmgen.hf_export.to_hf`, imported only when
-    called so that `import lmgen.llama` never loads transformers); ValueError for sub-codes."""
-    from lmgen.hf_export import to_hf as export
-
-    return export(model, **token_ids)

@@ -34,6 +34,10 @@ PEAK_FLOPS: dict[str, float] = {
 
 _CEILINGS: dict[tuple[str, torch.dtype, int], float] = {}
 
+# Lightning precisions a run may ask for (``train.precision``, ``stage1.precision``); ``auto``
+# is decided by ``resolve_precision``.
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
 
 @dataclass(frozen=True)
 class Peak:
@@ -41,6 +45,23 @@ class Peak:
 
     flops: float
     source: str
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """The Lightning precision a run trains in: ``precision`` itself, or for ``auto`` bf16-mixed on
+    a CUDA GPU that has bf16 (16-mixed on one that has not) and 32-true on a CPU.
+
+    CPUs default to fp32 whatever their instruction set: bf16 autocast is *slower* than fp32 on
+    CPUs without AMX even where they have AVX512-BF16 (``python benchmarks/precision.py``), and
+    a CPU-dependent default would make the same config give different numbers on different
+    machines. A CPU with AMX can ask for ``bf16-mixed``; the precision used is logged
+    (``lm/precision``, ``tok/precision`` params) either way.
+    """
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
 
 
 def precision_dtype(precision: str) -> torch.dtype:

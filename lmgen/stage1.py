@@ -11,26 +11,28 @@ the tag ``lmgen.tokenizer_run_id``, and a second LM run with the same tokenizer 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from lmgen.concurrency import barrier, file_lock
-from lmgen.config import config_hash, to_dict
+from lmgen.config import ExperimentConfig, MetricsConfig, TrainConfig, config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
-from lmgen.datasets import load_images
+from lmgen.datasets import DataConfig, ImageDataset, load_images
 from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim, token_statistics
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
+from lmgen.perf import resolve_precision
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import MlflowMetricLogger, Tracker
 
@@ -49,10 +51,43 @@ class Stage1Result:
     val: TokenCache
 
 
-def tokenizer_key(cfg: DictConfig, train_ds) -> str:
-    """Hash of everything that determines a stage-1 tokenizer and its tokens (``lmgen.tokenizer_hash``).
-    The cache format is part of it so a layout change never reads stale caches."""
-    return config_hash("tokenizer", CACHE_FORMAT, cfg.tokenizer, cfg.data.image_size, train_ds.fingerprint())
+@dataclass(frozen=True)
+class Stage1Job:
+    """One tokenizer's stage 1: the tokenizer, the data it sees and how it is read, where its
+    state and caches live, how a learned one trains (``trainer``: the run's accelerator,
+    devices, nodes and strategy) and how its reconstructions are scored (``metrics``, ``seed``)."""
+
+    tokenizer: ImageTokenizer
+    config: Any  # the tokenizer's resolved config block (a learned one's recipe filled in)
+    data: DataConfig
+    train_ds: ImageDataset
+    val_ds: ImageDataset
+    home: Path
+    trainer: TrainConfig
+    metrics: MetricsConfig
+    seed: int
+
+    @classmethod
+    def for_run(cls, cfg: ExperimentConfig, tokenizer: ImageTokenizer, train_ds: ImageDataset, val_ds: ImageDataset,
+                home: Path) -> Stage1Job:
+        """The stage 1 of an experiment's tokenizer."""
+        return cls(tokenizer, cfg.tokenizer, cfg.data, train_ds, val_ds, home, cfg.train, cfg.metrics, cfg.seed)
+
+    @functools.cached_property
+    def key(self) -> str:
+        """``tokenizer_key`` of this job."""
+        return tokenizer_key(self.config, self.data.image_size, self.train_ds)
+
+    @property
+    def directory(self) -> Path:
+        return tokenizer_state_path(self.home, self.key).parent
+
+
+def tokenizer_key(tokenizer_cfg: Any, image_size: int, train_ds: ImageDataset) -> str:
+    """Hash of everything that determines a stage-1 tokenizer and its tokens (``lmgen.tokenizer_hash``):
+    its resolved config block (a learned one's recipe included), the image size and the train
+    split. The cache format is part of it so a layout change never reads stale caches."""
+    return config_hash("tokenizer", CACHE_FORMAT, tokenizer_cfg, image_size, train_ds.fingerprint())
 
 
 def tokenizer_state_path(home: Path, key: str) -> Path:
@@ -73,9 +108,8 @@ def load_tokenizer_state(tokenizer: ImageTokenizer, state_path: Path) -> None:
     tokenizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
 
 
-def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds,  # noqa: PLR0913
-                      tracker: Tracker, home: Path, probe: Probe | None = None) -> Stage1Result:
-    """Fit/train (or restore) ``tokenizer``, build both token caches, log/reuse the stage-1 run.
+def prepare_tokenizer(job: Stage1Job, tracker: Tracker, probe: Probe | None = None) -> Stage1Result:
+    """Fit/train (or restore) the job's tokenizer, build both token caches, log/reuse the stage-1 run.
 
     Reuse: when a FINISHED stage-1 run with the same key exists and its state file is on disk,
     nothing is trained or logged again. Otherwise a new stage-1 run is opened *before*
@@ -83,45 +117,44 @@ def prepare_tokenizer(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_
     also get ``tok/rfid_probe`` (and ``tok/rfid`` where Inception weights exist) on up to
     ``metrics.num_reference`` val images.
     """
-    key = tokenizer_key(cfg, train_ds)
-    directory = tokenizer_state_path(home, key).parent
-    tags = {"lmgen.stage": "tokenizer", "lmgen.config_hash": key, "lmgen.tokenizer": cfg.tokenizer.name}
+    tags = {"lmgen.stage": "tokenizer", "lmgen.config_hash": job.key, "lmgen.tokenizer": job.config.name}
     if not tracker.writes:  # a non-zero rank of a distributed run
-        return _follow_rank_zero(cfg, tokenizer, key, directory, train_ds, val_ds, tracker, tags, home)
+        return _follow_rank_zero(job, tracker, tags)
     # Sweep points that need the same tokenizer at once: the first builds it, the others wait and reuse it.
-    with file_lock(directory.parent / f".{key}.lock"):
-        result = _prepare(cfg, tokenizer, key, directory, train_ds, val_ds, tracker, tags, home, probe)
+    with file_lock(job.directory.parent / f".{job.key}.lock"):
+        result = _prepare(job, tracker, tags, probe)
     barrier()  # ranks that trained stage 1 with us wait here for the state and caches written above
     return result
 
 
-def _follow_rank_zero(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Path,  # noqa: PLR0913
-                      train_ds, val_ds, tracker: Tracker, tags: dict[str, str], home: Path) -> Stage1Result:
+def _follow_rank_zero(job: Stage1Job, tracker: Tracker, tags: dict[str, str]) -> Stage1Result:
     """Stage 1 on a non-zero rank: join rank 0's training of a learned tokenizer (its ``fit``
     needs every rank), then use the state and caches rank 0 wrote; log and write nothing."""
-    if tokenizer.learned and not (directory / "state.pt").is_file():
-        _train_learned(cfg, tokenizer, train_ds, val_ds, directory, None)
+    if job.tokenizer.learned and not (job.directory / "state.pt").is_file():
+        _train_learned(job, None)
     barrier()
-    load_tokenizer_state(tokenizer, directory / "state.pt")
-    caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
-    return Stage1Result(tokenizer, key, tracker.find_finished(tags) or "", {}, caches["train"], caches["val"])
+    load_tokenizer_state(job.tokenizer, job.directory / "state.pt")
+    caches = _caches(job)
+    return Stage1Result(job.tokenizer, job.key, tracker.find_finished(tags) or "", {}, caches["train"], caches["val"])
 
 
-def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Path, train_ds, val_ds,  # noqa: PLR0913
-             tracker: Tracker, tags: dict[str, str], home: Path, probe: Probe | None) -> Stage1Result:
+def _prepare(job: Stage1Job, tracker: Tracker, tags: dict[str, str], probe: Probe | None) -> Stage1Result:
+    tokenizer = job.tokenizer
     run_id = tracker.find_finished(tags)
-    if run_id is not None and (directory / "state.pt").is_file():
+    if run_id is not None and (job.directory / "state.pt").is_file():
         log.info("stage 1: reusing tokenizer run %s", run_id)
-        _fit_or_load(cfg, tokenizer, train_ds, val_ds, directory, None)
-        caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
-        return Stage1Result(tokenizer, key, run_id, tracker.metrics(run_id), caches["train"], caches["val"])
-    run_id = tracker.start_run(f"tokenizer-{cfg.tokenizer.name}-{key[:6]}", tags)
+        _fit_or_load(job, None)
+        caches = _caches(job)
+        return Stage1Result(tokenizer, job.key, run_id, tracker.metrics(run_id), caches["train"], caches["val"])
+    run_id = tracker.start_run(f"tokenizer-{job.config.name}-{job.key[:6]}", tags)
     with tracker.ending(run_id):  # never left RUNNING
-        tracker.log_config(run_id, {"tokenizer": to_dict(cfg.tokenizer), "data": to_dict(cfg.data)})
-        fit_stats = _fit_or_load(cfg, tokenizer, train_ds, val_ds, directory, (tracker, run_id))
-        caches = _caches(cfg, tokenizer, key, directory, train_ds, val_ds, home)
-        metrics = {**fit_stats, **_evaluate(cfg, tokenizer, val_ds, caches["val"], tracker, run_id, probe,
-                                                  reference_cache(home))}
+        tracker.log_config(run_id, {"tokenizer": to_dict(job.config), "data": to_dict(job.data)})
+        if tokenizer.learned:
+            tracker.log_params(run_id, {"resolved.precision": resolve_precision(job.config.precision,
+                                                                                job.trainer.accelerator)})
+        fit_stats = _fit_or_load(job, (tracker, run_id))
+        caches = _caches(job)
+        metrics = {**fit_stats, **_evaluate(job, caches["val"], tracker, run_id, probe)}
         if isinstance(tokenizer, nn.Module):
             metrics["tok/params"] = float(sum(p.numel() for p in tokenizer.parameters()))
         if tokenizer.learned:
@@ -130,39 +163,38 @@ def _prepare(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Pa
         metrics.update(token_statistics(caches["train"].batches(), tokenizer.vocab_size))
         metrics["data/train_items"] = float(len(caches["train"]))
         # unreadable items, and files a folder dataset could not even list (videofolder: no metadata)
-        listed_out = sum(getattr(ds, "skipped_files", 0) for ds in (train_ds, val_ds))
+        listed_out = sum(getattr(ds, "skipped_files", 0) for ds in (job.train_ds, job.val_ds))
         metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped + listed_out)
         tracker.log_metrics(run_id, metrics)
-    return Stage1Result(tokenizer, key, run_id, metrics, caches["train"], caches["val"])
+    return Stage1Result(tokenizer, job.key, run_id, metrics, caches["train"], caches["val"])
 
 
-def _caches(cfg: DictConfig, tokenizer: ImageTokenizer, key: str, directory: Path, train_ds, val_ds,  # noqa: PLR0913
-            home: Path) -> dict[str, TokenCache]:
+def _caches(job: Stage1Job) -> dict[str, TokenCache]:
     """Both splits' token caches, keyed by the tokenizer key *and* a digest of its state file,
     so a retrained (or refitted) tokenizer never reads tokens written by its predecessor."""
-    state_digest = hashlib.sha256((directory / "state.pt").read_bytes()).hexdigest()[:12]
+    state_digest = hashlib.sha256((job.directory / "state.pt").read_bytes()).hexdigest()[:12]
     caches = {}
-    for split, dataset in (("train", train_ds), ("val", val_ds)):
-        cache_key = config_hash(key, state_digest, split, dataset.fingerprint())
-        caches[split] = TokenCache.build_or_load(home / "cache", f"{split}-{cache_key}", dataset, tokenizer,
-                                                 batch_size=cfg.data.encode_batch_size,
-                                                 num_workers=cfg.data.num_workers)
+    for split, dataset in (("train", job.train_ds), ("val", job.val_ds)):
+        cache_key = config_hash(job.key, state_digest, split, dataset.fingerprint())
+        caches[split] = TokenCache.build_or_load(job.home / "cache", f"{split}-{cache_key}", dataset, job.tokenizer,
+                                                 batch_size=job.data.encode_batch_size,
+                                                 num_workers=job.data.num_workers)
     return caches
 
 
-def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds, directory: Path,  # noqa: PLR0913
-                 logging_to: tuple[Tracker, str] | None) -> dict[str, float]:
-    """Restore the state in ``directory``, or produce it: learned tokenizers train by gradient
-    (``lmgen.tokenizer_module``, curves logged to ``logging_to``), the others ``fit`` on up
-    to ``data.fit_images`` train images. The state is written atomically."""
+def _fit_or_load(job: Stage1Job, logging_to: tuple[Tracker, str] | None) -> dict[str, float]:
+    """Restore the state in the job's directory, or produce it: learned tokenizers train by
+    gradient (``lmgen.tokenizer_module``, curves logged to ``logging_to``), the others ``fit``
+    on up to ``data.fit_images`` train images. The state is written atomically."""
+    tokenizer, directory = job.tokenizer, job.directory
     state_path = directory / "state.pt"
     if state_path.is_file():
         load_tokenizer_state(tokenizer, state_path)
         return {}
     if tokenizer.learned:
-        stats = _train_learned(cfg, tokenizer, train_ds, val_ds, directory, logging_to)
+        stats = _train_learned(job, logging_to)
     else:
-        images = load_images(train_ds, cfg.data.fit_images, cfg.data.encode_batch_size, cfg.data.num_workers)
+        images = load_images(job.train_ds, job.data.fit_images, job.data.encode_batch_size, job.data.num_workers)
         stats = tokenizer.fit(images)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".state-{os.getpid()}.pt"
@@ -171,12 +203,11 @@ def _fit_or_load(cfg: DictConfig, tokenizer: ImageTokenizer, train_ds, val_ds, d
     return dict(stats)
 
 
-def _train_learned(cfg: DictConfig, tokenizer, train_ds, val_ds, directory: Path,  # noqa: PLR0913
-                   logging_to: tuple[Tracker, str] | None) -> dict[str, float]:
+def _train_learned(job: Stage1Job, logging_to: tuple[Tracker, str] | None) -> dict[str, float]:
     """Stage 1 of a learned tokenizer: load ``tokenizer.checkpoint`` if given, else train it."""
     from lmgen.tokenizer_module import train_tokenizer  # Lightning system, only for learned arms
 
-    t = cfg.tokenizer
+    tokenizer, data, t = job.tokenizer, job.data, job.config
     if t.checkpoint:
         path = Path(t.checkpoint).expanduser()
         if not path.is_file():
@@ -184,19 +215,19 @@ def _train_learned(cfg: DictConfig, tokenizer, train_ds, val_ds, directory: Path
         tokenizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         log.info("stage 1: loaded %s weights from %s", t.name, path)
         return {}
-    train_images = load_images(train_ds, t.train_images, cfg.data.encode_batch_size, cfg.data.num_workers)
-    val_images = load_images(val_ds, t.val_images, cfg.data.encode_batch_size, cfg.data.num_workers)
+    train_images = load_images(job.train_ds, t.train_images, data.encode_batch_size, data.num_workers)
+    val_images = load_images(job.val_ds, t.val_images, data.encode_batch_size, data.num_workers)
     logger = MlflowMetricLogger(*logging_to) if logging_to is not None else False
-    return train_tokenizer(tokenizer, train_images, val_images, cfg.train, logger, directory / "checkpoints")
+    return train_tokenizer(tokenizer, train_images, val_images, job.trainer, logger, job.directory / "checkpoints")
 
 
-def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: TokenCache,  # noqa: PLR0913
-              tracker: Tracker, run_id: str, probe: Probe | None, cache_dir: Path | None = None,
+def _evaluate(job: Stage1Job, val_cache: TokenCache, tracker: Tracker, run_id: str, probe: Probe | None,
               batch_size: int = 256) -> dict[str, float]:
     """tok/psnr, tok/ssim, rFID, rate, code usage and decode validity on the val split; logs ``recon.png``."""
+    tokenizer, val_ds = job.tokenizer, job.val_ds
     psnrs, ssims, valid, originals, recons, codes = [], [], [], [], [], []
     # Images held in memory: the rFID set with a probe, else only what recon.png shows.
-    keep = (cfg.metrics.num_reference or len(val_cache)) if probe is not None else RECON_IMAGES
+    keep = (job.metrics.num_reference or len(val_cache)) if probe is not None else RECON_IMAGES
     for start in range(0, len(val_cache), batch_size):
         rows = range(start, min(start + batch_size, len(val_cache)))
         ids = torch.stack([val_cache[i][0] for i in rows])
@@ -221,8 +252,8 @@ def _evaluate(cfg: DictConfig, tokenizer: ImageTokenizer, val_ds, val_cache: Tok
         **code_metrics(torch.cat(codes), tokenizer.vocab_size, tuple(tokenizer.subcodes)),
     }
     if probe is not None and len(originals_t) >= 2:  # clips: the Fréchet distance of their frames
-        result = rfid_metrics(as_frames(recons_t)[0], as_frames(originals_t)[0], probe, cfg.metrics.inception_weights,
-                              seed=cfg.seed, cache_dir=cache_dir)
+        result = rfid_metrics(as_frames(recons_t)[0], as_frames(originals_t)[0], probe, job.metrics.inception_weights,
+                              seed=job.seed, cache_dir=reference_cache(job.home))
         metrics.update(result.metrics)
         log_fidelity_context(tracker, run_id, result, "tok")
     tracker.log_image(run_id, _pairs_grid(originals_t[:RECON_IMAGES], recons_t[:RECON_IMAGES]), "recon.png")

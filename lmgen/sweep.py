@@ -35,18 +35,26 @@ import itertools
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmgen.config import ConfigError, config_hash, load_config, run_config_hash
+from lmgen.config import (
+    PRESET_GROUPS,
+    SPEED_KEYS,
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    flatten,
+    load_config,
+    run_config_hash,
+    to_dict,
+)
+from lmgen.launchers import local_launcher, slurm_launcher
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +124,10 @@ def _block(raw: DictConfig, path: Path, where: str, default_experiment: Any = No
             raise ConfigError(f"{where}zip[{i}]: repeated rows {rows}")
         zips.append(axes)
     keys = [k for k, _ in grid] + [k for axes in zips for k, _ in axes]
+    speed = sorted(set(keys) & set(SPEED_KEYS))
+    if speed:  # left out of the run's config hash: the points would be one run
+        raise ConfigError(f"{path}: {where}{speed} change how fast a run computes, never what it computes, so the "
+                          f"points would share one run; time them with benchmarks/ instead of sweeping them")
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
         raise ConfigError(f"{path}: {where}axis {repeated} appears more than once in grid/zip")
@@ -174,8 +186,22 @@ def _render(value: Any) -> str:
 def _label(key: str, value: Any, leaves: dict[str, int]) -> str:
     if key == EXPERIMENT_AXIS:
         return Path(str(value)).stem
+    if key in PRESET_GROUPS:  # a preset's name says what it is: vq_1k
+        return _render(value)
     leaf = key.rsplit(".", 1)[-1]
     return f"{leaf if leaves[leaf] == 1 else key}={_render(value)}"
+
+
+def _block_label(block: Block, experiment: Path) -> str:
+    """What tells a block's points from another block's: its own overrides (``tokenizer=vq_1k`` →
+    ``vq_1k``), else its experiment file's stem."""
+    if not block.overrides:
+        return experiment.stem
+    pairs = [o.partition("=")[::2] for o in block.overrides]
+    leaves: dict[str, int] = {}
+    for key, _ in pairs:
+        leaves[key.rsplit(".", 1)[-1]] = leaves.get(key.rsplit(".", 1)[-1], 0) + 1
+    return ",".join(_label(key, value, leaves) for key, value in pairs)
 
 
 def _block_points(spec: SweepSpec, block: Block, name_experiment: bool) -> list[SweepPoint]:
@@ -193,7 +219,7 @@ def _block_points(spec: SweepSpec, block: Block, name_experiment: bool) -> list[
         assignment = dict(pair for part in combo for pair in part)
         experiment = Path(os.path.normpath(spec.path.parent / str(assignment.pop(EXPERIMENT_AXIS))
                                            if EXPERIMENT_AXIS in assignment else block.experiment))
-        labels = [Path(experiment).stem] if name_experiment and EXPERIMENT_AXIS not in varying else []
+        labels = [_block_label(block, experiment)] if name_experiment and EXPERIMENT_AXIS not in varying else []
         labels += [_label(k, experiment if k == EXPERIMENT_AXIS else assignment[k], leaves) for k in varying]
         overrides = (*spec.overrides, *block.overrides, *(f"{k}={_render(v)}" for k, v in assignment.items()))
         points.append(SweepPoint(name=",".join(labels) or spec.name, experiment=experiment, overrides=overrides))
@@ -221,7 +247,7 @@ def point_config(spec: SweepSpec, point: SweepPoint, parent_run_id: str | None =
     return [*point.overrides, *tracking]
 
 
-def validate_points(spec: SweepSpec, points: Sequence[SweepPoint]) -> dict[str, DictConfig]:
+def validate_points(spec: SweepSpec, points: Sequence[SweepPoint]) -> dict[str, ExperimentConfig]:
     """Load every point's config before anything runs; ConfigError naming the point and the key."""
     configs = {}
     for point in points:
@@ -230,6 +256,51 @@ def validate_points(spec: SweepSpec, points: Sequence[SweepPoint]) -> dict[str, 
         except ConfigError as err:
             raise ConfigError(f"sweep {spec.name}, point {point.name!r}: {err}") from None
     return configs
+
+
+def declared_axes(spec: SweepSpec) -> set[str]:
+    """What the sweep says may differ between its points: every grid and zip axis, and each key
+    that every one of several blocks sets in its own ``overrides`` (what tells the blocks apart,
+    e.g. ``tokenizer``). A key only some blocks set is not declared: it is a confound."""
+    axes = {k for block in spec.blocks for k, _ in block.grid}
+    axes |= {k for block in spec.blocks for group in block.zips for k, _ in group}
+    if len(spec.blocks) > 1:
+        keys = [{o.partition("=")[0] for o in block.overrides} for block in spec.blocks]
+        axes |= set.intersection(*keys)
+    return axes
+
+
+def _covered(key: str, axes: set[str]) -> bool:
+    """Whether config key ``key`` may differ under ``axes``: it is an axis or lies under one; a
+    preset group axis (``tokenizer``) covers its recorded name (``preset.tokenizer``); a
+    ``stage1.*`` axis covers the copy a learned tokenizer's block carries (``tokenizer.*``)."""
+    for axis in axes:
+        if key == axis or key.startswith(axis + "."):
+            return True
+        if axis in PRESET_GROUPS and key == f"preset.{axis}":
+            return True
+        if axis.startswith("stage1.") and key == "tokenizer." + axis.removeprefix("stage1."):
+            return True
+    return False
+
+
+def recipe_differences(spec: SweepSpec, configs: dict[str, ExperimentConfig]) -> dict[str, list[Any]]:
+    """The one-recipe invariant: config keys whose resolved values differ between the sweep's
+    points although no axis declares them (``declared_axes``), each with its distinct values.
+    Empty for a sweep that varies only what it declares; anything here is a confound."""
+    flat = {name: flatten({k: v for k, v in to_dict(cfg).items() if k != "tracking"}) for name, cfg in configs.items()}
+    axes = declared_axes(spec)
+    keys = sorted({k for tree in flat.values() for k in tree})
+    missing = object()
+    differences = {}
+    for key in keys:
+        if _covered(key, axes):
+            continue
+        values = [tree.get(key, missing) for tree in flat.values()]
+        distinct = list({json.dumps(v, sort_keys=True, default=str): v for v in values if v is not missing}.values())
+        if len(distinct) > 1 or (missing in values and distinct):
+            differences[key] = distinct + (["<absent>"] if missing in values else [])
+    return differences
 
 
 # --- running ----------------------------------------------------------------------------------
@@ -248,47 +319,11 @@ class PointResult:
     error: str = ""
 
 
-def run_command(argv: Sequence[str]) -> list[str]:
-    """The command line of ``lmgen run --resume`` with ``argv`` in a fresh interpreter."""
-    return [sys.executable, "-m", "lmgen", "run", "--resume", *argv]
-
-
-def run_point_process(argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> int:
-    """Run one point as ``lmgen run --resume`` in its own process; stdout/stderr go to ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(run_command(argv))}\n".encode())
-        out.flush()
-        return subprocess.call(run_command(argv), stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
 def _tail(path: Path, lines: int = 12) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-Launch = Callable[[list[tuple[str, list[str], Path]]], dict[str, int]]
-
-
-def local_launcher(max_parallel: int) -> Launch:
-    """At most ``max_parallel`` points at once, each a subprocess; returns exit codes by point.
-
-    Points side by side share the cores: each gets ``cpu_count // max_parallel`` intra-op threads
-    (``OMP_NUM_THREADS``, unless the caller set it), since oversubscribed BLAS threads make the
-    whole sweep several times slower than running the points one by one.
-    """
-    env = os.environ.copy()
-    if max_parallel > 1 and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max_parallel))
-
-    def launch(jobs: list[tuple[str, list[str], Path]]) -> dict[str, int]:
-        with ThreadPoolExecutor(max_workers=max_parallel) as pool:
-            codes = pool.map(lambda job: run_point_process(job[1], job[2], env), jobs)
-            return {name: code for (name, _, _), code in zip(jobs, codes, strict=True)}
-
-    return launch
 
 
 def summary_table(results: Sequence[PointResult]) -> str:
@@ -303,10 +338,16 @@ def summary_table(results: Sequence[PointResult]) -> str:
 
 def plan_sweep(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str, str]]:
     """The sweep in ``path``, its points, and each point's run config hash; every point's config is
-    validated here (ConfigError naming the point and the key), before anything runs."""
+    validated here (ConfigError naming the point and the key), before anything runs. A point
+    differing from another outside the declared axes (``recipe_differences``) is warned about."""
     spec = load_sweep(path)
     points = expand(spec)
-    return spec, points, {name: run_config_hash(cfg) for name, cfg in validate_points(spec, points).items()}
+    configs = validate_points(spec, points)
+    confounds = recipe_differences(spec, configs)
+    if confounds:
+        log.warning("sweep %s varies more than its axes declare (a confound in a comparison): %s", spec.name,
+                    "; ".join(f"{k}: {v}" for k, v in confounds.items()))
+    return spec, points, {name: run_config_hash(cfg) for name, cfg in configs.items()}
 
 
 def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | None = None,
@@ -335,8 +376,6 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
     log.info("sweep %s: %d points, %d already FINISHED, %d to run (%s)", spec.name, len(points),
              len(points) - len(jobs), len(jobs), launcher)
     if launcher == "slurm":
-        from lmgen.launchers import slurm_launcher
-
         launch = slurm_launcher(spec.slurm, home / "sweeps" / spec.name / "slurm", cluster=slurm_cluster)
     else:
         launch = local_launcher(max_parallel or spec.max_parallel)

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lmgen.ar_module import OptimConfig, lr_lambda
-from lmgen.config import resolve_precision
 from lmgen.metrics import psnr
+from lmgen.perf import resolve_precision
 from lmgen.tokenizers.autoencoder import to_uint8, to_unit
 from lmgen.tokenizers.learned import LearnedConfig, LearnedTokenizer
 from lmgen.tokenizers.quantizers import code_stats

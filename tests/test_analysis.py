@@ -222,11 +222,12 @@ def test_first_grid_row_cuts_one_row_of_tiles():
 
 # --- a tiny real sweep ----------------------------------------------------------------------------
 
-TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "train.max_steps=4", "train.val_every=2",
+TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "train.budget=steps", "train.max_steps=4",
+        "train.val_every=2",
         "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=20", "sample.batch_size=20",
         "metrics.prefix_samples=4", "train.log_every=1"]
-LEARNED_TINY = ["tokenizer.steps=4", "tokenizer.channels=8", "tokenizer.batch_size=8", "tokenizer.val_every=2",
-                "tokenizer.val_images=8"]
+LEARNED_TINY = ["stage1.steps=4", "stage1.channels=8", "stage1.batch_size=8", "stage1.val_every=2",
+                "stage1.val_images=8"]
 
 
 @pytest.fixture(scope="module")
@@ -234,10 +235,11 @@ def tiny_sweep(tmp_path_factory):
     """5 points: pixels and VQ-32 at nano/micro, VQ-64 at nano; the sweep writes its report."""
     tmp = tmp_path_factory.mktemp("plot")
     home = tmp / "home"
-    sweep = {"name": "tinyplot", "overrides": TINY, "max_parallel": 2, "blocks": [
-        {"experiment": str(ROOT / "experiments/quickstart_pixels.yaml"), "grid": {"lm.size": ["nano", "micro"]}},
-        {"experiment": str(ROOT / "experiments/quickstart_vq.yaml"), "overrides": LEARNED_TINY,
-         "zip": [{"lm.size": ["nano", "micro", "nano"], "tokenizer.codebook_size": [32, 32, 64]}]}]}
+    sweep = {"name": "tinyplot", "experiment": str(ROOT / "experiments/base.yaml"), "overrides": [*TINY, *LEARNED_TINY],
+             "max_parallel": 2, "blocks": [
+                 {"overrides": ["tokenizer=pixels_palette64"], "grid": {"lm.size": ["nano", "micro"]}},
+                 {"overrides": ["tokenizer=vq_1k"],
+                  "zip": [{"lm.size": ["nano", "micro", "nano"], "tokenizer.codebook_size": [32, 32, 64]}]}]}
     path = tmp / "tinyplot.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     mp = pytest.MonkeyPatch()

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from lmgen.config import ConfigError, DataConfig, load_config
+from lmgen.config import ConfigError, load_config
 from lmgen.datasets import build_dataset, load_images
 from lmgen.tokenizers import TokenBatch, build_tokenizer
 from lmgen.tokenizers.bpe import ByteBPE
@@ -25,7 +24,7 @@ SIZE = 32
 
 def shapes(split: str, n: int, size: int = SIZE) -> torch.Tensor:
     """(n, 3, size, size) uint8 images of the procedural ``shapes`` dataset."""
-    cfg = OmegaConf.structured(DataConfig(image_size=size, train_size=n, val_size=n))
+    cfg = {"name": "shapes", "image_size": size, "train_size": n, "val_size": n}
     return load_images(build_dataset(cfg, split), n)
 
 

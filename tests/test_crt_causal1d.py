@@ -103,7 +103,7 @@ def test_crt_flops_share_and_lfq_subcodes() -> None:
 ])
 def test_crt_bad_config_fails_before_compute_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        load_config(ROOT / "experiments/quickstart_crt.yaml", [override])
+        load_config(ROOT / "experiments/base.yaml", ["tokenizer=crt_vq_1k", override])
 
 
 def test_crt_ce_refuses_huge_vocabularies() -> None:
@@ -153,11 +153,11 @@ def test_causal1d_tokens_per_image_is_the_number_of_queries() -> None:
 
 def test_causal1d_bad_config() -> None:
     with pytest.raises(ConfigError, match="tokenizer.num_tokens"):
-        load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.num_tokens=0"])
+        load_config(ROOT / "experiments/base.yaml", ["tokenizer=causal1d_32", "tokenizer.num_tokens=0"])
     with pytest.raises(ConfigError, match="query_width"):
-        load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.query_width=30"])
+        load_config(ROOT / "experiments/base.yaml", ["tokenizer=causal1d_32", "tokenizer.query_width=30"])
     with pytest.raises(ConfigError, match="tokenizer.query_init"):
-        load_config(ROOT / "experiments/quickstart_causal1d.yaml", ["tokenizer.query_init=random"])
+        load_config(ROOT / "experiments/base.yaml", ["tokenizer=causal1d_32", "tokenizer.query_init=random"])
 
 
 @pytest.mark.parametrize(("cfg", "key"), [

@@ -18,7 +18,7 @@ from PIL import Image
 
 from lmgen.config import load_config
 from lmgen.datasets import build_dataset
-from lmgen.stage1 import prepare_tokenizer
+from lmgen.stage1 import Stage1Job, prepare_tokenizer
 from lmgen.tokenizers import tokenizer_for
 from lmgen.tracking import Tracker
 
@@ -60,7 +60,8 @@ def _stage1_metrics(overrides: list[str], home: Path, break_after_listing: Path 
     if break_after_listing is not None:  # listed fine, unreadable by the time its clips are read
         break_after_listing.write_bytes(b"\x00" * 100)
     uri = f"sqlite:///{home / 'mlflow.db'}"
-    result = prepare_tokenizer(cfg, tokenizer_for(cfg), train_ds, val_ds, Tracker(uri, "skips"), home)
+    job = Stage1Job.for_run(cfg, tokenizer_for(cfg), train_ds, val_ds, home)
+    result = prepare_tokenizer(job, Tracker(uri, "skips"))
     return MlflowClient(uri).get_run(result.run_id).data.metrics
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from lmgen.datasets import (
     ImageBatch,
     ImageDataset,
     ImageFolderDataset,
+    ShapesConfig,
     ShapesDataset,
     build_dataset,
     collate_images,
@@ -33,26 +33,10 @@ from lmgen.datasets.render import render_scene
 from lmgen.datasets.shapes import CLASS_NAMES, zipf_probs
 
 
-@dataclass
-class ShapesCfg:
-    num_classes: int = 10
-    tail_alpha: float = 1.5
-    min_objects: int = 2
-    max_objects: int = 5
-
-
-@dataclass
-class DatasetCfg:
-    name: str = "shapes"
-    image_size: int = 32
-    train_size: int = 256
-    val_size: int = 64
-    seed: int = 0
-    root: str | None = None
-    val_fraction: float = 0.25
-    shapes: ShapesCfg = field(default_factory=ShapesCfg)
-    frames: int = 0
-    fps: float = 3.0
+def block(name: str, **values) -> dict:
+    """A ``data`` block for dataset ``name``: the fields its Config has, out of a common set."""
+    wanted = {"name": name, "train_size": 256, "val_size": 64, "val_fraction": 0.25, **values}
+    return {k: v for k, v in wanted.items() if k in {f.name for f in dataclasses.fields(DATASETS[name].Config)}}
 
 
 # --- registry ---------------------------------------------------------------------------
@@ -68,25 +52,33 @@ def test_registry_builds_every_dataset_and_rejects_unknown(tmp_path: Path) -> No
         assert isinstance(cls.video, bool) and isinstance(cls.procedural, bool)
         root = tmp_path / ("videos" if cls.video else "images")
         for split in ("train", "val"):
-            ds = build_dataset(DatasetCfg(name=name, root=str(root), frames=3 if cls.video else 0), split)
+            ds = build_dataset(block(name, root=str(root), frames=3), split)
             assert isinstance(ds, cls) and isinstance(ds, ImageDataset)
             assert isinstance(ds.frames, int) and isinstance(ds.fps, float)
             assert (ds.frames > 0) == cls.video and (ds.frames == 3 or not cls.video)
             item = next(x for x in map(ds.__getitem__, range(len(ds))) if x is not None)
             assert item[0].shape == ((3,) if cls.video else ()) + (3, 32, 32)
     with pytest.raises(ValueError, match="imagefolder.*shapes"):
-        build_dataset(DatasetCfg(name="cifar100"), "train")
+        build_dataset({"name": "cifar100"}, "train")
     with pytest.raises(ValueError, match="train.*val"):
-        build_dataset(DatasetCfg(), "test")
+        build_dataset(block("shapes"), "test")
     with pytest.raises(ValueError, match="root"):
-        build_dataset(DatasetCfg(name="imagefolder"), "train")
+        build_dataset({"name": "imagefolder"}, "train")
+    with pytest.raises(ValueError, match="unknown field.*frames"):  # still images have no frames
+        build_dataset({"name": "shapes", "frames": 3}, "train")
 
 
-def test_build_from_omegaconf() -> None:
-    omegaconf = pytest.importorskip("omegaconf")
-    cfg = omegaconf.OmegaConf.structured(DatasetCfg(train_size=10, shapes=ShapesCfg(num_classes=12)))
+def test_build_from_the_datasets_own_config() -> None:
+    """Each dataset owns its config (defaults and checks in one place), as tokenizers do."""
+    cfg = ShapesConfig(train_size=10, num_classes=12)
     ds = build_dataset(cfg, "train")
     assert len(ds) == 10 and ds.num_classes == 12 and ds.class_names == list(CLASS_NAMES)
+    assert build_dataset({"name": "shapes", "train_size": 10, "num_classes": 12}, "train").labels().tolist() == \
+        ds.labels().tolist()
+    for bad, needle in ((ShapesConfig(num_classes=1), "data.num_classes"), (ShapesConfig(image_size=2), "data.image_size"),
+                        (ShapesConfig(train_size=0), "data.train_size"), (ShapesConfig(tail_alpha=float("nan")), "tail_alpha")):
+        with pytest.raises(ValueError, match=needle):
+            build_dataset(bad, "train")
 
 
 # --- shapes -----------------------------------------------------------------------------
@@ -334,7 +326,7 @@ def test_folder_cap_is_deterministic_subset(tmp_path: Path) -> None:
     listed = [[d.attributes(i)["path"] for i in range(len(d))] for d in capped]
     assert len(capped[0]) == 7 and listed[0] == listed[1]
     assert set(listed[0]) <= {full.attributes(i)["path"] for i in range(len(full))}
-    cfg = DatasetCfg(name="imagefolder", root=str(tmp_path), train_size=0, val_fraction=0.0)
+    cfg = {"name": "imagefolder", "root": str(tmp_path), "train_size": 0, "val_fraction": 0.0}
     assert len(build_dataset(cfg, "train")) == 20
 
 

@@ -14,8 +14,10 @@ from mlflow.tracking import MlflowClient
 from lmgen.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.max_steps=6",
-        "train.val_every=4", "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=10",
+BASE = str(ROOT / "experiments/base.yaml")
+VIDEO = str(ROOT / "experiments/video.yaml")
+TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.budget=steps",
+        "train.max_steps=6", "train.val_every=4", "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=10",
         "sample.batch_size=10", "train.log_every=1"]
 LM_KEYS = {"lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/params", "lm/flops", "lm/tokens_per_s", "lm/mfu",
            "lm/peak_flops", "lm/train_seconds"}
@@ -24,7 +26,7 @@ GEN_KEYS = {"gen/decode_valid_rate", "gen/num_invalid", "gen/images_per_s"}
 PROBE_KEYS = {"gen/fd_probe", "gen/precision_probe", "gen/recall_probe", "tok/rfid_probe"}
 
 
-def _runs(home: Path, experiment: str = "quickstart"):
+def _runs(home: Path, experiment: str = "base"):
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id])
@@ -34,18 +36,19 @@ def _artifacts(client: MlflowClient, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id)}
 
 
-# Stage 1 of the learned tokenizers, cut to a few steps of a narrow autoencoder.
-LEARNED_TINY = ["tokenizer.steps=4", "tokenizer.channels=8", "tokenizer.batch_size=8", "tokenizer.val_every=2",
-                "tokenizer.val_images=8"]
-LEARNED = ("quickstart_vq", "quickstart_lfq", "quickstart_bae", "quickstart_crt", "quickstart_causal1d")
+# Stage 1 of the learned tokenizers, cut to a few steps of a narrow autoencoder (the shared
+# recipe: codec and pixel arms ignore it).
+LEARNED_TINY = ["stage1.steps=4", "stage1.channels=8", "stage1.batch_size=8", "stage1.val_every=2",
+                "stage1.val_images=8"]
+LEARNED = ("vq_1k", "lfq_10bit", "bae_16bit", "crt_vq_1k", "causal1d_32")
 
 
-@pytest.mark.parametrize("experiment", ["quickstart_pixels", "quickstart_jpeg", *LEARNED])
-def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
-    extra = LEARNED_TINY if experiment in LEARNED else []
-    if experiment == "quickstart_causal1d":  # 16 px at downsample 4: 16 feature positions for its pooled queries
+@pytest.mark.parametrize("preset", ["pixels_palette64", "jpeg_q25", *LEARNED])
+def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, preset, capsys):
+    extra = LEARNED_TINY if preset in LEARNED else []
+    if preset == "causal1d_32":  # 16 px at downsample 4: 16 feature positions for its pooled queries
         extra = [*extra, "tokenizer.num_tokens=16"]
-    assert main(["run", str(ROOT / f"experiments/{experiment}.yaml"), *TINY, *extra]) == 0
+    assert main(["run", BASE, f"tokenizer={preset}", *TINY, *extra]) == 0
     assert "lm/val_bits_per_image" in capsys.readouterr().out  # the one-screen summary
     client, runs = _runs(lmgen_home)
     lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
@@ -58,6 +61,12 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
     assert 0.0 <= run.data.metrics["gen/decode_valid_rate"] <= 1.0
     assert run.data.params["tokenizer.name"] == run.data.tags["lmgen.tokenizer"]
     assert run.data.params["lm.size"] == "nano"
+    # the preset it was composed from, on the run and in its name; what the budget resolved to
+    assert run.data.params["preset.tokenizer"] == run.data.tags["lmgen.tokenizer_preset"] == preset
+    assert run.info.run_name == f"{preset}-nano-s0"
+    assert {"resolved.steps": "6", "resolved.images": "48", "resolved.val_every": "4",
+            "resolved.precision": "32-true"}.items() <= run.data.params.items()
+    assert float(run.data.params["resolved.flops"]) > 0 and float(run.data.params["resolved.tokens"]) > 0
     assert run.data.tags["lmgen.tokenizer_run_id"] == tok[0].info.run_id
     assert {"lmgen.git_sha", "lmgen.config_hash"} <= set(run.data.tags)
     assert {"config.yaml", "samples.png"} <= _artifacts(client, run.info.run_id)
@@ -76,11 +85,12 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, experiment, capsys):
     assert tok[0].info.status == "FINISHED" and TOK_KEYS <= set(tok[0].data.metrics)
     assert "recon.png" in _artifacts(client, tok[0].info.run_id)
     assert {"tok/codebook_usage", "tok/perplexity", "tok/unigram_kl_uniform", "tok/bigram_kl_uniform"} <= set(tok[0].data.metrics)
-    if experiment in LEARNED:  # trained by gradient: its curves are in the stage-1 run
+    if preset in LEARNED:  # trained by gradient: its curves are in the stage-1 run
         history = client.get_metric_history(tok[0].info.run_id, "tok/train_loss")
         assert len(history) >= 2 and "tok/val_psnr" in tok[0].data.metrics
-        assert tok[0].data.params["tokenizer.steps"] == "4"
-    if experiment == "quickstart_crt":  # the regulariser's loss curve and cost sit in the stage-1 run
+        assert tok[0].data.params["tokenizer.steps"] == "4"  # the shared recipe, filled in
+        assert tok[0].data.params["resolved.precision"] == "32-true"
+    if preset == "crt_vq_1k":  # the regulariser's loss curve and cost sit in the stage-1 run
         assert len(client.get_metric_history(tok[0].info.run_id, "tok/crt_loss")) >= 2
         assert 0 < tok[0].data.metrics["tok/crt_flops_share"] < 1
     assert (lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt").is_file()
@@ -127,10 +137,10 @@ def _check_position_loss(client: MlflowClient, run) -> None:
     assert bits == pytest.approx(run.data.metrics["lm/val_bits_per_image"], rel=1e-4)
 
 
-@pytest.mark.parametrize("experiment", ["quickstart_jpeg", "quickstart_bae"])
-def test_second_run_reuses_stage1_and_token_cache(lmgen_home, experiment):
-    extra = [*TINY, *(LEARNED_TINY if experiment in LEARNED else [])]
-    experiment = str(ROOT / f"experiments/{experiment}.yaml")
+@pytest.mark.parametrize("preset", ["jpeg_q25", "bae_16bit"])
+def test_second_run_reuses_stage1_and_token_cache(lmgen_home, preset):
+    extra = [f"tokenizer={preset}", *TINY, *LEARNED_TINY]
+    experiment = BASE
     assert main(["run", experiment, *extra]) == 0
     caches = sorted(p.name for p in (lmgen_home / "cache").iterdir())
     # The second run also samples with classifier-free guidance (null-class rows in one batch)
@@ -152,14 +162,14 @@ def test_a_crash_marks_the_run_failed(lmgen_home, monkeypatch):
 
     monkeypatch.setattr(lmgen.experiment, "evaluate_model", boom)
     with pytest.raises(RuntimeError, match="injected"):
-        main(["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "train.max_steps=1"])
+        main(["run", BASE, "tokenizer=jpeg_q25", *TINY, "train.max_steps=1"])
     _, runs = _runs(lmgen_home)
     assert [r.info.status for r in runs if r.data.tags["lmgen.stage"] == "lm"] == ["FAILED"]
 
 
 def test_console_script_reports_config_errors_before_compute(lmgen_home):
-    proc = subprocess.run([sys.executable, "-m", "lmgen", "run", str(ROOT / "experiments/quickstart_jpeg.yaml"),
-                           "train.max_stpes=3"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "lmgen", "run", BASE, "tokenizer=jpeg_q25", "train.max_stpes=3"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.max_stpes" in proc.stderr and "train.max_steps" in proc.stderr
     assert not (lmgen_home / "mlflow.db").exists()  # nothing ran, nothing was written
@@ -171,7 +181,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(lmgen_home):
     from lmgen.config import load_config
     from lmgen.experiment import run_experiment
 
-    cfg = load_config(ROOT / "experiments/quickstart_jpeg.yaml", [*TINY, "tracking.uri=http://127.0.0.1:9"])
+    cfg = load_config(BASE, ["tokenizer=jpeg_q25", *TINY, "tracking.uri=http://127.0.0.1:9"])
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match=r"http://127\.0\.0\.1:9"):
         run_experiment(cfg)
@@ -221,7 +231,7 @@ def test_imagefolder_run_skips_and_counts_corrupt_files(lmgen_home, tmp_path):
             base = np.full((20, 24, 3), rng.integers(0, 256, 3), dtype=np.uint8)
             Image.fromarray(base + rng.integers(0, 20, base.shape, dtype=np.uint8)).save(root / c / f"{i}.png")
     (root / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    args = ["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "data.name=imagefolder",
+    args = ["run", BASE, "tokenizer=jpeg_q25", *TINY, "data.name=imagefolder",
             f"data.root={root}", "data.train_size=0", "data.val_size=0", "data.val_fraction=0.25"]
     assert main(args) == 0
     _, runs = _runs(lmgen_home)
@@ -233,7 +243,7 @@ def test_imagefolder_run_skips_and_counts_corrupt_files(lmgen_home, tmp_path):
 
 def test_unconditional_model_with_cfg_off(lmgen_home):
     """lm.class_conditional=false: BOS at position 0, no label dropout, sampling still decodes."""
-    args = ["run", str(ROOT / "experiments/quickstart_jpeg.yaml"), *TINY, "lm.class_conditional=false",
+    args = ["run", BASE, "tokenizer=jpeg_q25", *TINY, "lm.class_conditional=false",
             "train.class_dropout=0.0", "sample.top_p=0.9"]
     assert main(args) == 0
     _, runs = _runs(lmgen_home)
@@ -244,9 +254,9 @@ def test_unconditional_model_with_cfg_off(lmgen_home):
 def test_same_seed_same_run_whether_stage1_and_probe_were_cached(lmgen_home):
     """The first run trains the probe and fits stage 1; the second finds both cached. The LM
     must not notice: identical losses (CPU, same seed)."""
-    experiment = str(ROOT / "experiments/quickstart_pixels.yaml")
-    assert main(["run", experiment, *TINY, "sample.num_samples=0"]) == 0
-    assert main(["run", experiment, *TINY, "sample.num_samples=0"]) == 0
+    experiment = BASE
+    assert main(["run", experiment, "tokenizer=pixels_palette64", *TINY, "sample.num_samples=0"]) == 0
+    assert main(["run", experiment, "tokenizer=pixels_palette64", *TINY, "sample.num_samples=0"]) == 0
     client, runs = _runs(lmgen_home)
     lm = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
     histories = [[m.value for m in client.get_metric_history(r.info.run_id, "lm/train_loss")] for r in lm]
@@ -258,8 +268,8 @@ def test_same_seed_same_run_whether_stage1_and_probe_were_cached(lmgen_home):
 def test_lmgen_eval_rescores_a_run_into_a_child_run(lmgen_home, capsys):
     """`lmgen eval RUN_ID` reloads the LM from last.ckpt and the tokenizer from stage 1, samples
     again with more samples, and logs into a child run; the original run is left as it was."""
-    experiment = str(ROOT / "experiments/quickstart_jpeg.yaml")
-    assert main(["run", experiment, *TINY, "data.image_size=32", "sample.num_samples=4", "metrics.prefix_samples=0"]) == 0
+    assert main(["run", BASE, "tokenizer=jpeg_q25", *TINY, "data.image_size=32", "sample.num_samples=4",
+                 "metrics.prefix_samples=0"]) == 0
     client, runs = _runs(lmgen_home)
     (run,) = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
     before = (dict(run.data.params), dict(run.data.metrics))
@@ -285,13 +295,14 @@ def test_lmgen_eval_rescores_a_run_into_a_child_run(lmgen_home, capsys):
 
 
 def test_lmgen_eval_refuses_what_it_cannot_do(lmgen_home, capsys):
-    experiment = str(ROOT / "experiments/quickstart_pixels.yaml")
-    assert main(["run", experiment, *TINY, "sample.num_samples=0", "train.checkpoint=false"]) == 0
+    experiment = BASE
+    assert main(["run", experiment, "tokenizer=pixels_palette64", *TINY, "sample.num_samples=0",
+                 "train.checkpoint=false"]) == 0
     _, runs = _runs(lmgen_home)
     (run,) = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
     assert main(["eval", run.info.run_id]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["run", experiment, *TINY, "sample.num_samples=0", "seed=3"]) == 0
+    assert main(["run", experiment, "tokenizer=pixels_palette64", *TINY, "sample.num_samples=0", "seed=3"]) == 0
     _, runs = _runs(lmgen_home)
     trained = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm" and r.data.params["seed"] == "3")
     assert main(["eval", trained.info.run_id, "lm.size=micro"]) == 2  # would evaluate another model
@@ -307,8 +318,8 @@ def test_h264_video_run_end_to_end(lmgen_home):
     """AVC-LM on moving_shapes clips: BPE fitted in stage 1, clips sampled, played and scored by frame."""
     from PIL import Image
 
-    assert main(["run", str(ROOT / "experiments/quickstart_h264.yaml"), *H264_TINY]) == 0
-    client, runs = _runs(lmgen_home, "quickstart_h264")
+    assert main(["run", VIDEO, *H264_TINY]) == 0
+    client, runs = _runs(lmgen_home, "video")
     lm = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm")
     tok = next(r for r in runs if r.data.tags["lmgen.stage"] == "tokenizer")
     assert lm.info.status == "FINISHED" and lm.data.params["data.frames"] == "8"
@@ -353,10 +364,10 @@ def test_videofolder_h264_run_counts_unreadable_files(lmgen_home, tmp_path):
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             out.mux(stream.encode(None))
     (root / "train" / "left" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
-    args = ["run", str(ROOT / "experiments/quickstart_h264.yaml"), *H264_TINY, "data.name=videofolder",
+    args = ["run", VIDEO, *H264_TINY, "data.name=videofolder",
             f"data.root={root}", "data.train_size=0", "data.val_size=0", "data.frames=4", "data.fit_images=0"]
     assert main(args) == 0
-    _, runs = _runs(lmgen_home, "quickstart_h264")
+    _, runs = _runs(lmgen_home, "video")
     lm = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm")
     assert lm.info.status == "FINISHED"
     assert lm.data.metrics["data/skipped"] == 1.0

@@ -28,9 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from lmgen.config import DataConfig
 from lmgen.datasets import build_dataset, load_images
 from lmgen.tokenizers import Decoded, ImageTokenizer, TokenBatch, build_tokenizer
 from lmgen.tokenizers.base import pad_token_lists
@@ -232,7 +230,7 @@ def _check_batch_agrees(tok: ImageTokenizer, pending: list[tuple[Fuzzed, Decoded
 
 
 def _data(name: str, n: int, frames: int = 0) -> torch.Tensor:
-    cfg = OmegaConf.structured(DataConfig(name=name, image_size=SIZE, train_size=n, val_size=n, frames=frames))
+    cfg = {"name": name, "image_size": SIZE, "train_size": n, "val_size": n, **({"frames": frames} if frames else {})}
     return load_images(build_dataset(cfg, "train"), n)
 
 

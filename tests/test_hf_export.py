@@ -15,8 +15,11 @@ pytest.importorskip("transformers")
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from lmgen.cli import main  # noqa: E402
-from lmgen.hf_export import MissingTransformers  # noqa: E402
-from lmgen.llama import Llama, LlamaConfig, to_hf  # noqa: E402
+from lmgen.hf_export import (
+    MissingTransformers,  # noqa: E402
+    to_hf,  # noqa: E402
+)
+from lmgen.llama import Llama, LlamaConfig  # noqa: E402
 from lmgen.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +96,7 @@ def test_missing_transformers_names_the_install(monkeypatch, lmgen_home, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.max_steps=6",
+TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.budget=steps", "train.max_steps=6",
         "train.val_every=4", "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=10",
         "sample.batch_size=10", "train.log_every=1"]
 FAST = ["sample.num_samples=0", "metrics.prefix_samples=0", "metrics.probe=false"]  # export needs no evaluation
@@ -105,9 +108,9 @@ def test_export_hf_end_to_end(lmgen_home, tmp_path, capsys) -> None:
     from lmgen.datasets import iter_batches
     from lmgen.experiment import restore_run
 
-    assert main(["run", str(ROOT / "experiments/quickstart_pixels.yaml"), *TINY, *FAST]) == 0
+    assert main(["run", str(ROOT / "experiments/base.yaml"), "tokenizer=pixels_palette64", *TINY, *FAST]) == 0
     client = MlflowClient(tracking_uri=f"sqlite:///{lmgen_home / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("base").experiment_id])
     (lm,) = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
     (tok,) = [r for r in runs if r.data.tags["lmgen.stage"] == "tokenizer"]
     run_id, out = lm.info.run_id, tmp_path / "hf"

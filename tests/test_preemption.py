@@ -25,9 +25,9 @@ from lmgen.config import load_config
 from lmgen.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-PIXELS = ROOT / "experiments/quickstart_pixels.yaml"
+PIXELS = ROOT / "experiments/base.yaml"
 # Long enough (a few seconds of steps) to be caught mid-training; a checkpoint every 10 steps.
-SLOW = ["data.train_size=256", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.max_steps=120",
+SLOW = ["tokenizer=pixels_palette64", "data.train_size=256", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.budget=steps", "train.max_steps=120",
         "train.val_every=10", "train.val_batches=1", "train.batch_size=8", "train.warmup_steps=2",
         "train.log_every=1", "sample.num_samples=0", "metrics.prefix_samples=0", "metrics.probe=false",
         "train.precision=32-true"]
@@ -55,7 +55,7 @@ def _wait_for_checkpoint(home: Path, proc: subprocess.Popen, timeout: float = 12
 
 def _lm_runs(home: Path):
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("quickstart")
+    exp = client.get_experiment_by_name("base")
     return client, client.search_runs([exp.experiment_id], "tags.`lmgen.stage` = 'lm'")
 
 

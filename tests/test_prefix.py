@@ -14,7 +14,7 @@ from test_tokenizers import CASE_IDS, CASES, build, make_images, make_inputs
 from lmgen.config import load_config
 from lmgen.data import SequenceLayout
 from lmgen.datasets import ImageBatch
-from lmgen.evaluate import complete_prefixes, evaluate_prefixes, prefix_key
+from lmgen.evaluate import Generator, Scoring, complete_prefixes, evaluate_prefixes, prefix_key
 from lmgen.llama import Llama, llama_config
 from lmgen.tokenizers import TOKENIZERS, build_tokenizer
 from lmgen.tokenizers.base import kept_rows
@@ -111,24 +111,29 @@ def test_jpeg_prefix_alone_decodes_to_the_top_rows(subsampling: str, exact_rows:
 # --- completions by a real (untrained) Llama ---------------------------------------------------
 
 
-def _setup(tokenizer, num_classes: int = 3, **overrides):
+def _setup(tokenizer, num_classes: int = 3, **overrides) -> Generator:
     layout = SequenceLayout(tokenizer.vocab_size, tokenizer.max_tokens, num_classes, tokenizer.variable_length)
     torch.manual_seed(0)
     model = Llama(llama_config("nano", layout.total_vocab, layout.seq_len)).eval()
     cfg = load_config(None, ["train.precision=32-true", "sample.batch_size=3",
                              *[f"{k}={v}" for k, v in overrides.items()]])
-    return cfg, layout, model
+    return Generator.for_run(cfg, model, layout, tokenizer), cfg
+
+
+def _scoring(cfg, tracker: Tracker, run_id: str) -> Scoring:
+    """Scoring without a probe (so without data): prefix completion counts and shows only."""
+    return Scoring(cfg.metrics, cfg.seed, None, None, None, tracker, run_id)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_completions_keep_the_prompt_and_sample_the_rest(cfg_scale: float) -> None:
     """Raw pixels are lossless, so the decoded completion shows the prompt's rows exactly."""
     tok = build_tokenizer({"name": "pixels"}, (8, 8))
-    cfg, layout, model = _setup(tok, **{"sample.cfg_scale": cfg_scale})
+    gen, _ = _setup(tok, **{"sample.cfg_scale": cfg_scale})
     images = make_images(5, 8, 8, seed=2)
     originals = ImageBatch(images=images, labels=torch.tensor([0, 1, 2, 0, 1]), indices=torch.arange(5), skipped=0)
     torch.manual_seed(1)
-    done = complete_prefixes(cfg, model, layout, tok, originals, 0.5)
+    done = complete_prefixes(gen, originals, 0.5)
     assert done.images.shape == images.shape and done.valid.all()
     assert torch.equal(done.lengths, torch.full((5,), 8 * 8 * 3))
     assert torch.equal(done.images[:, :, :4], images[:, :, :4])  # the prompt: the top 4 of 8 rows
@@ -140,10 +145,10 @@ def test_jpeg_completions_start_with_the_prompt_bytes() -> None:
     """Variable-length streams: the completion is prompt bytes + sampled bytes (+ EOS); an
     untrained LM's bytes rarely decode, and that is counted, not hidden."""
     tok = build_tokenizer({"name": "jpeg"}, (32, 32))
-    cfg, layout, model = _setup(tok)
+    gen, _ = _setup(tok)
     images = make_images(3, 32, 32, seed=4)
     originals = ImageBatch(images=images, labels=torch.tensor([0, 1, 2]), indices=torch.arange(3), skipped=0)
-    done = complete_prefixes(cfg, model, layout, tok, originals, 0.5)
+    done = complete_prefixes(gen, originals, 0.5)
     cuts = tok.prefix_lengths(tok.encode(images), 0.5)
     assert (done.lengths > cuts).all() and (done.lengths <= tok.max_tokens).all()
     assert done.valid.dtype == torch.bool and done.images.dtype == torch.uint8
@@ -155,9 +160,9 @@ def test_evaluate_prefixes_logs_metrics_and_skips_with_a_reason(tmp_path) -> Non
     originals = ImageBatch(images=images, labels=torch.tensor([0, 1, 2, 0]), indices=torch.arange(4), skipped=0)
 
     tok = build_tokenizer({"name": "pixels"}, (16, 16))
-    cfg, layout, model = _setup(tok, **{"metrics.prefix_ratios": "[0.25,0.75]"})
+    gen, cfg = _setup(tok, **{"metrics.prefix_ratios": "[0.25,0.75]"})
     run_id = tracker.start_run("pixels", {})
-    metrics = evaluate_prefixes(cfg, model, layout, tok, originals, None, tracker, run_id)
+    metrics = evaluate_prefixes(gen, _scoring(cfg, tracker, run_id), originals)
     assert set(metrics) == {f"{prefix_key(r)}/{k}" for r in (0.25, 0.75)
                             for k in ("decode_valid_rate", "num_invalid", "images_per_s", "prompt_fraction")}
     assert metrics["gen/prefix_r25/decode_valid_rate"] == 1.0
@@ -167,8 +172,8 @@ def test_evaluate_prefixes_logs_metrics_and_skips_with_a_reason(tmp_path) -> Non
     assert "gen/prefix_r75/num_invalid" in client.get_run(run_id).data.metrics
 
     tok = build_tokenizer({"name": "jpeg", "restart_markers": False}, (16, 16))
-    cfg, layout, model = _setup(tok)
+    gen, cfg = _setup(tok)
     run_id = tracker.start_run("jpeg-no-rst", {})
-    assert evaluate_prefixes(cfg, model, layout, tok, originals, None, tracker, run_id) == {}
+    assert evaluate_prefixes(gen, _scoring(cfg, tracker, run_id), originals) == {}
     reasons = client.download_artifacts(run_id, "gen_prefix_skipped.json")
     assert "restart_markers" in open(reasons).read()

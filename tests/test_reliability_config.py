@@ -21,7 +21,8 @@ VIDEO = ["data.name=moving_shapes", "data.frames=4"]
 BAD = [
     # unknown keys, at every depth
     (["trainn.lr=0.1"], "trainn"),
-    (["data.shapes.num_clases=3"], "data.shapes.num_clases"),
+    (["data.num_clases=3"], "data.num_clases"),
+    (["stage1.stepz=3"], "stage1.stepz"),
     (["tokenizer.name=vq", "tokenizer.codebook=64"], "tokenizer.codebook"),
     # wrong types
     (["train.batch_size=3.5"], "train.batch_size"),
@@ -58,17 +59,22 @@ BAD = [
     (["tokenizer.name=h264", "data.frames=0"], "data.frames"),
     (["tokenizer.name=jpeg", *VIDEO], "data.frames"),  # still-image tokenizer on clips
     # ... scene knobs the procedural datasets cannot draw
-    (["data.shapes.num_classes=1"], "data.shapes.num_classes"),
-    (["data.shapes.min_objects=4", "data.shapes.max_objects=2"], "data.shapes"),
+    (["data.num_classes=1"], "data.num_classes"),
+    (["data.min_objects=4", "data.max_objects=2"], "min_objects"),
     (["data.image_size=2"], "data.image_size"),
     # batch sizes of 0, negative steps and other numbers outside their range
     (["train.batch_size=0"], "train.batch_size"),
     (["sample.batch_size=0"], "sample.batch_size"),
     (["data.encode_batch_size=0"], "data.encode_batch_size"),
     (["tokenizer.name=vq", "tokenizer.batch_size=0"], "tokenizer.batch_size"),
-    (["train.max_steps=-5"], "train.max_steps"),
+    (["train.budget=steps", "train.max_steps=-5"], "train.max_steps"),
+    (["train.images=0"], "train.images"),
+    (["train.budget=tokens", "train.tokens=-1"], "train.tokens"),
+    (["train.budget=flops", "train.flops=inf"], "train.flops"),
     (["train.warmup_steps=-1"], "train.warmup_steps"),
     (["tokenizer.name=lfq", "tokenizer.steps=-1"], "tokenizer.steps"),
+    (["stage1.steps=-1"], "stage1.steps"),
+    (["stage1.batch_size=0"], "stage1.batch_size"),
     (["tokenizer.name=vq", "tokenizer.val_every=0"], "tokenizer.val_every"),
     (["tokenizer.name=bae", "tokenizer.lr=0"], "tokenizer.lr"),
     (["train.lr=0"], "train.lr"),
@@ -80,6 +86,10 @@ BAD = [
     (["seed=-1"], "seed"),  # Lightning would raise on it only after stage 1
     (["sample.temperature=-0.5"], "sample.temperature"),
     (["sample.top_k=-1"], "sample.top_k"),
+    (["sample.cfg_scale=nan"], "sample.cfg_scale"),  # found before training, not after it
+    (["sample.cfg_scale=-1"], "sample.cfg_scale"),
+    (["train.peak_flops=nan"], "train.peak_flops"),
+    (["tokenizer.name=crt", "tokenizer.crt_weight=nan"], "tokenizer.crt_weight"),
     (["data.num_workers=-2"], "data.num_workers"),
     (["data.val_fraction=1.0"], "data.val_fraction"),
 ]

@@ -23,10 +23,10 @@ from lmgen.experiment import checkpoint_path, run_experiment
 from lmgen.llama import llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PIXELS = ROOT / "experiments/quickstart_pixels.yaml"
+PIXELS = ROOT / "experiments/base.yaml"
 # 48 train images in batches of 8: 6 batches an epoch, so 14 steps cross two epoch boundaries;
 # checkpoints every 4 steps (4 = mid-epoch 0, 8 = mid-epoch 1, 12 = mid-epoch 2).
-FAST = ["data.train_size=48", "data.val_size=16", "data.image_size=8", "lm.size=nano", "train.max_steps=14",
+FAST = ["tokenizer=pixels_palette64", "data.train_size=48", "data.val_size=16", "data.image_size=8", "lm.size=nano", "train.budget=steps", "train.max_steps=14",
         "train.val_every=4", "train.batch_size=8", "train.warmup_steps=2", "train.log_every=1",
         "sample.num_samples=0", "metrics.prefix_samples=0", "metrics.probe=false", "train.precision=32-true"]
 

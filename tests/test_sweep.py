@@ -20,14 +20,15 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from lmgen.cli import main
-from lmgen.config import ConfigError
+from lmgen.config import ConfigError, config_hash
 from lmgen.sweep import expand, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-PIXELS = str(ROOT / "experiments/quickstart_pixels.yaml")
-TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "train.max_steps=4", "train.val_every=4",
-        "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=4", "sample.batch_size=4",
-        "metrics.prefix_samples=4", "train.log_every=1"]
+BASE = str(ROOT / "experiments/base.yaml")
+PIXELS = BASE  # with tokenizer=pixels_palette64 first in TINY
+TINY = ["tokenizer=pixels_palette64", "data.train_size=48", "data.val_size=16", "data.image_size=16",
+        "train.budget=steps", "train.max_steps=4", "train.val_every=4", "train.batch_size=8", "train.warmup_steps=2",
+        "sample.num_samples=4", "sample.batch_size=4", "metrics.prefix_samples=4", "train.log_every=1"]
 
 
 def write_sweep(tmp_path: Path, body: dict, name: str = "sweep.yaml") -> Path:
@@ -51,39 +52,105 @@ def sqlite(home: Path) -> str:
 
 def test_expansion_is_deterministic_with_unique_readable_names(tmp_path):
     path = write_sweep(tmp_path, {
-        "name": "grid", "experiment": PIXELS, "overrides": ["train.max_steps=5"],
+        "name": "grid", "experiment": PIXELS, "overrides": ["tokenizer=pixels_palette64"],
         "grid": {"lm.size": ["nano", "micro"], "seed": [0, 1], "sample.top_k": [40]},
         "zip": [{"tokenizer.palette_size": [16, 64], "train.lr": [1e-3, 1e-3]}]})
     points = expand(load_sweep(path))
     assert points == expand(load_sweep(path))  # same file, same points, same order
     assert len(points) == 2 * 2 * 2 and len({p.name for p in points}) == 8
     assert points[0].name == "size=nano,seed=0,palette_size=16,lr=0.001"  # only what varies, in file order
-    assert points[0].overrides == ("train.max_steps=5", "lm.size=nano", "seed=0", "sample.top_k=40",
+    assert points[0].overrides == ("tokenizer=pixels_palette64", "lm.size=nano", "seed=0", "sample.top_k=40",
                                    "tokenizer.palette_size=16", "train.lr=0.001")
     assert all(p.experiment == Path(PIXELS) for p in points)
 
 
-def test_blocks_and_experiment_axis_name_their_experiment(tmp_path):
-    blocks = write_sweep(tmp_path, {"name": "vocab", "blocks": [
-        {"experiment": str(ROOT / "experiments/quickstart_vq.yaml"), "grid": {"tokenizer.codebook_size": [64, 256]}},
-        {"experiment": str(ROOT / "experiments/quickstart_lfq.yaml"), "grid": {"tokenizer.bits": [6, 8]}}]})
+def test_presets_blocks_and_experiment_axis_name_their_points(tmp_path):
+    presets = write_sweep(tmp_path, {"name": "arms", "experiment": BASE,
+                                     "grid": {"tokenizer": ["jpeg_q25", "vq_1k"], "seed": [0, 1]}}, "arms.yaml")
+    points = expand(load_sweep(presets))
+    assert [p.name for p in points] == ["jpeg_q25,seed=0", "jpeg_q25,seed=1", "vq_1k,seed=0", "vq_1k,seed=1"]
+    assert points[0].overrides == ("tokenizer=jpeg_q25", "seed=0")
+    blocks = write_sweep(tmp_path, {"name": "vocab", "experiment": BASE, "blocks": [
+        {"overrides": ["tokenizer=vq_1k"], "grid": {"tokenizer.codebook_size": [64, 256]}},
+        {"overrides": ["tokenizer=lfq_10bit"], "grid": {"tokenizer.bits": [6, 8]}}]})
     assert [p.name for p in expand(load_sweep(blocks))] == [
-        "quickstart_vq,codebook_size=64", "quickstart_vq,codebook_size=256", "quickstart_lfq,bits=6",
-        "quickstart_lfq,bits=8"]
-    axis = write_sweep(tmp_path, {"name": "tok", "grid": {"experiment": [PIXELS, str(ROOT / "experiments/quickstart_jpeg.yaml")],
+        "vq_1k,codebook_size=64", "vq_1k,codebook_size=256", "lfq_10bit,bits=6", "lfq_10bit,bits=8"]
+    axis = write_sweep(tmp_path, {"name": "tok", "grid": {"experiment": [BASE, str(ROOT / "experiments/video.yaml")],
                                                           "lm.size": ["nano"]}}, "axis.yaml")
-    assert [p.name for p in expand(load_sweep(axis))] == ["quickstart_pixels", "quickstart_jpeg"]
+    assert [p.name for p in expand(load_sweep(axis))] == ["base", "video"]
 
 
-def test_every_shipped_sweep_expands_and_validates():
+SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_sweep_expands_validates_and_varies_only_what_it_declares(path):
+    """The one-recipe invariant: every point's resolved config agrees with every other's outside
+    the axes the sweep declares (a tokenizer axis covers the whole tokenizer block)."""
+    from lmgen.sweep import recipe_differences, validate_points
+
+    spec = load_sweep(path)
+    points = expand(spec)
+    assert len(points) >= 3 and len({p.name for p in points}) == len(points)
+    configs = validate_points(spec, points)  # every point's config loads
+    assert recipe_differences(spec, configs) == {}
+
+
+def test_the_quickstart_is_every_image_tokenizer_under_one_recipe():
     from lmgen.sweep import validate_points
+    from lmgen.tokenizers import TOKENIZERS
 
-    for path in sorted((ROOT / "sweeps").glob("*.yaml")):
-        spec = load_sweep(path)
-        points = expand(spec)
-        assert len(points) >= 3 and len({p.name for p in points}) == len(points)
-        validate_points(spec, points)  # every point's config loads
-    assert len(expand(load_sweep(ROOT / "sweeps/quickstart.yaml"))) == 14  # 7 tokenizers × 2 LM sizes
+    spec = load_sweep(ROOT / "sweeps/quickstart.yaml")
+    configs = validate_points(spec, expand(spec))
+    still = {name for name, cls in TOKENIZERS.items() if not cls.video}
+    assert {cfg.tokenizer.name for cfg in configs.values()} == still
+    recipes = {config_hash(cfg.lm, cfg.train, cfg.sample, cfg.metrics, cfg.stage1, cfg.data, cfg.seed)
+               for cfg in configs.values()}
+    assert len(recipes) == 1
+
+
+def _with_tokenizer(tmp_path: Path, name: str, tokenizer: str, extra: dict) -> str:
+    """A copy of the base experiment with its own tokenizer and ``extra`` sections merged in."""
+    body = yaml.safe_load(Path(BASE).read_text())
+    body["tokenizer"] = tokenizer
+    for section, values in extra.items():
+        body.setdefault(section, {}).update(values)
+    (tmp_path / "tokenizers").mkdir(exist_ok=True)
+    for preset in (ROOT / "experiments/tokenizers").glob("*.yaml"):
+        (tmp_path / "tokenizers" / preset.name).write_text(preset.read_text())
+    (tmp_path / "data").mkdir(exist_ok=True)
+    for preset in (ROOT / "experiments/data").glob("*.yaml"):
+        (tmp_path / "data" / preset.name).write_text(preset.read_text())
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return str(path)
+
+
+def test_a_sweep_that_changes_the_recipe_with_the_tokenizer_is_caught(tmp_path):
+    """Arms as whole copies of an experiment (the old habit) that disagree on the LM recipe: the
+    invariant names every key that differs; a preset grid on one base has none."""
+    from lmgen.sweep import recipe_differences, validate_points
+
+    jpeg = _with_tokenizer(tmp_path, "jpeg", "jpeg_q25", {"train": {"images": 6400}, "sample": {"top_k": 40}})
+    vq = _with_tokenizer(tmp_path, "vq", "vq_1k", {"train": {"lr": 1e-3}})
+    copies = load_sweep(write_sweep(tmp_path, {"name": "copies", "grid": {"experiment": [jpeg, vq]}}))
+    found = recipe_differences(copies, validate_points(copies, expand(copies)))
+    assert set(found) >= {"train.images", "train.lr", "sample.top_k"} and "tokenizer.name" in found
+    assert found["train.lr"] == [0.002, 0.001]
+    # one block setting its own lr is a confound too; the key every block sets (the tokenizer) is not
+    blocks = load_sweep(write_sweep(tmp_path, {"name": "blocks", "experiment": BASE, "blocks": [
+        {"overrides": ["tokenizer=vq_1k", "train.lr=1e-3"], "grid": {"seed": [0, 1]}},
+        {"overrides": ["tokenizer=lfq_10bit"], "grid": {"seed": [0, 1]}}]}, "blocks.yaml"))
+    assert set(recipe_differences(blocks, validate_points(blocks, expand(blocks)))) == {"train.lr"}
+    grid = load_sweep(write_sweep(tmp_path, {"name": "grid", "experiment": BASE,
+                                             "grid": {"tokenizer": ["jpeg_q25", "vq_1k", "causal1d_32"]}}, "grid.yaml"))
+    assert recipe_differences(grid, validate_points(grid, expand(grid))) == {}
+
+
+def test_a_speed_key_cannot_be_an_axis(tmp_path):
+    path = write_sweep(tmp_path, {"name": "x", "experiment": BASE, "grid": {"train.compile": [True, False]}})
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_sweep(path)
 
 
 @pytest.mark.parametrize(("body", "needle"), [
@@ -155,9 +222,10 @@ def _image_folder(root: Path) -> None:
 
 def test_a_failing_point_does_not_stop_the_others_and_a_rerun_runs_only_it(tmp_path, lmgen_home, capsys):
     folder = tmp_path / "images"  # missing on the first pass: that point fails at run time
-    path = write_sweep(tmp_path, {"name": "mixed", "experiment": PIXELS, "overrides": TINY, "zip": [
-        {"data.name": ["shapes", "imagefolder"], "data.root": [None, str(folder)],
-         "data.train_size": [48, 0], "data.val_size": [16, 0], "data.val_fraction": [0.05, 0.25]}]})
+    path = write_sweep(tmp_path, {"name": "mixed", "experiment": PIXELS, "overrides": TINY, "blocks": [
+        {"overrides": ["data.name=shapes"]},
+        {"overrides": ["data.name=imagefolder", f"data.root={folder}", "data.train_size=0", "data.val_size=0",
+                       "data.val_fraction=0.25"]}]})
     assert main(["sweep", str(path), "--no-plot"]) == 1
     captured = capsys.readouterr()
     assert "FINISHED" in captured.out and "FAILED" in captured.out and "rerun" in captured.err
@@ -169,7 +237,7 @@ def test_a_failing_point_does_not_stop_the_others_and_a_rerun_runs_only_it(tmp_p
     _image_folder(folder)  # the cause is fixed; the same command again
     assert main(["sweep", str(path), "--no-plot"]) == 0
     out = capsys.readouterr().out
-    assert "| name=shapes," in out and "SKIPPED" in out
+    assert "| name=shapes | SKIPPED |" in out
     second = runs(sqlite(lmgen_home), "mixed")
     lm = [r for r in second if r.data.tags["lmgen.stage"] == "lm"]
     assert sorted(r.info.status for r in lm) == ["FINISHED", "FINISHED"]  # the finished point did not run again
@@ -197,7 +265,7 @@ def test_resume_continues_an_interrupted_run_from_its_checkpoint(lmgen_home, mon
     with pytest.raises(RuntimeError, match="step 6"):
         run_experiment(cfg)
     monkeypatch.setattr(ARModule, "training_step", original)
-    (crashed,) = [r for r in runs(sqlite(lmgen_home), "quickstart") if r.data.tags["lmgen.stage"] == "lm"]
+    (crashed,) = [r for r in runs(sqlite(lmgen_home), "base") if r.data.tags["lmgen.stage"] == "lm"]
     assert crashed.info.status == "FAILED"
 
     summary = run_experiment(cfg, resume=True)
@@ -246,8 +314,8 @@ def test_two_process_ddp_logs_one_run_with_the_single_process_keys(lmgen_home):
     proc = subprocess.run([*base, "train.devices=2", "train.strategy=ddp"], env={**os.environ, "LMGEN_HOME": str(lmgen_home)},
                           timeout=600, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = [r for r in runs(sqlite(alone), "quickstart") if r.data.tags["lmgen.stage"] == "lm"]
-    ddp = runs(sqlite(lmgen_home), "quickstart")
+    single = [r for r in runs(sqlite(alone), "base") if r.data.tags["lmgen.stage"] == "lm"]
+    ddp = runs(sqlite(lmgen_home), "base")
     assert sorted(r.data.tags["lmgen.stage"] for r in ddp) == ["lm", "tokenizer"]  # exactly one LM run
     (lm,) = [r for r in ddp if r.data.tags["lmgen.stage"] == "lm"]
     assert len(single) == 1 and lm.info.status == "FINISHED"

@@ -234,13 +234,12 @@ def test_iter_batches_and_load_batch_stack_clips() -> None:
 
 
 def test_build_moving_shapes_from_config() -> None:
-    omegaconf = pytest.importorskip("omegaconf")
-    from lmgen.config import DataConfig
+    from lmgen.datasets import MovingShapesConfig
 
-    cfg = omegaconf.OmegaConf.structured(DataConfig(name="moving_shapes", frames=5, fps=4.0, train_size=7))
+    cfg = MovingShapesConfig(frames=5, fps=4.0, train_size=7)
     ds = build_dataset(cfg, "train")
     assert isinstance(ds, MovingShapesDataset) and isinstance(ds, ImageDataset)
-    assert len(ds) == 7 and ds.frames == 5 and ds.fps == 4.0 and ds.speed == (cfg.motion.min_speed, cfg.motion.max_speed)
+    assert len(ds) == 7 and ds.frames == 5 and ds.fps == 4.0 and ds.speed == (cfg.min_speed, cfg.max_speed)
     assert len(build_dataset(cfg, "val")) == cfg.val_size
 
 

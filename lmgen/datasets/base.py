@@ -16,18 +16,19 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lmgen.checks import check_choices, check_ranges
+
 log = logging.getLogger(__name__)
 
 Item = tuple[Tensor, int] | None
-_MISSING = object()
 
 
 @runtime_checkable
@@ -60,19 +61,39 @@ class ImageDataset(Protocol):
     def fingerprint(self) -> str: ...
 
 
-def config_value(cfg: Any, name: str, default: Any = _MISSING) -> Any:
-    """``cfg.name`` for a dataclass, OmegaConf node or mapping; ``default`` if absent."""
-    if cfg is None:
-        value = _MISSING
-    elif isinstance(cfg, Mapping):
-        value = cfg.get(name, _MISSING)
-    else:
-        value = getattr(cfg, name, _MISSING)
-    if value is _MISSING:
-        if default is _MISSING:
-            raise ValueError(f"dataset config has no field {name!r}")
-        return default
-    return value
+@dataclass
+class DataConfig:
+    """What every dataset's config has; each dataset class extends it as its ``Config`` (the
+    way tokenizers do), and ``data.name`` picks the dataset, so the ``data`` block's schema is
+    that dataset's own. ``check`` holds every rule a config must meet, written once here and in
+    the subclasses, so ``load_config`` fails on a bad value before compute."""
+
+    name: str = ""
+    image_size: int = 32
+    train_size: int = 4000  # folders: 0 = every file
+    val_size: int = 500
+    seed: int = 0  # the dataset's own seed (content), apart from the run's
+    encode_batch_size: int = 256  # images per tokenizer.encode call when filling the token cache
+    num_workers: int = 0  # DataLoader workers for reading images and token batches
+    fit_images: int = 2000  # train images a non-learned tokenizer fits on (palette, BPE)
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "image_size": "[1, inf)", "train_size": "[0, inf)", "val_size": "[0, inf)", "seed": "[0, inf)",
+        "encode_batch_size": "[1, inf)", "num_workers": "[0, inf)", "fit_images": "[0, inf)",
+    }
+
+    def check(self) -> None:
+        """ValueError naming ``data.<field>`` for a value this dataset cannot use."""
+        check_choices("data", self)
+        check_ranges("data", self, self.RANGES)
+
+
+def check_clip(frames: int, fps: float, name: str) -> None:
+    """ValueError naming ``data.frames`` / ``data.fps`` unless clips have >= 1 frame at fps > 0."""
+    if frames < 1:
+        raise ValueError(f"data.frames must be >= 1 for the video dataset {name!r}, got {frames}")
+    if not fps > 0:
+        raise ValueError(f"data.fps must be > 0 for the video dataset {name!r}, got {fps}")
 
 
 def short_hash(payload: Any) -> str:

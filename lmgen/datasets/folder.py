@@ -28,14 +28,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from lmgen.datasets.base import config_value
+from lmgen.datasets.base import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,23 @@ def load_image(path: str | Path, image_size: int) -> Tensor:
     return square_resize(im, image_size)
 
 
+@dataclass
+class ImageFolderConfig(DataConfig):
+    """``data`` block of ``imagefolder`` (and, extended, ``videofolder``): where the tree is."""
+
+    name: str = "imagefolder"
+    root: str | None = None  # use ${oc.env:VAR} rather than relative hops
+    val_fraction: float = 0.05  # share of each class held out when root has no train/ and val/
+    LAYOUT: ClassVar[str] = "root/<class_name>/<images>"  # what root must hold, for the error message
+
+    RANGES: ClassVar[dict[str, str]] = {**DataConfig.RANGES, "val_fraction": "[0, 1)"}
+
+    def check(self) -> None:
+        super().check()
+        if not self.root:
+            raise ValueError(f"data.root is required for data.name={self.name!r}: it must point at {self.LAYOUT}")
+
+
 class ListedFolder(torch.utils.data.Dataset):
     """What the folder datasets share: items listed once from ``root`` (``entries``), labels
     from the listing (``_labels``, ``num_classes``), and an unreadable file warned about once."""
@@ -175,18 +192,15 @@ class ListedFolder(torch.utils.data.Dataset):
         return torch.bincount(self._labels, minlength=self.num_classes)
 
     @classmethod
-    def folder_args(cls, cfg: Any, split: str, layout: str) -> dict[str, Any]:
-        """The constructor arguments every folder dataset reads from a data config block:
-        root, split, image_size, val_fraction and ``{split}_size`` as ``max_items`` (0 = all).
-        ValueError on an unknown split or a missing root (``layout`` says what root holds)."""
+    def folder_args(cls, cfg: ImageFolderConfig, split: str) -> dict[str, Any]:
+        """The constructor arguments every folder dataset reads from its ``data`` block: root,
+        split, image_size, val_fraction and ``{split}_size`` as ``max_items`` (0 = all).
+        ValueError on an unknown split or a missing root."""
         if split not in SPLITS:
             raise ValueError(f"{cls.__name__}: unknown split {split!r}; valid: {list(SPLITS)}")
-        root = config_value(cfg, "root", None)
-        if not root:
-            raise ValueError(f"{cls.__name__}: data.root must point at {layout}")
-        return {"root": str(root), "split": split, "image_size": int(config_value(cfg, "image_size")),
-                "val_fraction": float(config_value(cfg, "val_fraction", 0.1)),
-                "max_items": int(config_value(cfg, f"{split}_size", 0))}
+        cfg.check()
+        return {"root": str(cfg.root), "split": split, "image_size": cfg.image_size, "val_fraction": cfg.val_fraction,
+                "max_items": getattr(cfg, f"{split}_size")}
 
     def _skip(self, relpath: str, what: str, err: Exception) -> None:
         """Log an unreadable file once (by its path), however many items it holds."""
@@ -206,6 +220,7 @@ class ImageFolderDataset(ListedFolder):
     fps = 0.0
     video = False
     procedural = False  # read from data.root
+    Config = ImageFolderConfig
 
     def __init__(
         self,
@@ -237,9 +252,9 @@ class ImageFolderDataset(ListedFolder):
                              f"{len(entries)} files are corrupt, truncated or empty (warned above, one by one)")
 
     @classmethod
-    def from_config(cls, cfg: Any, split: str) -> ImageFolderDataset:
-        """Build from a dataset config block; ``{split}_size > 0`` caps the item count."""
-        return cls(**cls.folder_args(cfg, split, "root/<class_name>/<images>"))
+    def from_config(cls, cfg: ImageFolderConfig, split: str) -> ImageFolderDataset:
+        """The ``split`` of the tree a ``data`` block names; ``{split}_size > 0`` caps the item count."""
+        return cls(**cls.folder_args(cfg, split))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         entry = self.entries[index]

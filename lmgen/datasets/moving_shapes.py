@@ -45,15 +45,15 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lmgen.datasets.base import config_value, short_hash
+from lmgen.datasets.base import check_clip, short_hash
 from lmgen.datasets.render import Scene, ShapeObject, render_scene
-from lmgen.datasets.shapes import SHAPES_VERSION, SPLIT_IDS, ShapesDataset, sample_scene
+from lmgen.datasets.shapes import SHAPES_VERSION, SPLIT_IDS, ShapesConfig, ShapesDataset, sample_scene
 
 MOVING_SHAPES_VERSION = 1
 MOTIONS: tuple[str, ...] = ("translate", "rotate_cw", "rotate_ccw", "grow", "shrink", "orbit", "shake")
@@ -63,6 +63,33 @@ MIN_SCALE = 0.4  # grow/shrink: smallest size, as a fraction of the home size
 # The main object is at most 0.7 of the side, leaving >= 0.3 of room: any radius here fits.
 ORBIT_RADIUS = (0.08, 0.15)
 SHAKE_SECONDS = 0.5  # shake amplitude = speed x this
+
+
+@dataclass
+class MovingShapesConfig(ShapesConfig):
+    """``data`` block of ``moving_shapes``: the ``shapes`` scene knobs, then the clips and the motion."""
+
+    name: str = "moving_shapes"
+    frames: int = 8  # frames per clip (AVC-LM: 15)
+    fps: float = 3.0  # AVC-LM: 3
+    # outline speed, fraction of the image side per second, uniform per clip:
+    # ~1 px per frame at 32 px and 3 fps; the same clip at any image_size
+    min_speed: float = SPEED[0]
+    max_speed: float = SPEED[1]
+
+    RANGES: ClassVar[dict[str, str]] = ShapesConfig.RANGES
+
+    def check(self) -> None:
+        super().check()
+        check_clip(self.frames, self.fps, self.name)
+        check_speed(self.min_speed, self.max_speed)
+
+
+def check_speed(low: float, high: float) -> None:
+    """ValueError naming ``data.min_speed``/``data.max_speed`` unless 0 <= low <= high and high > 0."""
+    if not 0.0 <= low <= high or high <= 0.0:
+        raise ValueError(f"data: need 0 <= min_speed <= max_speed and max_speed > 0 for 'moving_shapes', "
+                         f"got {low}, {high}")
 
 
 @dataclass(frozen=True)
@@ -169,8 +196,9 @@ class MovingShapesDataset(torch.utils.data.Dataset):
     ``scene`` the knobs shared with ``shapes``.
     """
 
-    video = True  # lmgen.config.validate: data.frames must be > 0
-    procedural = True  # generated, so data.root is not needed and sizes must be > 0
+    Config = MovingShapesConfig
+    video = True  # clips of data.frames frames
+    procedural = True  # generated, so no data.root, and both split sizes > 0
 
     def __init__(
         self,
@@ -187,14 +215,10 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         try:  # the still twin checks the shared knobs and holds the Zipf label prior
             self.still = ShapesDataset(split, size, seed, image_size, **dataclasses.asdict(scene))
         except ValueError as err:
-            raise ValueError(str(err).replace("shapes:", "moving_shapes:", 1)) from None
-        if frames < 1:
-            raise ValueError(f"moving_shapes: frames must be >= 1, got {frames}")
-        if not fps > 0:
-            raise ValueError(f"moving_shapes: fps must be > 0, got {fps}")
+            raise ValueError(str(err).replace("shapes:", "moving_shapes:", 1).replace("'shapes'", "'moving_shapes'")) from None
+        check_clip(frames, fps, "moving_shapes")
         lo, hi = (float(s) for s in speed)
-        if not 0.0 <= lo <= hi or hi <= 0.0:
-            raise ValueError(f"moving_shapes: need 0 <= min speed <= max speed, max > 0; got {speed}")
+        check_speed(lo, hi)
         self.split, self.size, self.seed, self.image_size = split, int(size), int(seed), int(image_size)
         self.frames, self.fps, self.speed, self.scene_params = int(frames), float(fps), (lo, hi), scene
         self.num_classes = self.still.num_classes
@@ -204,23 +228,11 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         self._motions: Tensor | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, split: str) -> MovingShapesDataset:
-        """Build from a dataset config block (``{split}_size``, ``frames``, ``fps``, ``motion.*``,
-        ``shapes.*``)."""
-        if split not in SPLIT_IDS:
-            raise ValueError(f"moving_shapes: unknown split {split!r}; valid: {sorted(SPLIT_IDS)}")
-        still = ShapesDataset.from_config(cfg, split)  # the scene knobs (data.shapes.*), read the shapes way
-        motion = config_value(cfg, "motion", None)
-        return cls(
-            split=split,
-            size=still.size,
-            seed=still.seed,
-            image_size=still.image_size,
-            frames=int(config_value(cfg, "frames")),
-            fps=float(config_value(cfg, "fps", 3.0)),
-            speed=(float(config_value(motion, "min_speed", SPEED[0])), float(config_value(motion, "max_speed", SPEED[1]))),
-            scene=SceneParams(still.num_classes, still.tail_alpha, still.min_objects, still.max_objects),
-        )
+    def from_config(cls, cfg: MovingShapesConfig, split: str) -> MovingShapesDataset:
+        """The ``split`` of the dataset a ``data`` block describes (``{split}_size`` clips)."""
+        return cls(split=split, size=getattr(cfg, f"{split}_size"), seed=cfg.seed, image_size=cfg.image_size,
+                   frames=cfg.frames, fps=cfg.fps, speed=(cfg.min_speed, cfg.max_speed),
+                   scene=SceneParams(cfg.num_classes, cfg.tail_alpha, cfg.min_objects, cfg.max_objects))
 
     def __len__(self) -> int:
         return self.size

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lmgen.datasets.base import config_value, short_hash
+from lmgen.datasets.base import DataConfig, short_hash
 from lmgen.datasets.render import (
     DISTRACTOR_SHAPES,
     MAIN_SHAPES,
@@ -126,6 +127,36 @@ def sample_scene(rng: np.random.Generator, label: int, num_distractors: tuple[in
     )
 
 
+@dataclass
+class ShapesConfig(DataConfig):
+    """``data`` block of ``shapes`` (and, extended, of ``moving_shapes``): the scene knobs."""
+
+    name: str = "shapes"
+    num_classes: int = 10
+    tail_alpha: float = 1.5  # Zipf exponent of class frequencies: rarest of 10 classes ≈ 1.6%
+    min_objects: int = 2  # objects per image, the class object included: 1 = no distractors
+    max_objects: int = 5
+
+    # generated data has no "all": both splits need a size
+    RANGES: ClassVar[dict[str, str]] = {**DataConfig.RANGES, "train_size": "[1, inf)", "val_size": "[1, inf)",
+                                        "tail_alpha": "[0, inf)"}
+
+    def check(self) -> None:
+        super().check()
+        check_scene(self.image_size, self.num_classes, self.min_objects, self.max_objects, self.name)
+
+
+def check_scene(image_size: int, num_classes: int, min_objects: int, max_objects: int, name: str = "shapes") -> None:
+    """ValueError naming the ``data.*`` knob the renderer of dataset ``name`` cannot draw."""
+    if image_size < 4:  # the renderer's smallest canvas
+        raise ValueError(f"data.image_size must be >= 4 for {name!r}, got {image_size}")
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"data.num_classes must be in [2, {len(CLASS_NAMES)}] (the shapes drawn) for {name!r}, "
+                         f"got {num_classes}")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"data: need 1 <= min_objects <= max_objects for {name!r}, got {min_objects}, {max_objects}")
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """Procedural long-tailed shapes; items are ``(uint8 (3, H, W) in [0, 255], label)``.
 
@@ -134,8 +165,9 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     frames = 0  # still images (see ImageDataset)
     fps = 0.0
-    video = False  # lmgen.config.validate: data.frames must be 0
-    procedural = True  # generated, so data.root is not needed and sizes must be > 0
+    Config = ShapesConfig
+    video = False  # still images
+    procedural = True  # generated, so no data.root, and both split sizes > 0
 
     def __init__(
         self,
@@ -154,12 +186,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"shapes: size must be > 0 (procedural data has no 'all'), got {size}")
         if seed < 0:
             raise ValueError(f"shapes: seed must be >= 0, got {seed}")
-        if image_size < 4:
-            raise ValueError(f"shapes: image_size must be >= 4, got {image_size}")
-        if not 2 <= num_classes <= len(CLASS_NAMES):
-            raise ValueError(f"shapes: num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
-        if not 1 <= min_objects <= max_objects:
-            raise ValueError(f"shapes: need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+        check_scene(image_size, num_classes, min_objects, max_objects)
         self.split, self.size, self.seed, self.image_size = split, int(size), int(seed), int(image_size)
         self.num_classes, self.tail_alpha = int(num_classes), float(tail_alpha)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
@@ -170,21 +197,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         self._labels: Tensor | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, split: str) -> ShapesDataset:
-        """Build from a dataset config block (``train_size``/``val_size``, ``shapes.*``)."""
-        if split not in SPLIT_IDS:
-            raise ValueError(f"shapes: unknown split {split!r}; valid: {sorted(SPLIT_IDS)}")
-        shapes = config_value(cfg, "shapes", None)
-        return cls(
-            split=split,
-            size=int(config_value(cfg, f"{split}_size")),
-            seed=int(config_value(cfg, "seed")),
-            image_size=int(config_value(cfg, "image_size")),
-            num_classes=int(config_value(shapes, "num_classes", 10)),
-            tail_alpha=float(config_value(shapes, "tail_alpha", 1.5)),
-            min_objects=int(config_value(shapes, "min_objects", 2)),
-            max_objects=int(config_value(shapes, "max_objects", 5)),
-        )
+    def from_config(cls, cfg: ShapesConfig, split: str) -> ShapesDataset:
+        """The ``split`` of the dataset a ``data`` block describes (``{split}_size`` items)."""
+        return cls(split=split, size=getattr(cfg, f"{split}_size"), seed=cfg.seed, image_size=cfg.image_size,
+                   num_classes=cfg.num_classes, tail_alpha=cfg.tail_alpha, min_objects=cfg.min_objects,
+                   max_objects=cfg.max_objects)
 
     def __len__(self) -> int:
         return self.size

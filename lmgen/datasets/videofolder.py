@@ -31,14 +31,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import av
 import torch
 from torch import Tensor
 
-from lmgen.datasets.base import config_value
-from lmgen.datasets.folder import FileEntry, ListedFolder, cap_order, list_folder, square_resize
+from lmgen.datasets.base import check_clip
+from lmgen.datasets.folder import FileEntry, ImageFolderConfig, ListedFolder, cap_order, list_folder, square_resize
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,26 @@ def _pick_frames(path: str | Path, times: Sequence[float], seek: bool) -> list[a
     return picked + [prev] * (len(want) - len(picked))  # a short file: repeat its last frame
 
 
+@dataclass
+class VideoFolderConfig(ImageFolderConfig):
+    """``data`` block of ``videofolder``: the tree, then how clips are cut from its files."""
+
+    name: str = "videofolder"
+    frames: int = 15  # frames per clip (AVC-LM: 15)
+    fps: float = 3.0  # the rate frames are taken at (AVC-LM: 3)
+    LAYOUT: ClassVar[str] = "root/<class_name>/<video files>"
+
+    def check(self) -> None:
+        super().check()
+        check_clip(self.frames, self.fps, self.name)
+
+
 class VideoFolderDataset(ListedFolder):
     """Labelled clips from video files under ``root``; items are ``(uint8 (frames, 3, S, S),
     label)`` or ``None`` for a file that fails to decode. See the module docstring."""
 
-    video = True  # lmgen.config.validate: data.frames must be > 0
+    Config = VideoFolderConfig
+    video = True  # clips of data.frames frames
     procedural = False  # read from data.root
 
     def __init__(
@@ -152,10 +167,7 @@ class VideoFolderDataset(ListedFolder):
         val_fraction: float = 0.1,
         max_items: int = 0,
     ) -> None:
-        if frames < 1:
-            raise ValueError(f"videofolder: frames must be >= 1, got {frames}")
-        if not fps > 0:
-            raise ValueError(f"videofolder: fps must be > 0, got {fps}")
+        check_clip(frames, fps, "videofolder")
         listing = list_folder(root, split, float(val_fraction), VIDEO_EXTENSIONS, "videofolder")
         self.root, self.split_dirs, self.split = listing.root, listing.split_dirs, split
         self.image_size, self.frames, self.fps = int(image_size), int(frames), float(fps)
@@ -197,10 +209,9 @@ class VideoFolderDataset(ListedFolder):
         return sorted(clips, key=lambda c: (c.file.label, c.file.relpath, c.clip))
 
     @classmethod
-    def from_config(cls, cfg: Any, split: str) -> VideoFolderDataset:
-        """Build from a dataset config block; ``{split}_size > 0`` caps the clip count."""
-        return cls(**cls.folder_args(cfg, split, "root/<class_name>/<video files>"),
-                   frames=int(config_value(cfg, "frames")), fps=float(config_value(cfg, "fps", 3.0)))
+    def from_config(cls, cfg: VideoFolderConfig, split: str) -> VideoFolderDataset:
+        """The ``split`` of the tree a ``data`` block names; ``{split}_size > 0`` caps the clip count."""
+        return cls(**cls.folder_args(cfg, split), frames=cfg.frames, fps=cfg.fps)
 
     def _decode(self, index: int, steps: Sequence[int]) -> list[Tensor] | None:
         """Frames ``steps`` of clip ``index``, or None (logged once per file) if decoding fails."""

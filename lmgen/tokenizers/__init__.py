@@ -81,6 +81,6 @@ def build_tokenizer(cfg: Any, image_size: int | tuple[int, int], frames: int = 0
 
 def tokenizer_for(cfg: Any) -> ImageTokenizer:
     """The tokenizer of an experiment config: ``cfg.tokenizer`` for ``cfg.data``'s image size,
-    frames per clip and frame rate."""
+    and for a video dataset's frames per clip and frame rate (still-image datasets have none)."""
     data = cfg.data
-    return build_tokenizer(cfg.tokenizer, data.image_size, data.frames, data.fps)
+    return build_tokenizer(cfg.tokenizer, data.image_size, getattr(data, "frames", 0), getattr(data, "fps", 3.0))

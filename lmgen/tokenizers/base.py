@@ -13,27 +13,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from lmgen.checks import check_interval  # noqa: F401  (tokenizer modules check their fields with it)
+
 # Ids one vocabulary may hold: the token cache (lmgen.data.RowEncoder) stores ids as uint16 up to
 # 2^16 and as int32 above, so ids past 2^31 - 1 would wrap negative there. Tokenizers refuse a
 # larger vocabulary when they are built (ELM's 32-bit BAE needs an int64 cache first).
 MAX_VOCAB_SIZE = 1 << 31
-
-
-def check_interval(key: str, value: float, interval: str) -> None:
-    """ValueError naming ``key`` unless ``value`` lies in ``interval``: ``"[0, 1)"`` style, "[" and
-    "]" closed ends, "(" and ")" open ones, ``inf`` unbounded. NaN lies in no interval."""
-    low, high = (float(end) for end in interval[1:-1].split(","))
-    above = value > low if interval[0] == "(" else value >= low
-    below = value < high if interval[-1] == ")" else value <= high
-    if not (above and below):
-        raise ValueError(f"{key} must be {_interval_text(interval)}, got {value}")
-
-
-def _interval_text(interval: str) -> str:
-    """"(0, inf)" → "> 0", "[1, inf)" → ">= 1", anything bounded → "in [0, 1)"."""
-    if interval.endswith("inf)"):
-        return f"{'>' if interval[0] == '(' else '>='} {interval[1:].split(',')[0]}"
-    return f"in {interval}"
 
 
 @dataclass(frozen=True)

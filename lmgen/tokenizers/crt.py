@@ -94,7 +94,7 @@ class CRTTokenizer(LearnedTokenizer):
         if cfg.crt_loss == "ce" and self.vocab_size > MAX_CE_VOCAB:
             raise ValueError(f"crt.crt_loss='ce' needs a vocabulary <= {MAX_CE_VOCAB}, got {self.vocab_size}")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
+            torch.manual_seed(self.cfg.seed + 1)  # the recipe seed, filled in by LearnedTokenizer
             self.predictor = CausalPredictor(self.quantizer.in_channels, out_dim, cfg.crt_width, cfg.crt_heads,
                                              cfg.crt_layers)
 

@@ -22,15 +22,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lmgen.checks import check_choices, check_ranges, choices
+from lmgen.perf import PRECISIONS
+
 from .autoencoder import AutoencoderConfig, Decoder, Encoder, to_uint8, to_unit
-from .base import MAX_VOCAB_SIZE, Decoded, TokenBatch, check_interval, grey_images, row_prefix_lengths
+from .base import MAX_VOCAB_SIZE, Decoded, TokenBatch, grey_images, row_prefix_lengths
 from .quantizers import QuantizerOutput
 
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
-
-# The interval (base.check_interval) each numeric stage-1 field must lie in, checked at build time
-# so a bad value fails in load_config, before stage 1 trains anything.
+# The interval (lmgen.checks.check_interval) each numeric stage-1 recipe field must lie in, checked
+# on the experiment's ``stage1`` section and on every learned tokenizer when it is built, so a bad
+# value fails in load_config, before stage 1 trains anything.
 STAGE1_RANGES = {
+    "channels": "[1, inf)", "res_blocks": "[0, inf)", "max_channel_mult": "[1, inf)",
     "steps": "[0, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)",
     "weight_decay": "[0, inf)", "warmup_steps": "[0, inf)", "grad_clip": "[0, inf)", "l1_weight": "[0, inf)",
     "l2_weight": "[0, inf)", "perceptual_weight": "[0, inf)", "adversarial_weight": "[0, inf)",
@@ -39,18 +42,22 @@ STAGE1_RANGES = {
 }
 
 
-@dataclass
-class LearnedConfig(AutoencoderConfig):
-    """Fields every learned tokenizer has: the autoencoder's (inherited) and its stage-1
-    training recipe.
+@dataclass(frozen=True)
+class Stage1Config:
+    """The recipe every learned tokenizer (vq, lfq, bae, crt, causal1d, ...) shares: the
+    autoencoder's width and its stage-1 training.
 
-    The training fields live in the tokenizer block (not ``train``) because they determine
-    the tokens: they are part of the tokenizer's hash, so changing one retrains stage 1 and
-    changing the LM never does.
+    It is the experiment's ``stage1`` section, so one recipe serves every learned arm of a
+    comparison; a tokenizer preset that truly needs its own value of a field sets it in its
+    ``tokenizer`` block (with the reason beside it), which wins for that tokenizer. Codec and
+    pixel tokenizers have no use for it and are not keyed by it.
     """
 
-    name: str = ""
-    # ---- stage-1 training (lmgen.tokenizer_module) ----
+    # ---- the conv autoencoder (lmgen.tokenizers.autoencoder; ``downsample`` is the tokenizer's) ----
+    channels: int = 32
+    res_blocks: int = 1
+    max_channel_mult: int = 4
+    # ---- training (lmgen.tokenizer_module) ----
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
@@ -72,11 +79,59 @@ class LearnedConfig(AutoencoderConfig):
     train_images: int = 0  # train images used by stage 1 (0 = the whole train split)
     val_every: int = 500
     val_images: int = 256  # val images behind the in-training tok/val_* curves
-    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
-    seed: int = 0
+    precision: str = field(default="auto", metadata=choices(*PRECISIONS))
+    seed: int = 0  # the tokenizer's own seed (initial weights, data order), apart from the LM's
+
+    def check(self, prefix: str = "stage1") -> None:
+        """ValueError naming ``<prefix>.<field>`` for a value outside its range or choices."""
+        check_choices(prefix, self)
+        check_ranges(prefix, self, STAGE1_RANGES)
+
+
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Stage1Config))
+
+
+@dataclass
+class LearnedConfig(AutoencoderConfig):
+    """Fields every learned tokenizer has: the autoencoder's and its stage-1 training recipe.
+
+    Every ``Stage1Config`` field is here too, ``None`` by default: ``None`` takes the
+    experiment's ``stage1`` value (``with_recipe``; ``load_config`` does it), a value set in a
+    preset or override is this tokenizer's own. The resolved fields are part of the stage-1
+    hash, so changing one retrains stage 1 and changing the LM never does.
+    """
+
+    channels: int | None = None
+    res_blocks: int | None = None
+    max_channel_mult: int | None = None
+    name: str = ""
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    grad_clip: float | None = None
+    l1_weight: float | None = None
+    l2_weight: float | None = None
+    perceptual_weight: float | None = None
+    perceptual_weights: str | None = None
+    adversarial_weight: float | None = None
+    adversarial_start: int | None = None
+    train_images: int | None = None
+    val_every: int | None = None
+    val_images: int | None = None
+    precision: str | None = field(default=None, metadata=choices(*PRECISIONS))
+    seed: int | None = None
     # A state_dict saved by an earlier stage 1 (``<home>/tokenizers/<key>/state.pt``): load it
     # instead of training. "" = train.
     checkpoint: str = ""
+
+    def with_recipe(self, recipe: Stage1Config) -> LearnedConfig:
+        """This config with every recipe field it leaves ``None`` taken from ``recipe``."""
+        unset = {key: getattr(recipe, key) for key in RECIPE_FIELDS if getattr(self, key) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
 
 @dataclass(frozen=True)
@@ -111,13 +166,13 @@ class LearnedTokenizer(nn.Module, abc.ABC):
 
     def __init__(self, cfg: LearnedConfig, image_size: tuple[int, int]) -> None:
         super().__init__()
-        _check_choices(cfg)
+        cfg = cfg.with_recipe(Stage1Config())  # built outside load_config: the schema's recipe
+        check_choices(cfg.name, cfg)
+        check_ranges(cfg.name, cfg, STAGE1_RANGES)
         cfg.check(cfg.name)
         h, w = image_size
         if h % cfg.downsample or w % cfg.downsample:
             raise ValueError(f"{cfg.name}.downsample={cfg.downsample} must divide the image size {h}×{w}")
-        for key, interval in STAGE1_RANGES.items():
-            check_interval(f"{cfg.name}.{key}", getattr(cfg, key), interval)
         self.cfg = cfg
         self.image_size = (int(h), int(w))
         self.grid = self.token_grid(cfg)
@@ -235,16 +290,6 @@ class LearnedTokenizer(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, vocab_size={self.vocab_size}, subcodes={self.subcodes}"
-
-
-def _check_choices(cfg: LearnedConfig) -> None:
-    """ValueError naming ``<name>.<field>`` for any string field outside its declared ``choices``
-    (precision, crt's quantizer/crt_target/crt_loss, causal1d's query_init, ...), so a tokenizer
-    built without ``load_config`` is checked like one built from a YAML."""
-    for f in dataclasses.fields(cfg):
-        valid = f.metadata.get("choices")
-        if valid is not None and getattr(cfg, f.name) not in valid:
-            raise ValueError(f"{cfg.name}.{f.name} must be one of {valid}, got {getattr(cfg, f.name)!r}")
 
 
 def bits_label(cfg: LearnedConfig) -> str:
