@@ -51,9 +51,17 @@ HEADLINE = (
 METRICS_BY_KEY = {m.key: m for m in HEADLINE}
 
 
+def with_arms(runs: pd.DataFrame) -> pd.DataFrame:
+    """A run table (``load_runs`` rows) with its ``arm`` columns, assigned from its params if missing."""
+    return runs if "arm" in runs else assign_arms(runs)
+
+
 def arms_of(frame: pd.DataFrame) -> pd.Series:
-    """The ``arm`` column of a frame, assigned from its params where the frame has none."""
-    return frame["arm"] if "arm" in frame else assign_arms(frame)["arm"]
+    """The ``arm`` of each row of a tidy frame (histories, per-class or per-position tables);
+    where a frame has none, its tokenizer label and LM size (its params are not at hand)."""
+    if "arm" in frame:
+        return frame["arm"]
+    return frame["tokenizer_label"].astype(str) + " · " + frame["lm_size"].astype(str)
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,7 @@ class ArmSummary:
 
 def summarize(runs: pd.DataFrame, keys: Iterable[str], confidence: float = CONFIDENCE) -> list[ArmSummary]:
     """One ``ArmSummary`` per arm, in the runs' order, with estimates of the ``keys`` present."""
-    if "arm" not in runs:
-        runs = assign_arms(runs)
+    runs = with_arms(runs)
     keys = [k for k in keys if k in runs]
     out = []
     for arm, group in runs.groupby("arm", sort=False):
@@ -165,18 +172,26 @@ def interval_frame(frame: pd.DataFrame, by: Sequence[str], value: str,
     rows = []
     for key, group in frame.groupby(list(by), sort=False, dropna=False):
         e = t_interval(pd.to_numeric(group[value], errors="coerce").to_numpy(float), confidence)
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))),
-                     "mean": e.mean, "low": e.low, "high": e.high, "n": e.n})
+        rows.append({**dict(zip(by, key)), "mean": e.mean, "low": e.low, "high": e.high, "n": e.n})
+    return pd.DataFrame(rows, columns=[*by, "mean", "low", "high", "n"])
+
+
+def estimates_by(runs: pd.DataFrame, by: Sequence[str], key: str, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per group of ``by`` in a run table: the ``Estimate`` of metric ``key`` (mean, low, high,
+    n, as ``arm_estimate``: ``tok/*`` once per tokenizer, a lone run's own interval)."""
+    rows = []
+    for group_key, group in runs.groupby(list(by), sort=False, dropna=False):
+        e = arm_estimate(group, key, confidence)
+        if e.n:
+            rows.append({**dict(zip(by, group_key)), "mean": e.mean, "low": e.low, "high": e.high, "n": e.n})
     return pd.DataFrame(rows, columns=[*by, "mean", "low", "high", "n"])
 
 
 def arm_points(runs: pd.DataFrame, x: str, y: str, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """One row per arm for a scatter: arm, tokenizer, tokenizer_label, lm_size, lm_params, n and
     the mean, low and high of ``x`` and ``y`` (each an ``Estimate``; NaN bounds without an interval)."""
-    if "arm" not in runs:
-        runs = assign_arms(runs)
     rows = []
-    for arm, group in runs.groupby("arm", sort=False):
+    for arm, group in with_arms(runs).groupby("arm", sort=False):
         ex, ey = arm_estimate(group, x, confidence), arm_estimate(group, y, confidence)
         if ex.n == 0 or ey.n == 0:
             continue
@@ -189,12 +204,3 @@ def arm_points(runs: pd.DataFrame, x: str, y: str, confidence: float = CONFIDENC
     return pd.DataFrame(rows, columns=["arm", "tokenizer", "tokenizer_label", "lm_size", "lm_params", "n", "x",
                                        "x_low", "x_high", "y", "y_low", "y_high"])
 
-
-def error_extent(mean: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray | None:
-    """matplotlib's (2, N) ``xerr``/``yerr`` from interval bounds (0 where a point has none);
-    None when no point has an interval, so nothing is drawn."""
-    mean, low, high = (np.asarray(a, dtype=float) for a in (mean, low, high))
-    has = np.isfinite(low) & np.isfinite(high)
-    if not has.any():
-        return None
-    return np.vstack([np.where(has, mean - low, 0.0), np.where(has, high - mean, 0.0)]).clip(min=0.0)

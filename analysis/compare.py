@@ -20,6 +20,7 @@ table (family-wise error ``alpha`` = 5%), else "no detectable difference".
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -242,7 +243,8 @@ def render(comparison: Comparison, style: str = "markdown") -> str:
     """The comparison as a markdown table (``style="markdown"``) or aligned plain text ("text"),
     with its explanation and notes."""
     table = comparison_table(comparison)
-    lines = [explanation(comparison), ""]
+    text = explanation(comparison)
+    lines = [text if style == "markdown" else textwrap.fill(text.replace("**", ""), 100), ""]
     if table.empty:
         lines.append("No arm has a reference to be compared with.")
     elif style == "markdown":
