@@ -76,6 +76,11 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return v[np.isfinite(v)]
 
 
+def _sd(v: np.ndarray) -> float:
+    """Sample standard deviation; exactly 0 for equal values (not the 1e-17 of a rounded mean)."""
+    return 0.0 if v.max() == v.min() else float(v.std(ddof=1))
+
+
 def _t_quantile(confidence: float, df: float) -> float:
     return float(stats.t.ppf(0.5 + confidence / 2, df))
 
@@ -89,7 +94,7 @@ def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDE
     mean = float(v.mean())
     if n == 1:
         return Estimate(mean, math.nan, math.nan, 1, "none")
-    half = _t_quantile(confidence, n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
+    half = _t_quantile(confidence, n - 1) * _sd(v) / math.sqrt(n)
     return Estimate(mean, mean - half, mean + half, n, "seeds")
 
 
@@ -113,7 +118,7 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
     n = len(d)
     if n < 2:
         return _untested(float(d.mean()) if n else math.nan, n, n)
-    return _t_difference(float(d.mean()), float(d.std(ddof=1)) / math.sqrt(n), n - 1, confidence, "paired t", n, n)
+    return _t_difference(float(d.mean()), _sd(d) / math.sqrt(n), n - 1, confidence, "paired t", n, n)
 
 
 def welch_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
@@ -123,7 +128,7 @@ def welch_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     estimate = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
     if len(a) < 2 or len(b) < 2:
         return _untested(estimate, len(a), len(b))
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    va, vb = _sd(a) ** 2 / len(a), _sd(b) ** 2 / len(b)
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2.0
     return _t_difference(estimate, se, float(df), confidence, "Welch t", len(a), len(b))
@@ -138,7 +143,7 @@ def single_case_difference(single: float, sample: Sequence[float] | np.ndarray,
     n = len(v)
     if n < 2 or not math.isfinite(single):
         return _untested(single - float(v.mean()) if n else math.nan, 1, n)
-    se = float(v.std(ddof=1)) * math.sqrt((n + 1) / n)
+    se = _sd(v) * math.sqrt((n + 1) / n)
     return _t_difference(single - float(v.mean()), se, n - 1, confidence, "Crawford–Howell t", 1, n)
 
 
