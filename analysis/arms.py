@@ -48,7 +48,6 @@ HEADLINE = (
     Metric("tok/rfid", "rFID", True),
     Metric("tok/rfid_probe", "rFD probe", True),
 )
-METRICS_BY_KEY = {m.key: m for m in HEADLINE}
 
 
 def with_arms(runs: pd.DataFrame) -> pd.DataFrame:

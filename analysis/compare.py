@@ -179,6 +179,8 @@ def compare_runs(runs: pd.DataFrame, reference: str | None = None, *, metrics: S
     alpha = 1 - confidence
     ref = resolve_reference(runs, reference)
     pairs, notes = _pairs(runs, ref)
+    if reference is None and DEFAULT_REFERENCE not in set(runs["tokenizer"].astype(str)):
+        notes.insert(0, f"no {DEFAULT_REFERENCE} arm: the first arm's tokenizer, {ref}, is the reference")
     groups = dict(tuple(runs.groupby("arm", sort=False)))
     rows = []
     for arm, ref_arm in pairs:

@@ -32,7 +32,8 @@ def _class_differences(arm: pd.DataFrame, ref: pd.DataFrame, metric: str) -> pd.
             continue
         d = difference(measurements(group, metric), measurements(ref_by[c], metric), metric)
         rows.append({"class": c, f"d_{metric}": d.estimate, f"d_{metric}_low": d.low, f"d_{metric}_high": d.high})
-    return pd.DataFrame(rows, columns=["class", f"d_{metric}", f"d_{metric}_low", f"d_{metric}_high"]).set_index("class")
+    columns = ["class", f"d_{metric}", f"d_{metric}_low", f"d_{metric}_high"]
+    return pd.DataFrame(rows, columns=columns).set_index("class")
 
 
 def longtail_differences(per_class: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
@@ -51,10 +52,11 @@ def longtail_differences(per_class: pd.DataFrame, reference: str = REFERENCE) ->
     rows = []
     for arm, group in at_size[at_size["tokenizer"] != reference].groupby("arm", sort=False):
         diff = pd.concat([_class_differences(group, ref, metric) for metric, _ in METRICS], axis=1)
-        diff = diff.reset_index().assign(
-            train_frequency=lambda f: f["class"].map(frequency).to_numpy(), tokenizer_label=group["tokenizer_label"].iloc[0],
-            tokenizer=group["tokenizer"].iloc[0], lm_size=size, reference=ref["tokenizer_label"].iloc[0], arm=arm,
-            n=group["run_id"].nunique(), n_reference=ref["run_id"].nunique())
+        diff = diff.reset_index()
+        diff = diff.assign(train_frequency=diff["class"].map(frequency).to_numpy(),
+                           tokenizer_label=group["tokenizer_label"].iloc[0], tokenizer=group["tokenizer"].iloc[0],
+                           lm_size=size, reference=ref["tokenizer_label"].iloc[0], arm=arm,
+                           n=group["run_id"].nunique(), n_reference=ref["run_id"].nunique())
         rows.append(diff)
     if not rows:
         raise FigureSkipped(f"only the reference tokenizer {reference!r} logged per_class.csv")

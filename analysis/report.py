@@ -104,8 +104,8 @@ DESCRIPTORS = {"lm/params", "tok/tokens_per_image", "tok/bits_per_image", "lm/fl
 
 def _columns(runs: pd.DataFrame) -> dict[str, str]:
     """metric key → column name of the results table, in order, present ones only."""
-    columns = {"lm/params": "LM params (M)", "tok/tokens_per_image": "tokens/img", "tok/bits_per_image": "code bits/img",
-               "tok/psnr": "PSNR dB"}
+    columns = {"lm/params": "LM params (M)", "tok/tokens_per_image": "tokens/img",
+               "tok/bits_per_image": "code bits/img", "tok/psnr": "PSNR dB"}
     short = {"tok/rfid": "rFID", "tok/rfid_probe": "rFD probe", "gen/fid": "gFID", "gen/fd_probe": "FD probe"}
     for pick in (reconstruction_metric, generation_metric):  # the metrics the figures use
         try:

@@ -40,7 +40,8 @@ def vocab_figure(runs: pd.DataFrame) -> Figure:
         group = runs[runs["tokenizer"] == family]
         top = group[group["lm_size"].isin(largest_size(group)["lm_size"])]
         size, color = top["lm_size"].iloc[0], family_color(family)
-        for axis, col, style, what in ((ax, r_col, "o-", "reconstruction"), (twin, g_col, "s--", f"generation ({size} LM)")):
+        series = ((ax, r_col, "o-", "reconstruction"), (twin, g_col, "s--", f"generation ({size} LM)"))
+        for axis, col, style, what in series:
             at = estimates_by(top, ["tok/vocab_size"], col).sort_values("tok/vocab_size")
             x = at["tok/vocab_size"].to_numpy(float)
             axis.plot(x, at["mean"], style, color=color, label=f"{family}: {what}")

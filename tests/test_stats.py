@@ -192,8 +192,9 @@ def test_arms_split_on_any_other_varying_param_and_never_on_seeds():
     runs["train.lr"] = [1e-3, 1e-3, 3e-4, 3e-4, 1e-3, 1e-3, 3e-4, 3e-4]
     runs["tokenizer.seed"] = range(8)  # varies on every run: still one arm per (tokenizer, lr)
     runs = assign_arms(runs)
-    assert list(dict.fromkeys(runs["arm"])) == ["jpeg q25 · micro, train.lr=0.001", "jpeg q25 · micro, train.lr=0.0003",
-                                                "vq 1k f4 · micro, train.lr=0.001", "vq 1k f4 · micro, train.lr=0.0003"]
+    assert list(dict.fromkeys(runs["arm"])) == [
+        "jpeg q25 · micro, train.lr=0.001", "jpeg q25 · micro, train.lr=0.0003",
+        "vq 1k f4 · micro, train.lr=0.001", "vq 1k f4 · micro, train.lr=0.0003"]
     comparison = compare_runs(runs, metrics=(FD,))
     assert [v.reference for v in comparison.verdicts] == ["vq 1k f4 · micro, train.lr=0.001",
                                                           "vq 1k f4 · micro, train.lr=0.0003"]

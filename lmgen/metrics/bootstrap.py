@@ -1,8 +1,9 @@
-"""Bootstrap intervals of one run's sample metrics: how much FD, KID, precision/recall and class
-accuracy would move with another draw of generated samples from the same model.
+"""Bootstrap intervals of one run's sample metrics: where FD, KID, precision/recall and class
+accuracy could lie given that they were measured on a finite draw of generated (and reference)
+samples — what ``analysis`` shows for a configuration run with a single seed.
 
 Pure functions on feature arrays (numpy or torch, (N, D) float) and labels; no MLflow, no
-images. The evaluation extracts the features once, as it already does for torch-fidelity:
+images. The evaluation extracts the features once, as torch-fidelity does internally:
 
     gen = probe.features(generated_images)          # float32 (N, feature_dim): FEATURE_LAYER
     ref = probe.features(reference_images)          # float32 (M, feature_dim), or the refcache's
@@ -14,28 +15,30 @@ images. The evaluation extracts the features once, as it already does for torch-
 
 Each resample draws the generated set with replacement and, by default
 (``resample_reference=True``), the reference set too: the reference is itself a sample of
-the data, and leaving it fixed under-covers (KID, N = M = 150, D = 4: 58% of 95% intervals
+the data, and holding it fixed under-covers (KID, N = M = 150, D = 4: 58% of 95% intervals
 held the expected value with the reference fixed, 95% with both resampled). The point
-estimate is the statistic on the samples as given. Intervals per statistic:
+estimate is the statistic on the samples as given. Intervals per statistic (coverage of the
+true value by 95% intervals in simulation, both sets resampled):
 
 - FD (torch-fidelity's own ``fid_features_to_statistics`` / ``fid_statistics_to_metric``):
   the *basic* (reverse-percentile) interval [2·FD − q_high, 2·FD − q_low], clipped at 0.
-  FD is biased upward by O(D/N) and a resample repeats that bias on top, so the plain
-  percentile interval sits above the estimate and almost never holds the true distance (0 of
-  60 at D = 64, N = M = 500; 27% at D = 8, N = 200), while the basic interval corrects the bias
-  to first order (93% and 94% there). It can therefore lie wholly below the logged FD: read it
-  as where the true distance is, and the logged value as biased high at small N.
-- KID (percentile interval): the unbiased MMD² with torch-fidelity's polynomial kernel (``kernel_poly``: degree 3,
-  gamma 1/D, coef0 1) on all pairs; a resample leaves out the pairs of an image with its own
-  copies, so duplicates do not bias it. torch-fidelity's ``gen/kid_probe`` averages the same
-  estimator over random subsets: the same expectation, not the same number unless one subset
-  is all of both sets.
-- precision / recall (percentile intervals; Kynkäänniemi et al. 2019, torch-fidelity's convention: a generated
-  sample is precise if it lies in some reference sample's k-NN ball, a reference sample is
-  recalled if it lies in some generated sample's ball): balls are built on the distinct
-  samples a resample holds (a copy adds no new point to a manifold estimate), while the
-  fractions count every draw.
-- class accuracy (percentile interval): the mean of per-sample hits, resampled.
+  FD is biased upward by O(D/N) and a resample adds that bias again, so the plain percentile
+  interval sits above the estimate and seldom holds the true distance (0 of 60 at D = 64,
+  N = M = 500; 27% at D = 8, N = 200), while the basic interval corrects the bias to first
+  order (93% and 94% there). It can therefore lie wholly below the logged FD: read it as
+  where the true distance is, and the logged value as biased high at small N.
+- KID (percentile; 95% at N = M = 150, D = 4): the unbiased MMD² with torch-fidelity's
+  polynomial kernel (``kernel_poly``: degree 3, gamma 1/D, coef0 1) on all pairs; a resample
+  leaves out the pairs of an image with its own copies, so duplicates do not bias it.
+  torch-fidelity's ``gen/kid_probe`` averages the same estimator over random subsets: the
+  same expectation, not the same number unless one subset is all of both sets.
+- precision / recall (percentile; 99% and 93% of their expected values at N = M = 150,
+  D = 4; Kynkäänniemi et al. 2019 in torch-fidelity's convention: a generated sample is
+  precise if it lies in some reference sample's k-NN ball, a reference sample is recalled if
+  it lies in some generated sample's ball): the balls are built on the distinct samples a
+  resample holds (a copy adds no new point to a manifold estimate), the fractions count
+  every draw.
+- class accuracy (percentile): the mean of per-sample hits, resampled.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class BootstrapInterval:
 
 @dataclass(frozen=True)
 class PrecisionRecallIntervals:
+    """Precision and recall, each with its interval (from the same resamples)."""
+
     precision: BootstrapInterval
     recall: BootstrapInterval
 
@@ -155,7 +160,9 @@ def bootstrap_fd(generated: ArrayLike, reference: ArrayLike, *, n_resamples: int
     r_counts = _counts(rng, len(r), n_resamples) if resample_reference else None
     values = np.empty(n_resamples)
     for b in range(n_resamples):
-        ref_stats = r_stats if r_counts is None else fid_features_to_statistics(torch.from_numpy(r[_resampled(r_counts[b])]))
+        ref_stats = r_stats
+        if r_counts is not None:
+            ref_stats = fid_features_to_statistics(torch.from_numpy(r[_resampled(r_counts[b])]))
         values[b] = _fd(g[_resampled(g_counts[b])], ref_stats)
     return _basic_interval(point, values, confidence, floor=0.0)
 
