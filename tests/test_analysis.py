@@ -60,7 +60,8 @@ def _run_rows(seeds: tuple[int, ...] = (0,)) -> pd.DataFrame:
                     "tok/bits_per_image": tokens * np.log2(vocab), "tok/psnr": 20.0 + i, "tok/rfid_probe": 10.0 + 3 * i,
                     "tok/unigram_kl_uniform": 0.1 * (i + 1), "tok/unigram_tokens_per_cell": 100.0,
                     "tok/bigram_kl_uniform": 0.5 * (i + 1), "tok/bigram_pairs_per_cell": 0.5 if i % 2 else 2.0,
-                    "gen/fd_probe": fd, "gen/kid_probe": fd / 1000, "gen/decode_valid_rate": 1.0, "gen/class_accuracy": 0.5 + 0.01 * seed,
+                    "gen/fd_probe": fd, "gen/kid_probe": fd / 1000, "gen/decode_valid_rate": 1.0,
+                    "gen/class_accuracy": 0.5 + 0.01 * seed,
                     **{f"gen/prefix_r{r}/fd_probe": fd * (1 - r / 100) for r in (25, 50, 75)},
                     **{f"gen/prefix_r{r}/prompt_fraction": r / 100 for r in (25, 50, 75)}})
     return pd.DataFrame(rows)
@@ -461,3 +462,15 @@ def test_paired_verdicts_from_a_real_store(seeded_store):
     lfq = rows[("lfq 10-bit f4 · micro", "gen/fd_probe")]
     assert lfq.difference.test == "Crawford–Howell t" and lfq.difference.n_a == 1
     assert comparison.tests == sum(v.difference.tested for v in comparison.verdicts)
+
+
+def test_lmgen_compare_prints_the_verdicts(seeded_store, capsys):
+    assert main(["compare", "seeded", "--uri", seeded_store]) == 0
+    out = capsys.readouterr().out
+    assert "reference tokenizer vq 1k f4" in out and "Holm's step-down correction" in out
+    line = next(t for t in out.splitlines() if t.startswith("jpeg q25 · micro") and "FD probe" in t)
+    assert "paired t, n=3/3" in line and line.rstrip().endswith("better")
+    assert main(["compare", "seeded", "--uri", seeded_store, "--reference", "jpeg", "--markdown"]) == 0
+    assert "| vq 1k f4 · micro | FD probe ↓ |" in capsys.readouterr().out  # VQ against JPEG now
+    assert main(["compare", "seeded", "--uri", seeded_store, "--reference", "h264"]) == 2
+    assert "no arm matches reference 'h264'" in capsys.readouterr().err
