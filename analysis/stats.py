@@ -77,8 +77,9 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _sd(v: np.ndarray) -> float:
-    """Sample standard deviation; exactly 0 for equal values (not the 1e-17 of a rounded mean)."""
-    return 0.0 if v.max() == v.min() else float(v.std(ddof=1))
+    """Sample standard deviation; exactly 0 for values equal up to float rounding (a difference
+    of accuracies 0.15 − 0.1 and 0.25 − 0.2 is not a spread of 1e-17)."""
+    return 0.0 if v.max() - v.min() <= 1e-12 * np.abs(v).max() else float(v.std(ddof=1))
 
 
 def _t_quantile(confidence: float, df: float) -> float:

@@ -119,6 +119,9 @@ def test_zero_spread_gives_a_zero_width_interval_not_a_nan():
     d = paired_difference([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])  # every pair differs by exactly 1
     assert (d.estimate, d.low, d.high, d.p_value) == (1.0, 1.0, 1.0, 0.0)
     assert paired_difference([1.0, 2.0], [1.0, 2.0]).p_value == 1.0
+    rounded = paired_difference([0.3, 0.7, 0.15], [0.25, 0.65, 0.1])  # 0.05 each, up to float rounding
+    assert rounded.low == rounded.high == rounded.estimate and rounded.p_value == 0.0
+    assert t_interval([0.05, 0.05, 0.05]).half_width == 0.0
     assert not t_interval([5.0]).has_interval and t_interval([]).n == 0
     assert not welch_difference([1.0], [2.0, 3.0]).tested
 
