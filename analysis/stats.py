@@ -53,7 +53,8 @@ class Difference:
     """a − b with its interval and two-sided p-value (H0: no difference).
 
     test: which test gave it ("paired t", "Welch t", "Crawford–Howell t", "normal, from
-    intervals" or "none"); df: its degrees of freedom (inf for the normal approximation, NaN
+    intervals" or "none"; "… (no spread)" where the values had none, so any difference is
+    called — a constant difference of a coarse metric over few seeds); df: its degrees of freedom (inf for the normal approximation, NaN
     for none); n_a, n_b: runs on each side. low/high/p_value are NaN when ``test`` is "none".
     """
 
@@ -103,7 +104,8 @@ def _t_difference(estimate: float, se: float, df: float, confidence: float, test
                   n_b: int) -> Difference:
     """Interval and p-value of a t statistic; zero spread gives a zero-width interval and p = 0 (or 1 at 0)."""
     if se == 0:  # every pair differs by the same amount (or not at all): no noise to test against
-        return Difference(estimate, estimate, estimate, 1.0 if estimate == 0 else 0.0, test, df, n_a, n_b)
+        return Difference(estimate, estimate, estimate, 1.0 if estimate == 0 else 0.0, f"{test} (no spread)", df,
+                          n_a, n_b)
     half = _t_quantile(confidence, df) * se
     p = float(2 * stats.t.sf(abs(estimate) / se, df))
     return Difference(estimate, estimate - half, estimate + half, p, test, df, n_a, n_b)

@@ -105,7 +105,7 @@ def test_paired_welch_and_single_case_differences_are_scipys():
 
 
 def test_pairing_needs_the_same_seeds_on_both_arms():
-    a, b = np.arange(3.0), np.arange(3.0) + 1
+    a, b = np.arange(3.0), np.array([1.5, 1.7, 3.9])
     assert compare_runs(_table(a, b), metrics=(FD,)).verdicts[0].difference.test == "paired t"
     assert compare_runs(_table(a, b, range(1, 4)), metrics=(FD,)).verdicts[0].difference.test == "Welch t"
     # a stage-1 seed that varies on one arm only: the LM seeds still pair, the tokenizer seeds do not
@@ -117,7 +117,7 @@ def test_pairing_needs_the_same_seeds_on_both_arms():
 
 def test_zero_spread_gives_a_zero_width_interval_not_a_nan():
     d = paired_difference([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])  # every pair differs by exactly 1
-    assert (d.estimate, d.low, d.high, d.p_value) == (1.0, 1.0, 1.0, 0.0)
+    assert (d.estimate, d.low, d.high, d.p_value) == (1.0, 1.0, 1.0, 0.0) and d.test == "paired t (no spread)"
     assert paired_difference([1.0, 2.0], [1.0, 2.0]).p_value == 1.0
     rounded = paired_difference([0.3, 0.7, 0.15], [0.25, 0.65, 0.1])  # 0.05 each, up to float rounding
     assert rounded.low == rounded.high == rounded.estimate and rounded.p_value == 0.0
