@@ -54,13 +54,13 @@ def test_point_estimates_are_torch_fidelitys():
 
 
 def test_fd_intervals_cover_the_true_distance_at_the_nominal_rate():
-    """200 draws of an 8-d Gaussian pair, 150 samples a side, 150 resamples: FD's bias here is
+    """200 draws of an 8-d Gaussian pair, 200 samples a side, 150 resamples: FD's bias here is
     larger than its spread, and the basic interval still holds the true FD ≈ 95% of the time
     (a plain percentile interval: ≈ 27%)."""
     rng = np.random.default_rng(1)
     draws, covered, above = 200, 0, 0
     for i in range(draws):
-        g, r, fd = _gaussian_pair(rng, 8, 150)
+        g, r, fd = _gaussian_pair(rng, 8, 200)
         interval = bootstrap_fd(g, r, n_resamples=150, seed=i)
         covered += interval.covers(fd)
         above += interval.estimate > fd
