@@ -124,8 +124,27 @@ def test_interval_metrics_are_the_keys_the_analysis_reads_and_are_reproducible()
     assert as_probe_gives_them == pytest.approx(metrics, rel=1e-5)  # float32 tensors, as probe.features returns
     assert metrics != interval_metrics(g, r, BootstrapConfig(n_resamples=50, seed=8), predictions=labels,
                                        labels=labels)
-    assert set(interval_metrics(g[:3], r[:3], config, prefix="tok", suffix="_probe")) == {
-        "tok/fd_probe_ci_low", "tok/fd_probe_ci_high", "tok/kid_probe_ci_low", "tok/kid_probe_ci_high"}
+    assert set(interval_metrics(g[:3], r[:3], config, prefix="gen/prefix_r50")) == {  # too few for a k-NN ball
+        "gen/prefix_r50/fd_probe_ci_low", "gen/prefix_r50/fd_probe_ci_high", "gen/prefix_r50/kid_probe_ci_low",
+        "gen/prefix_r50/kid_probe_ci_high"}
+    inception = interval_metrics(g, r, config, space="inception")
+    assert {"gen/fid_ci_low", "gen/kid_ci_high", "gen/precision_ci_low", "gen/recall_ci_high"} <= set(inception)
+
+
+def test_paired_reconstructions_resample_pairs_together():
+    """rFD: a reconstruction and its original move together; their FD's interval is narrower
+    than if the two sets were drawn independently (the pairs' shared image cancels)."""
+    rng = np.random.default_rng(8)
+    originals = rng.normal(size=(150, 4)) * np.array([3.0, 2.0, 1.0, 0.5])
+    reconstructions = 0.9 * originals + 0.1 * rng.normal(size=(150, 4))
+    paired = bootstrap_fd(reconstructions, originals, paired=True)
+    independent = bootstrap_fd(reconstructions, originals)
+    assert paired.estimate == independent.estimate
+    assert paired.high - paired.low < 0.5 * (independent.high - independent.low)
+    assert paired.ci_metrics("tok/rfid_probe") == {"tok/rfid_probe_ci_low": paired.low,
+                                                   "tok/rfid_probe_ci_high": paired.high}
+    with pytest.raises(ValueError, match="one reference row per generated row"):
+        bootstrap_fd(reconstructions[:10], originals, paired=True)
 
 
 def test_bad_inputs_fail_with_a_reason():
@@ -135,3 +154,5 @@ def test_bad_inputs_fail_with_a_reason():
         bootstrap_kid(np.zeros((1, 3)), np.zeros((5, 3)))
     with pytest.raises(ValueError, match="one prediction per label"):
         bootstrap_accuracy(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="valid"):
+        interval_metrics(np.zeros((5, 3)), np.zeros((5, 3)), space="clip")

@@ -8,10 +8,14 @@ images. The evaluation extracts the features once, as torch-fidelity does intern
     gen = probe.features(generated_images)          # float32 (N, feature_dim): FEATURE_LAYER
     ref = probe.features(reference_images)          # float32 (M, feature_dim), or the refcache's
     config = BootstrapConfig(n_resamples=200, seed=cfg.seed)
-    metrics = interval_metrics(gen, ref, config, prefix="gen", suffix="_probe",
+    metrics = interval_metrics(gen, ref, config, prefix="gen", space="probe",
                                predictions=probe.predict(images), labels=asked_classes)
     tracker.log_metrics(run_id, metrics)           # gen/fd_probe_ci_low, gen/fd_probe_ci_high, ...
     tracker.log_params(run_id, {"metrics.bootstrap_resamples": config.n_resamples})
+
+    # reconstructions: pairs of one image, resampled together
+    rfd = bootstrap_fd(recon_features, original_features, n_resamples=200, seed=cfg.seed, paired=True)
+    tracker.log_metrics(run_id, rfd.ci_metrics("tok/rfid_probe"))  # tok/rfid_probe_ci_low, _ci_high
 
 Each resample draws the generated set with replacement and, by default
 (``resample_reference=True``), the reference set too: the reference is itself a sample of
@@ -57,6 +61,11 @@ CONFIDENCE = 0.95
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k, as lmgen.metrics.fidelity uses
 ArrayLike = np.ndarray | Tensor
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"  # metric key suffixes: gen/fd_probe_ci_low
+# statistic -> metric name per feature space, as lmgen.metrics.fidelity names the values
+METRIC_NAMES = {
+    "probe": {"fd": "fd_probe", "kid": "kid_probe", "precision": "precision_probe", "recall": "recall_probe"},
+    "inception": {"fd": "fid", "kid": "kid", "precision": "precision", "recall": "recall"},
+}
 
 
 @dataclass(frozen=True)
@@ -73,9 +82,10 @@ class BootstrapInterval:
     confidence: float = CONFIDENCE
     method: str = "percentile"
 
-    def metrics(self, key: str) -> dict[str, float]:
-        """``{key: estimate, key_ci_low: low, key_ci_high: high}``, ready for MLflow."""
-        return {key: self.estimate, key + CI_LOW: self.low, key + CI_HIGH: self.high}
+    def ci_metrics(self, key: str) -> dict[str, float]:
+        """``{key_ci_low: low, key_ci_high: high}``: the MLflow metrics the analysis reads beside
+        ``key`` (the point value stays the one torch-fidelity logged under ``key``)."""
+        return {key + CI_LOW: self.low, key + CI_HIGH: self.high}
 
     def covers(self, value: float) -> bool:
         return self.low <= value <= self.high
@@ -148,16 +158,21 @@ def _fd(generated: np.ndarray, reference_stats: dict[str, np.ndarray]) -> float:
 
 
 def bootstrap_fd(generated: ArrayLike, reference: ArrayLike, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                 confidence: float = CONFIDENCE, resample_reference: bool = True) -> BootstrapInterval:
+                 confidence: float = CONFIDENCE, resample_reference: bool = True,
+                 paired: bool = False) -> BootstrapInterval:
     """Fréchet distance between ``generated`` (N, D) and ``reference`` (M, D) features, with its
-    basic bootstrap interval (module doc). About 0.5 s for N = M = 500, D = 128, 200 resamples on one core."""
+    basic bootstrap interval (module doc). ``paired``: row i of both is one image (a
+    reconstruction and its original, N = M): both sides are resampled with the same indices.
+    About 0.5 s for N = M = 500, D = 128, 200 resamples on one core."""
     _check(n_resamples, confidence)
     g, r = _pair(generated, reference)
+    if paired and len(g) != len(r):
+        raise ValueError(f"paired features need one reference row per generated row, got {len(g)} and {len(r)}")
     rng = np.random.default_rng(seed)
     r_stats = fid_features_to_statistics(torch.from_numpy(r))
     point = _fd(g, r_stats)
     g_counts = _counts(rng, len(g), n_resamples)
-    r_counts = _counts(rng, len(r), n_resamples) if resample_reference else None
+    r_counts = g_counts if paired else _counts(rng, len(r), n_resamples) if resample_reference else None
     values = np.empty(n_resamples)
     for b in range(n_resamples):
         ref_stats = r_stats
@@ -272,11 +287,13 @@ class BootstrapConfig:
 
 
 def interval_metrics(generated: ArrayLike, reference: ArrayLike, config: BootstrapConfig = BootstrapConfig(), *,
-                     prefix: str = "gen", suffix: str = "_probe", predictions: ArrayLike | None = None,
+                     prefix: str = "gen", space: str = "probe", predictions: ArrayLike | None = None,
                      labels: ArrayLike | None = None) -> dict[str, float]:
-    """Every interval the analysis reads, as MLflow metrics: ``{prefix}/fd{suffix}_ci_low`` /
-    ``_ci_high``, and the same for ``kid``, ``precision`` and ``recall`` (plus
-    ``{prefix}/class_accuracy_ci_low`` / ``_ci_high`` with ``predictions`` and ``labels``).
+    """Every interval the analysis reads, as MLflow metrics named as ``lmgen.metrics.fidelity``
+    names the values: ``{prefix}/fd_probe_ci_low`` / ``_ci_high``, and the same for
+    ``kid_probe``, ``precision_probe`` and ``recall_probe`` (``space="inception"``: ``fid``,
+    ``kid``, ``precision``, ``recall``), plus ``{prefix}/class_accuracy_ci_low`` / ``_ci_high``
+    with ``predictions`` and ``labels``.
 
     generated: (N, D), reference: (M, D) float features from the probe's feature layer, as
     torch-fidelity sees them (``probe.features(images)``); predictions, labels: int (K,).
@@ -284,21 +301,19 @@ def interval_metrics(generated: ArrayLike, reference: ArrayLike, config: Bootstr
     statistic gets its own stream of ``config.seed``; precision/recall are left out when a
     set has ≤ ``config.neighborhood`` samples.
     """
+    if space not in METRIC_NAMES:
+        raise ValueError(f"unknown feature space {space!r}; valid: {sorted(METRIC_NAMES)}")
     g, r = _pair(generated, reference)
-    c = config
+    c, names = config, METRIC_NAMES[space]
     sides = {"n_resamples": c.n_resamples, "confidence": c.confidence, "resample_reference": c.resample_reference}
-    out = {**_bounds(bootstrap_fd(g, r, seed=c.seed, **sides), f"{prefix}/fd{suffix}"),
-           **_bounds(bootstrap_kid(g, r, seed=c.seed + 1, **sides), f"{prefix}/kid{suffix}")}
+    out = {**bootstrap_fd(g, r, seed=c.seed, **sides).ci_metrics(f"{prefix}/{names['fd']}"),
+           **bootstrap_kid(g, r, seed=c.seed + 1, **sides).ci_metrics(f"{prefix}/{names['kid']}")}
     if min(len(g), len(r)) > c.neighborhood:
         prc = bootstrap_precision_recall(g, r, seed=c.seed + 2, neighborhood=c.neighborhood, **sides)
-        out.update(_bounds(prc.precision, f"{prefix}/precision{suffix}"))
-        out.update(_bounds(prc.recall, f"{prefix}/recall{suffix}"))
+        out.update(prc.precision.ci_metrics(f"{prefix}/{names['precision']}"))
+        out.update(prc.recall.ci_metrics(f"{prefix}/{names['recall']}"))
     if predictions is not None and labels is not None:
         accuracy = bootstrap_accuracy(predictions, labels, n_resamples=c.n_resamples, seed=c.seed + 3,
                                       confidence=c.confidence)
-        out.update(_bounds(accuracy, f"{prefix}/class_accuracy"))
+        out.update(accuracy.ci_metrics(f"{prefix}/class_accuracy"))
     return out
-
-
-def _bounds(interval: BootstrapInterval, key: str) -> dict[str, float]:
-    return {key + CI_LOW: interval.low, key + CI_HIGH: interval.high}
