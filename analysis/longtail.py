@@ -1,7 +1,10 @@
 """Long tail (JPEG-LM Fig. 4): per class, the difference in generation quality between each
 tokenizer and a reference tokenizer (VQ, JPEG-LM's baseline), against the class's train
 frequency, with Spearman's ρ and its p-value. JPEG-LM: JPEG's advantage over VQ grows for
-rare classes (p = 0.0002). ``shapes`` has a long-tailed class distribution for this."""
+rare classes (p = 0.0002). ``shapes`` has a long-tailed class distribution for this.
+With several seeds per tokenizer, each point is the mean difference over seeds with its 95%
+interval (paired by seed where both ran the same seeds, else Welch) as an error bar, and ρ is
+computed on the means."""
 
 from __future__ import annotations
 
@@ -10,32 +13,50 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
-from analysis.style import FigureSkipped, label_colors, log_axis, new_figure, size_rank
+from analysis.arms import arms_of, measurements
+from analysis.compare import difference
+from analysis.style import FigureSkipped, error_extent, label_colors, log_axis, new_figure, size_rank
 
 TITLE = "Long tail"
 REFERENCE = "vq"  # JPEG-LM compares against a VQ transformer of the same size
 METRICS = [("fd_probe", "Δ per-class probe FD ↓"), ("class_accuracy", "Δ per-class probe accuracy ↑")]
 
 
+def _class_differences(arm: pd.DataFrame, ref: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per class both have: Δ = arm − reference of ``metric`` over their runs (paired by seed,
+    else Welch, as ``analysis.compare.difference``), with its 95% interval where the runs allow."""
+    ref_by = dict(tuple(ref.groupby("class", sort=False)))
+    rows = []
+    for c, group in arm.groupby("class", sort=True):
+        if c not in ref_by:
+            continue
+        d = difference(measurements(group, metric), measurements(ref_by[c], metric), metric)
+        rows.append({"class": c, f"d_{metric}": d.estimate, f"d_{metric}_low": d.low, f"d_{metric}_high": d.high})
+    columns = ["class", f"d_{metric}", f"d_{metric}_low", f"d_{metric}_high"]
+    return pd.DataFrame(rows, columns=columns).set_index("class")
+
+
 def longtail_differences(per_class: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
-    """Per class: metric(tokenizer) − metric(reference family), both at the largest LM size
-    the reference has; columns class, train_frequency, tokenizer_label, lm_size, d_<metric>."""
+    """Per class: metric(arm) − metric(reference), over each arm's seeds, at the largest LM size
+    the reference family has (its first arm there is the reference). Columns class,
+    train_frequency, tokenizer_label, tokenizer, lm_size, reference, arm, n, n_reference and
+    d_<metric> with d_<metric>_low / _high (NaN where the seeds give no interval)."""
     ref_rows = per_class[per_class["tokenizer"] == reference]
     if ref_rows.empty:
         raise FigureSkipped(f"no run of the reference tokenizer {reference!r} logged per_class.csv")
     size = max(ref_rows["lm_size"].unique(), key=size_rank)
-    at_size = per_class[per_class["lm_size"] == size]
-    ref = at_size[at_size["tokenizer"] == reference]
-    ref = ref[ref["run_id"] == ref["run_id"].iloc[0]].set_index("class")
+    at_size = per_class[per_class["lm_size"] == size].assign(arm=lambda f: arms_of(f))
+    ref_all = at_size[at_size["tokenizer"] == reference]
+    ref = ref_all[ref_all["arm"] == ref_all["arm"].iloc[0]]
+    frequency = ref.drop_duplicates("class").set_index("class")["train_frequency"]
     rows = []
-    for _, group in at_size[at_size["tokenizer"] != reference].groupby("run_id", sort=False):
-        label, group = group["tokenizer_label"].iloc[0], group.set_index("class")
-        common = group.index.intersection(ref.index)
-        diff = pd.DataFrame({"class": common, "train_frequency": ref.loc[common, "train_frequency"].to_numpy(),
-                             "tokenizer_label": label, "tokenizer": group["tokenizer"].iloc[0], "lm_size": size,
-                             "reference": ref["tokenizer_label"].iloc[0]})
-        for metric, _ in METRICS:
-            diff[f"d_{metric}"] = (group.loc[common, metric] - ref.loc[common, metric]).to_numpy()
+    for arm, group in at_size[at_size["tokenizer"] != reference].groupby("arm", sort=False):
+        diff = pd.concat([_class_differences(group, ref, metric) for metric, _ in METRICS], axis=1)
+        diff = diff.reset_index()
+        diff = diff.assign(train_frequency=diff["class"].map(frequency).to_numpy(),
+                           tokenizer_label=group["tokenizer_label"].iloc[0], tokenizer=group["tokenizer"].iloc[0],
+                           lm_size=size, reference=ref["tokenizer_label"].iloc[0], arm=arm,
+                           n=group["run_id"].nunique(), n_reference=ref["run_id"].nunique())
         rows.append(diff)
     if not rows:
         raise FigureSkipped(f"only the reference tokenizer {reference!r} logged per_class.csv")
@@ -54,7 +75,8 @@ def longtail_figure(per_class: pd.DataFrame, reference: str = REFERENCE) -> Figu
     colors = label_colors(diffs)
     fig, axes = new_figure(2)
     for ax, (metric, y_label) in zip(axes, METRICS):
-        for label, group in diffs.groupby("tokenizer_label", sort=False):
+        for _, group in diffs.groupby("arm", sort=False):
+            label = group["tokenizer_label"].iloc[0]
             group = group.dropna(subset=[f"d_{metric}"])
             group = group[group["train_frequency"] > 0]  # a class absent from train has no place on a log axis
             if len(group) < 3:
@@ -64,6 +86,11 @@ def longtail_figure(per_class: pd.DataFrame, reference: str = REFERENCE) -> Figu
                 text = f"{label}: ρ = {rho:+.2f} (p = {p:.2g})"
             else:  # no spread: a rank correlation is undefined
                 text = f"{label}: Δ constant"
+            yerr = error_extent(group[f"d_{metric}"], group[f"d_{metric}_low"], group[f"d_{metric}_high"])
+            if yerr is not None:
+                ax.errorbar(group["train_frequency"], group[f"d_{metric}"], yerr=yerr, fmt="none", ecolor=colors[label],
+                            elinewidth=0.9, capsize=2, alpha=0.8)
+                text += f", n = {group['n'].iloc[0]} vs {group['n_reference'].iloc[0]}"
             ax.scatter(group["train_frequency"], group[f"d_{metric}"], color=colors[label], s=30,
                        edgecolors="black", linewidths=0.4, label=text)
             if group["train_frequency"].nunique() > 1:  # least-squares trend on log frequency

@@ -2,14 +2,16 @@
 training, one line per tokenizer. CRT's claim: its tokens are easier to predict at every
 position than plain VQ's, most at late positions. Positions are shown as a fraction of the
 sequence so grids of different lengths share an axis; late positions that few val streams
-reach (variable-length codecs) are left out."""
+reach (variable-length codecs) are left out. With several seeds per arm, the line is the mean
+over seeds and the band its 95% interval (Student t) at each position."""
 
 from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.style import FigureSkipped, label_colors, new_figure, outside_legends, size_rank
+from analysis.arms import arms_of, interval_frame
+from analysis.style import FigureSkipped, band, label_colors, new_figure, outside_legends, size_rank
 
 TITLE = "Per-position validation loss"
 MIN_SHARE = 0.25  # keep positions reached by ≥ this share of the val streams
@@ -24,7 +26,7 @@ def final_positions(positions: pd.DataFrame) -> pd.DataFrame:
     order = pd.Categorical(last["run_id"], categories=list(dict.fromkeys(positions["run_id"])))  # the runs' order
     last = last.assign(_order=order).sort_values(["_order", "position"], kind="stable").drop(columns="_order")
     last["fraction"] = (last["position"] + 0.5) / last.groupby("run_id")["position"].transform("count")
-    return last
+    return last.assign(arm=arms_of(last))
 
 
 def position_loss_figure(positions: pd.DataFrame) -> Figure:
@@ -38,11 +40,17 @@ def position_loss_figure(positions: pd.DataFrame) -> Figure:
     colors = label_colors(last.drop_duplicates("run_id"))
     fig, axes = new_figure(len(sizes), width=4.6, height=3.8)
     for ax, size in zip(axes, sizes):
-        for _, curve in last[last["lm_size"] == size].groupby("run_id", sort=False):
+        at_size = last[last["lm_size"] == size]
+        for _, runs in at_size.groupby("arm", sort=False):
+            curve = interval_frame(runs, ["position"], "bits").sort_values("position")
+            curve["fraction"] = (curve["position"] + 0.5) / len(curve)
+            label, color = runs["tokenizer_label"].iloc[0], colors[runs["tokenizer_label"].iloc[0]]
             window = max(1, len(curve) // 32)  # light smoothing for long sequences (pixels: 1024 positions)
-            bits = curve["bits"].rolling(window, center=True, min_periods=1).mean()
-            ax.plot(curve["fraction"], bits, color=colors[curve["tokenizer_label"].iloc[0]], lw=1.3,
-                    label=f"{curve['tokenizer_label'].iloc[0]} ({len(curve)} positions)")
+            smooth = {c: curve[c].rolling(window, center=True, min_periods=1).mean() for c in ("mean", "low", "high")}
+            seeds = runs["run_id"].nunique()
+            ax.plot(curve["fraction"], smooth["mean"], color=color, lw=1.3,
+                    label=f"{label} ({len(curve)} positions{f', {seeds} seeds' if seeds > 1 else ''})")
+            band(ax, curve["fraction"], smooth["low"], smooth["high"], color)
         ax.set_yscale("log")
         ax.set_xlabel("token position / tokens per image")
         ax.set_ylabel("validation loss, bits per token ↓")

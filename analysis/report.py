@@ -9,9 +9,9 @@ runs: runs are sorted, PDFs carry no dates and nothing reads a clock.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,9 @@ from analysis import (
     tradeoff,
     vocab,
 )
+from analysis.arms import fmt_estimate, markdown_table, summarize, with_arms
+from analysis.compare import compare_runs
+from analysis.compare import render as compare_render
 from analysis.runs import load_histories, load_images, load_runs, load_table, sweep_parent
 from analysis.style import FigureSkipped, generation_metric, reconstruction_metric
 from lmgen.tracking import lmgen_home, resolve_tracking_uri
@@ -95,20 +98,14 @@ class Report:
         return self.out_dir / "report.md"
 
 
-def _fmt(value: object, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
-            return f"{value:.2e}"
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
-    return str(value)
+# Columns that describe an arm rather than measure it: shown as the mean over its runs, no interval.
+DESCRIPTORS = {"lm/params", "tok/tokens_per_image", "tok/bits_per_image", "lm/flops"}
 
 
-def results_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The main results: one row per run, the metrics every paper reports, present ones only."""
-    columns = {"tokenizer_label": "tokenizer", "lm_size": "LM", "lm/params": "LM params (M)",
-               "tok/tokens_per_image": "tokens/img", "tok/bits_per_image": "code bits/img", "tok/psnr": "PSNR dB"}
+def _columns(runs: pd.DataFrame) -> dict[str, str]:
+    """metric key → column name of the results table, in order, present ones only."""
+    columns = {"lm/params": "LM params (M)", "tok/tokens_per_image": "tokens/img",
+               "tok/bits_per_image": "code bits/img", "tok/psnr": "PSNR dB"}
     short = {"tok/rfid": "rFID", "tok/rfid_probe": "rFD probe", "gen/fid": "gFID", "gen/fd_probe": "FD probe"}
     for pick in (reconstruction_metric, generation_metric):  # the metrics the figures use
         try:
@@ -116,20 +113,43 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
         except FigureSkipped:
             continue
         columns.setdefault(column, short.get(column, column))  # PSNR is already a column
+        if column in ("gen/fid", "gen/fd_probe"):  # KID, unbiased at small n, beside FD in its feature space
+            kid = "gen/kid" if column == "gen/fid" else "gen/kid_probe"
+            columns[kid] = "KID" if column == "gen/fid" else "KID probe"
     columns.update({"lm/val_bits_per_image": "val bits/img", "gen/decode_valid_rate": "valid", "gen/class_accuracy": "class acc",
                     "gen/prefix_r50/fd_probe": "prefix FD r=.5", "lm/flops": "train FLOPs"})
-    present = [c for c in columns if c in runs.columns]
-    table = runs[present].copy()
-    if "lm/params" in table:
-        table["lm/params"] = table["lm/params"] / 1e6
-    return table.rename(columns=columns)
+    return {k: v for k, v in columns.items() if k in runs.columns}
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    rows = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
+def results_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The main results, one row per arm (runs that differ only in seed): tokenizer, LM size,
+    any other setting that varies, the arm's descriptors (``DESCRIPTORS``: their mean) and
+    every metric the papers report as ``mean ± half-width (n)`` (``analysis.arms.fmt_estimate``)."""
+    runs = with_arms(runs)
+    columns = _columns(runs)
+    summaries = summarize(runs, [k for k in columns if k not in DESCRIPTORS])
+    groups = dict(tuple(runs.groupby("arm", sort=False)))
+    settings = {a.arm: a.context.split(", ", 1)[1] if ", " in a.context else "" for a in summaries}
+    rows = []
+    for arm in summaries:
+        group = groups[arm.arm]
+        row = {"tokenizer": arm.tokenizer, "LM": group["lm_size"].iloc[0]}
+        if any(settings.values()):
+            row["setting"] = settings[arm.arm]
+        for key, name in columns.items():
+            if key in DESCRIPTORS:
+                value = pd.to_numeric(group[key], errors="coerce").mean()
+                row[name] = value / 1e6 if key == "lm/params" else value
+            else:
+                row[name] = fmt_estimate(arm.estimates.get(key))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+TABLE_NOTE = ("Cells read `mean ± half-width (n)`: the mean over an arm's n seeds and the half-width of its 95% "
+              "Student-t interval; `value [low, high] (1)`: one run with its own 95% bootstrap interval over its "
+              "samples (FD's is bias-corrected, so it can sit below the value, which is biased high at small sample "
+              "counts); `value (1)`: one run, no interval. Reconstruction metrics count each stage-1 tokenizer once.")
 
 
 def _caption(spec: FigureSpec) -> str:
@@ -162,12 +182,26 @@ def render(data: RunData, out_dir: Path, formats: Sequence[str] = ("png", "pdf")
     return report
 
 
-def write_markdown(report: Report, data: RunData, name: str, tracking_uri: str) -> None:
-    """``report.md``: where the runs came from, the results table, each figure, what was skipped."""
+def _verdicts_section(runs: pd.DataFrame, reference: str | None) -> list[str]:
+    """"Paired verdicts": every arm against the reference tokenizer (``analysis.compare``)."""
+    comparison = compare_runs(runs, reference)
+    tally = Counter(v.verdict for v in comparison.verdicts)
+    counts = ", ".join(f"{n} {what}" for what, n in tally.items())
+    summary = f"Of {len(comparison.verdicts)} comparisons: {counts}." if comparison.verdicts else ""
+    return ["## Paired verdicts", "", compare_render(comparison, "markdown"), "", summary, ""]
+
+
+def write_markdown(report: Report, data: RunData, name: str, tracking_uri: str, reference: str | None = None) -> None:
+    """``report.md``: where the runs came from, the results table (arms over seeds), the paired
+    verdicts against ``reference`` (default: the first ``vq`` arm), each figure, what was skipped."""
     lines = [f"# lmgen report: {name}", "",
              f"{len(data.runs)} finished LM runs of `{name}` (tracking store `{tracking_uri}`). "
              f"Regenerate with `lmgen plot --experiment {name}`.", "", "## Main results", ""]
-    lines += [markdown_table(results_table(data.runs)) if len(data.runs) else "No finished LM runs.", ""]
+    if len(data.runs):
+        lines += [markdown_table(results_table(data.runs)), "", TABLE_NOTE, ""]
+        lines += _verdicts_section(data.runs, reference)
+    else:
+        lines += ["No finished LM runs.", ""]
     for spec in FIGURES:
         if spec.name in report.written:
             lines += [f"## {spec.title}", "", f"![{spec.title}]({spec.name}.png)", "", _caption(spec), ""]
@@ -180,14 +214,16 @@ def write_markdown(report: Report, data: RunData, name: str, tracking_uri: str) 
 
 
 
-def plot_experiment(name: str, out_dir: Path | None = None, tracking_uri: str | None = None,
-                    formats: Sequence[str] = ("png", "pdf"), dpi: int = 150, log_to_mlflow: bool = True) -> Report:
+def plot_experiment(name: str, out_dir: Path | None = None, tracking_uri: str | None = None,  # noqa: PLR0913
+                    formats: Sequence[str] = ("png", "pdf"), dpi: int = 150, log_to_mlflow: bool = True,
+                    reference: str | None = None) -> Report:
     """Load, render, write ``report.md`` (into ``out_dir``, default ``$LMGEN_HOME/reports/NAME``);
-    log it all under ``report/`` of the sweep's parent run."""
+    log it all under ``report/`` of the sweep's parent run. ``reference``: the tokenizer the
+    paired verdicts compare against (``analysis.compare.resolve_reference``)."""
     uri = resolve_tracking_uri(tracking_uri)
     data = load_run_data(name, uri)
     report = render(data, Path(out_dir) if out_dir else lmgen_home() / "reports" / name, formats, dpi)
-    write_markdown(report, data, name, uri)
+    write_markdown(report, data, name, uri, reference)
     parent = sweep_parent(name, uri) if log_to_mlflow else None
     if parent is not None:
         MlflowClient(uri).log_artifacts(parent, str(report.out_dir), "report")

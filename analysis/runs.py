@@ -8,7 +8,13 @@ dotted key parsed back to a Python value (``lm.size`` → "micro", ``tokenizer.c
 - ``tokenizer``: the family (the registry name: jpeg, vq, lfq, ...);
 - ``tokenizer_label``: the preset-style name the tokenizer's config gives itself
   (``vq 1k f4``, ``jpeg q25``), so two VQ presets are two series;
-- ``lm_size``, ``lm_params``, ``lm_flops`` (training FLOPs), ``seed``.
+- ``lm_size``, ``lm_params``, ``lm_flops`` (training FLOPs), ``seed``;
+- ``arm``, ``arm_tokenizer``, ``arm_context``: what a run is a replicate of. Runs that differ
+  only in their seeds (``SEED_COLUMNS``: the LM's ``seed``, the tokenizer's ``stage1.seed`` /
+  ``tokenizer.seed``) share an arm; ``arm_tokenizer`` is the tokenizer preset
+  (``preset.tokenizer``, tag ``lmgen.tokenizer_preset``) or else ``tokenizer_label``, and
+  ``arm_context`` the LM size plus ``key=value`` for any other param that varies between runs
+  of one tokenizer and size (``assign_arms``).
 
 ``lmgen eval`` re-scorings (``lmgen.stage=eval`` runs) are folded into the run they
 re-score: the one with the most samples supplies every ``gen/*`` metric and its run id is
@@ -40,10 +46,20 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs and reports
 
 # Columns that identify a run in every tidy frame (histories, tables, images).
-ID_COLUMNS = ["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "lm_params", "seed"]
+ID_COLUMNS = ["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "lm_params", "seed", "arm"]
+# Params that seed a run: runs differing only in these are replicates of one arm. The LM's
+# seed, and the tokenizer's stage-1 seed (``stage1.seed``; a learned tokenizer's resolved
+# block also carries it as ``tokenizer.seed``).
+SEED_COLUMNS = ("seed", "stage1.seed", "tokenizer.seed")
+# Params that say where a run was logged or how a metric was computed, not what was compared.
+_NOT_ARM_PREFIXES = ("tracking.", "gen.", "gen/", "tok.", "tok/", "sweep.", "metrics.bootstrap")
 _TAGS = {"lmgen.stage": "stage", "lmgen.sweep": "sweep", "lmgen.tokenizer": "tokenizer",
          "lmgen.tokenizer_hash": "tokenizer_hash", "lmgen.config_hash": "config_hash",
-         "lmgen.git_sha": "git_sha", "mlflow.parentRunId": "parent_run_id", "lmgen.eval_of": "eval_of"}
+         "lmgen.git_sha": "git_sha", "mlflow.parentRunId": "parent_run_id", "lmgen.eval_of": "eval_of",
+         "lmgen.tokenizer_preset": "tokenizer_preset"}
+# Columns the loader makes itself: never params, so never part of an arm's identity.
+_DERIVED = {"run_id", "run_name", "status", "start_time", *_TAGS.values(), "tokenizer_label", "lm_size",
+            "lm_params", "lm_flops", "scored_by", "arm", "arm_tokenizer", "arm_context"}
 
 
 def parse_param(value: str) -> Any:
@@ -104,6 +120,7 @@ def _row(run) -> dict[str, Any]:
     row.update(run.data.metrics)
     row["tokenizer"] = row["tokenizer"] or params.get("tokenizer.name")
     row["tokenizer_label"] = tokenizer_label(params)
+    row["tokenizer_preset"] = params.get("preset.tokenizer") or row["tokenizer_preset"]
     row["lm_size"] = params.get("lm.size")
     row["seed"] = params.get("seed")
     row["lm_params"] = run.data.metrics.get("lm/params")
@@ -158,20 +175,62 @@ def load_runs(name: str, tracking_uri: str | None = None, *, statuses: Iterable[
     lm = rows[(rows["stage"] == "lm") & rows["status"].isin(statuses)]
     evals = rows[(rows["stage"] == "eval") & (rows["status"] == "FINISHED")]
     if lm.empty:
-        return pd.DataFrame(columns=[*ID_COLUMNS, "lm_flops", "scored_by"])
+        return pd.DataFrame(columns=[*ID_COLUMNS, "lm_flops", "scored_by", "arm_tokenizer", "arm_context"])
     lm = lm.sort_values("start_time", ascending=False).drop_duplicates("config_hash")
     lm = _fold_rescorings(lm.dropna(axis=1, how="all"), evals)
     params = sorted({k for r in runs for k in r.data.params} & set(lm.columns))
     # Nullable dtypes keep a param's type where some runs lack it (codebook_size: Int64, not float).
     lm[params] = lm[params].convert_dtypes(convert_string=False, convert_floating=False)
-    return _sort(lm)
+    return assign_arms(_sort(lm), params)
+
+
+def _arm_params(runs: pd.DataFrame, params: Iterable[str] | None) -> list[str]:
+    """The param columns that make an arm: every logged param but seeds and bookkeeping.
+    ``params`` None: columns that look like params (no "/" of a metric key, not derived)."""
+    names = [c for c in runs.columns if "/" not in c and c not in _DERIVED] if params is None else list(params)
+    return [c for c in names if c in runs.columns and c not in SEED_COLUMNS and not c.startswith(_NOT_ARM_PREFIXES)]
+
+
+def _key(value: Any) -> str:
+    """A hashable, printable stand-in for a param value (lists, NA) to group on."""
+    return "–" if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def assign_arms(runs: pd.DataFrame, params: Iterable[str] | None = None) -> pd.DataFrame:
+    """``runs`` with ``arm_tokenizer``, ``arm_context`` and ``arm`` (``"vq_1k · micro"``) columns.
+
+    Two runs share an arm when every param in ``params`` (default: the columns that look like
+    params) but the ``SEED_COLUMNS`` and bookkeeping (``tracking.*``, metric settings) is equal.
+    The label is the tokenizer preset (else ``tokenizer_label``) and the LM size, plus
+    ``key=value`` for each param that still varies between arms of one preset and size, so
+    two arms never share a label.
+    """
+    runs = runs.copy()
+    preset = runs["tokenizer_preset"] if "tokenizer_preset" in runs else pd.Series(None, index=runs.index)
+    runs["arm_tokenizer"] = [str(p) if isinstance(p, str) and p else str(label)
+                             for p, label in zip(preset, runs["tokenizer_label"])]
+    columns = _arm_params(runs, params)
+    keys = pd.DataFrame({c: runs[c].map(_key) for c in columns}, index=runs.index)
+    base = runs["arm_tokenizer"] + "\x00" + runs["lm_size"].map(_key)
+    varying = [c for c in columns if (keys[c].groupby(base).nunique() > 1).any()]
+    context = runs["lm_size"].map(_key)
+    for c in varying:
+        context = context + f", {c}=" + keys[c]
+    runs["arm_context"] = context
+    runs["arm"] = runs["arm_tokenizer"] + " · " + context
+    return runs
+
+
+def _ids(runs: pd.DataFrame) -> pd.DataFrame:
+    """The ``ID_COLUMNS`` of ``runs`` (``arm`` assigned where a frame does not have it yet)."""
+    return (runs if "arm" in runs else assign_arms(runs))[ID_COLUMNS]
 
 
 def load_histories(runs: pd.DataFrame, keys: Iterable[str], tracking_uri: str | None = None) -> pd.DataFrame:
     """Tidy metric curves: one row per (run, key, step) with the runs' ``ID_COLUMNS``."""
     client = _client(tracking_uri)
     rows = []
-    for run in runs[ID_COLUMNS].itertuples(index=False):
+    for run in _ids(runs).itertuples(index=False):
         for key in keys:
             for m in client.get_metric_history(run.run_id, key):
                 rows.append({**run._asdict(), "key": key, "step": m.step, "value": m.value})
@@ -193,7 +252,7 @@ def load_table(runs: pd.DataFrame, path: str, tracking_uri: str | None = None) -
     """The CSV artifact ``path`` of every run, stacked, with the runs' ``ID_COLUMNS``."""
     client, frames = _client(tracking_uri), []
     with tempfile.TemporaryDirectory() as tmp:
-        for run in runs[ID_COLUMNS].itertuples(index=False):
+        for run in _ids(runs).itertuples(index=False):
             local = _download(client, run.run_id, path, Path(tmp) / run.run_id)
             if local is None:
                 continue
@@ -208,7 +267,7 @@ def load_images(runs: pd.DataFrame, path: str, tracking_uri: str | None = None) 
     """The PNG artifact ``path`` of every run as an ``image`` column of (H, W, 3) uint8 arrays."""
     client, rows = _client(tracking_uri), []
     with tempfile.TemporaryDirectory() as tmp:
-        for run in runs[ID_COLUMNS].itertuples(index=False):
+        for run in _ids(runs).itertuples(index=False):
             local = _download(client, run.run_id, path, Path(tmp) / run.run_id)
             if local is not None:
                 rows.append({**run._asdict(), "image": np.asarray(Image.open(local).convert("RGB"))})

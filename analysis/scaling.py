@@ -1,6 +1,8 @@
 """Model scaling and compute (CRT Figs. 4–5): generation quality and validation bits per image
 against LM parameters and against training FLOPs, one series per tokenizer, each with a fitted
-power law y = a·x^b whose exponent b is printed in the legend (CRT: −0.65 → −0.73 with CRT)."""
+power law y = a·x^b whose exponent b is printed in the legend (CRT: −0.65 → −0.73 with CRT).
+Points are arm means over seeds with 95% error bars where an arm has several seeds (or one
+run's own sampling interval); the fit uses every run."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.arms import arm_points, with_arms
 from analysis.style import (
     FigureSkipped,
+    error_bars,
     generation_metric,
     label_colors,
     log_axis,
@@ -37,7 +41,9 @@ def _panel(ax, runs: pd.DataFrame, x_col: str, y_col: str) -> None:
         group = group.dropna(subset=[x_col, y_col])
         x, y = group[x_col].to_numpy(float), group[y_col].to_numpy(float)
         for size, at in group.groupby("lm_size", sort=False):
-            ax.scatter(at[x_col], at[y_col], marker=size_marker(size), color=colors[label], s=40, zorder=3,
+            points = arm_points(at, x_col, y_col)
+            error_bars(ax, points, color=colors[label])
+            ax.scatter(points["x"], points["y"], marker=size_marker(size), color=colors[label], s=40, zorder=3,
                        edgecolors="black", linewidths=0.4)
         try:
             a, b = power_law(x, y)
@@ -62,6 +68,7 @@ def scaling_figure(runs: pd.DataFrame) -> Figure:
     fitted = runs.dropna(subset=needed).groupby("tokenizer_label")["lm/params"].nunique()
     if not (fitted >= 2).any():
         raise FigureSkipped("no tokenizer has runs at ≥2 LM sizes (a sweep over lm.size, e.g. sweeps/quickstart.yaml)")
+    runs = with_arms(runs)
     fig, axes = new_figure(2, 2, width=5.0, height=4.4)
     for row, (y_col, y_label) in enumerate([(g_col, g_label), ("lm/val_bits_per_image", "validation bits per image ↓")]):
         for col, (x_col, x_label) in enumerate([("lm/params", "LM parameters"), ("lm/flops", "training FLOPs")]):

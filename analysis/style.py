@@ -148,3 +148,41 @@ def outside_legends(fig: Figure, runs: pd.DataFrame, sizes: bool = True) -> None
                                 color="0.3", label=text))
         fig.add_artist(first)
         fig.legend(handles=marks, title="LM size", loc="outside right lower", fontsize=8, title_fontsize=8)
+
+
+def error_extent(mean: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray | None:
+    """matplotlib's (2, N) ``xerr``/``yerr`` from interval bounds (0 where a point has none);
+    None when no point has an interval, so nothing is drawn."""
+    mean, low, high = (np.asarray(a, dtype=float) for a in (mean, low, high))
+    has = np.isfinite(low) & np.isfinite(high)
+    if not has.any():
+        return None
+    return np.vstack([np.where(has, mean - low, 0.0), np.where(has, high - mean, 0.0)]).clip(min=0.0)
+
+
+def error_bars(ax: Axes, points: pd.DataFrame, color: str | None = None, colors: dict[str, str] | None = None) -> bool:
+    """95% error bars of ``analysis.arms.arm_points`` rows (x_low/x_high, y_low/y_high) in each
+    point's colour (``color``, or ``colors[tokenizer_label]``); none where a point has no
+    interval. True when any bar was drawn."""
+    drawn = False
+    for _, p in points.iterrows():
+        xerr = error_extent([p["x"]], [p["x_low"]], [p["x_high"]])
+        yerr = error_extent([p["y"]], [p["y_low"]], [p["y_high"]])
+        if xerr is None and yerr is None:
+            continue
+        c = color or (colors or {}).get(p["tokenizer_label"], "0.3")
+        ax.errorbar([p["x"]], [p["y"]], xerr=xerr, yerr=yerr, fmt="none", ecolor=c, elinewidth=1.0, capsize=2.5,
+                    zorder=2.5)
+        drawn = True
+    return drawn
+
+
+def band(ax: Axes, x: Iterable[float], low: Iterable[float], high: Iterable[float], color: str) -> bool:
+    """A translucent 95% band between ``low`` and ``high`` where both are finite; True when drawn."""
+    x, low, high = (np.asarray(list(a), dtype=float) for a in (x, low, high))
+    has = np.isfinite(low) & np.isfinite(high)
+    if not has.any():
+        return False
+    ax.fill_between(x, np.where(has, low, np.nan), np.where(has, high, np.nan), color=color, alpha=0.2, lw=0,
+                    zorder=1)
+    return True

@@ -1,6 +1,8 @@
 """Vocabulary scaling (MAGVIT-v2 Fig. 1): reconstruction (left axis, solid) and generation
 (right axis, dashed) against vocabulary size, one colour per tokenizer family. MAGVIT-v2's
-finding: VQ reconstructs better but generates worse past ~2^14 codes; LFQ improves both."""
+finding: VQ reconstructs better but generates worse past ~2^14 codes; LFQ improves both.
+Each point is the mean over the runs at that size (seeds; reconstruction once per stage-1
+tokenizer), with 95% error bars where there are several (or one run's own interval)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.arms import estimates_by
 from analysis.style import (
     FigureSkipped,
+    error_extent,
     family_color,
     generation_metric,
     largest_size,
@@ -35,11 +39,15 @@ def vocab_figure(runs: pd.DataFrame) -> Figure:
     for family in families:
         group = runs[runs["tokenizer"] == family]
         top = group[group["lm_size"].isin(largest_size(group)["lm_size"])]
-        by_vocab = top.groupby("tok/vocab_size")[[r_col, g_col]].mean().sort_index()
-        x = by_vocab.index.to_numpy(float)
-        size = top["lm_size"].iloc[0]
-        ax.plot(x, by_vocab[r_col], "o-", color=family_color(family), label=f"{family}: reconstruction")
-        twin.plot(x, by_vocab[g_col], "s--", color=family_color(family), label=f"{family}: generation ({size} LM)")
+        size, color = top["lm_size"].iloc[0], family_color(family)
+        series = ((ax, r_col, "o-", "reconstruction"), (twin, g_col, "s--", f"generation ({size} LM)"))
+        for axis, col, style, what in series:
+            at = estimates_by(top, ["tok/vocab_size"], col).sort_values("tok/vocab_size")
+            x = at["tok/vocab_size"].to_numpy(float)
+            axis.plot(x, at["mean"], style, color=color, label=f"{family}: {what}")
+            yerr = error_extent(at["mean"], at["low"], at["high"])
+            if yerr is not None:
+                axis.errorbar(x, at["mean"], yerr=yerr, fmt="none", ecolor=color, elinewidth=1.0, capsize=2.5)
     ax.set_xscale("log", base=2)
     ticks = np.unique(runs["tok/vocab_size"].dropna().to_numpy(float))
     ax.set_xticks(ticks, [f"$2^{{{int(round(np.log2(t)))}}}$" for t in ticks])

@@ -156,6 +156,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from analysis.compare import compare_experiment, render  # pandas/scipy only when comparing
+
+    try:
+        comparison = compare_experiment(args.experiment, args.reference, tracking_uri=args.uri)
+    except ValueError as err:
+        print(f"lmgen compare: {err}", file=sys.stderr)
+        return 2
+    print(render(comparison, "markdown" if args.markdown else "text"))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from lmgen.tracking import lmgen_home, resolve_tracking_uri
 
@@ -220,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dpi", type=int, default=150, help="PNG resolution (default: 150)")
     pl.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
     pl.set_defaults(func=cmd_plot)
+
+    cp = sub.add_parser("compare", help="paired verdicts: each arm against a reference tokenizer, metric by metric "
+                                        "(95%% intervals over seeds, Holm-corrected verdicts)")
+    cp.add_argument("experiment", help="MLflow experiment or sweep name, e.g. quickstart")
+    cp.add_argument("--reference", default=None, help="reference tokenizer: a preset, label or family, e.g. vq_1k "
+                                                      "(default: the first vq arm)")
+    cp.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
+    cp.add_argument("--markdown", action="store_true", help="print a markdown table instead of aligned text")
+    cp.set_defaults(func=cmd_compare)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the lmgen store")
     ui.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")

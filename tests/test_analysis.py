@@ -5,6 +5,7 @@ and the whole report is byte-for-byte deterministic for the same runs."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,19 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from matplotlib.collections import PolyCollection
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
+from analysis.compare import compare_experiment
 from analysis.report import FIGURES, FIGURES_BY_NAME, RunData, load_run_data, render, results_table
 from analysis.runs import load_runs, parse_param, tokenizer_label
 from analysis.samples import first_grid_row
 from analysis.scaling import power_law
 from analysis.style import FigureSkipped, label_colors
-from analysis.tradeoff import pareto_front
+from analysis.tradeoff import dominated, pareto_front
 from lmgen.cli import main
 from lmgen.stage1 import to_grid
 from lmgen.tokenizers import TOKENIZERS, tokenizer_config_class
@@ -36,45 +41,53 @@ EXPONENT = -0.3  # generation FD ∝ params^EXPONENT in the synthetic runs
 FREQ = np.array([0.4, 0.2, 0.12, 0.09, 0.07, 0.05, 0.03, 0.02, 0.015, 0.005])
 
 
-def _run_rows() -> pd.DataFrame:
+SPREAD = 2.0  # seeds s = 0, 1, 2 add (s − 1)·SPREAD to generation FD: mean unchanged, sample sd SPREAD
+
+
+def _run_rows(seeds: tuple[int, ...] = (0,)) -> pd.DataFrame:
     rows = []
     for i, (family, label, vocab) in enumerate(PRESETS):
         tokens = 256 * 4 if family == "jpeg" else 64 * (1 + i % 2)
         for size, params in SIZES:
-            fd = (40 + 5 * i) * (params / 1e5) ** EXPONENT
-            rows.append({
-                "run_id": f"run{i}{size}", "run_name": f"{label},{size}", "tokenizer": family,
-                "tokenizer_label": label, "lm_size": size, "lm_params": params, "lm_flops": params * 6e6, "seed": 0,
-                "lm/params": params, "lm/flops": params * 6e6, "lm/val_bits_per_image": 400 * (params / 1e5) ** -0.05,
-                "tok/vocab_size": float(vocab), "tok/tokens_per_image": float(tokens),
-                "tok/bits_per_image": tokens * np.log2(vocab), "tok/psnr": 20.0 + i, "tok/rfid_probe": 10.0 + 3 * i,
-                "tok/unigram_kl_uniform": 0.1 * (i + 1), "tok/unigram_tokens_per_cell": 100.0,
-                "tok/bigram_kl_uniform": 0.5 * (i + 1), "tok/bigram_pairs_per_cell": 0.5 if i % 2 else 2.0,
-                "gen/fd_probe": fd, "gen/decode_valid_rate": 1.0, "gen/class_accuracy": 0.5,
-                **{f"gen/prefix_r{r}/fd_probe": fd * (1 - r / 100) for r in (25, 50, 75)},
-                **{f"gen/prefix_r{r}/prompt_fraction": r / 100 for r in (25, 50, 75)}})
+            for seed in seeds:
+                fd = (40 + 5 * i) * (params / 1e5) ** EXPONENT + (seed - 1) * SPREAD * (len(seeds) > 1)
+                rows.append({
+                    "run_id": f"run{i}{size}s{seed}", "run_name": f"{label},{size},s{seed}", "tokenizer": family,
+                    "tokenizer_label": label, "lm_size": size, "lm_params": params, "lm_flops": params * 6e6,
+                    "seed": seed, "tokenizer_hash": f"tok{i}", "lm/params": params, "lm/flops": params * 6e6,
+                    "lm/val_bits_per_image": 400 * (params / 1e5) ** -0.05 + seed,
+                    "tok/vocab_size": float(vocab), "tok/tokens_per_image": float(tokens),
+                    "tok/bits_per_image": tokens * np.log2(vocab), "tok/psnr": 20.0 + i, "tok/rfid_probe": 10.0 + 3 * i,
+                    "tok/unigram_kl_uniform": 0.1 * (i + 1), "tok/unigram_tokens_per_cell": 100.0,
+                    "tok/bigram_kl_uniform": 0.5 * (i + 1), "tok/bigram_pairs_per_cell": 0.5 if i % 2 else 2.0,
+                    "gen/fd_probe": fd, "gen/kid_probe": fd / 1000, "gen/decode_valid_rate": 1.0,
+                    "gen/class_accuracy": 0.5 + 0.01 * seed,
+                    **{f"gen/prefix_r{r}/fd_probe": fd * (1 - r / 100) for r in (25, 50, 75)},
+                    **{f"gen/prefix_r{r}/prompt_fraction": r / 100 for r in (25, 50, 75)}})
     return pd.DataFrame(rows)
 
 
-def synthetic() -> RunData:
-    runs = _run_rows()
+def synthetic(seeds: tuple[int, ...] = (0,)) -> RunData:
+    runs = _run_rows(seeds)
     ids = runs[["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "lm_params", "seed"]]
     histories, positions, per_class, samples = [], [], [], []
     gen = torch.Generator().manual_seed(0)
     for k, run in enumerate(ids.to_dict("records")):
+        seed = run["seed"]
         for step in (100, 200, 300):
             histories.append({**run, "key": "lm/val_bits_per_image", "step": step, "value": 500 - step / 10 + k})
         for step in range(10, 310, 10):
-            histories.append({**run, "key": "lm/train_loss", "step": step, "value": 6 - step / 100})
-        length = 16 + 8 * (k % 3)
+            histories.append({**run, "key": "lm/train_loss", "step": step, "value": 6 - step / 100 + 0.1 * seed})
+        length = 16 + 8 * (k // len(seeds) % 3)  # one length per tokenizer and size, whatever its seeds
         for pos in range(length):
-            positions.append({**run, "step": 300, "position": pos, "loss_nats": 4.0 - pos / length,
-                              "bits": (4.0 - pos / length) / np.log(2), "count": 64})
+            nats = 4.0 - pos / length + 0.05 * seed
+            positions.append({**run, "step": 300, "position": pos, "loss_nats": nats, "bits": nats / np.log(2),
+                              "count": 64})
         # Per-class FD: this tokenizer beats the reference by more on rare classes (ρ > 0).
         for c, f in enumerate(FREQ):
             per_class.append({**run, "class": c, "name": f"c{c}", "train_frequency": f, "num_samples": 8,
-                              "class_accuracy": 0.5 + f, "fd_probe": 50 + (0 if run["tokenizer"] == "vq" else
-                                                                           100 * f - 20), "num_reference": 20})
+                              "class_accuracy": 0.5 + f, "fd_probe": 50 + seed + (0 if run["tokenizer"] == "vq" else
+                                                                                  100 * f - 20), "num_reference": 20})
         images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=gen)
         samples.append({**run, "image": to_grid(images, nrow=5)})
     return RunData(runs=runs, histories=pd.DataFrame(histories), positions=pd.DataFrame(positions),
@@ -186,7 +199,65 @@ def test_results_table_names_presets_and_scales_params(data):
     table = results_table(data.runs)
     assert list(table.columns[:3]) == ["tokenizer", "LM", "LM params (M)"]
     assert "FD probe" in table.columns and "rFD probe" in table.columns
+    columns = list(table.columns)
+    assert columns.index("KID probe") == columns.index("FD probe") + 1  # KID, unbiased at small n, beside FD
     assert table["LM params (M)"].iloc[0] == pytest.approx(0.1)
+    assert table["FD probe"].iloc[0] == "40 (1)"  # one seed, no interval: the value and n
+
+
+# --- several seeds: intervals in tables and figures ------------------------------------------------
+
+_CELL = re.compile(r"^(?P<mean>[-\d.e+]+) ± (?P<hw>[-\d.e+]+) \((?P<n>\d+)\)$")
+
+
+@pytest.fixture(scope="module")
+def seeded() -> RunData:
+    return synthetic(seeds=(0, 1, 2))
+
+
+def test_a_three_seed_arm_reads_mean_plus_minus_half_width_and_n(seeded):
+    table = results_table(seeded.runs)
+    assert len(table) == len(PRESETS) * len(SIZES)  # one row per arm, not per run
+    cell = _CELL.match(table["FD probe"].iloc[0])
+    assert cell, table["FD probe"].iloc[0]
+    half_width = stats.t.ppf(0.975, 2) * SPREAD / np.sqrt(3)  # sample sd of (−2, 0, 2) is SPREAD
+    assert float(cell["mean"]) == pytest.approx(40.0, rel=1e-3) and int(cell["n"]) == 3
+    assert float(cell["hw"]) == pytest.approx(half_width, rel=0.01)
+    # a stage-1 metric is one measurement per tokenizer, however many LM seeds share it
+    assert table["rFD probe"].iloc[0] == "10 (1)"
+
+
+ERROR_BARS = ["tradeoff", "vocab_scaling", "model_scaling", "tokens_per_image", "long_tail"]
+BANDS = ["loss_curves", "position_loss"]
+
+
+def _intervals_drawn(fig: Figure) -> tuple[int, int]:
+    """(error bars, bands) on the figure's axes."""
+    bars = sum(isinstance(c, ErrorbarContainer) and c.has_yerr for ax in fig.axes for c in ax.containers)
+    bands = sum(isinstance(c, PolyCollection) for ax in fig.axes for c in ax.collections)
+    return bars, bands
+
+
+@pytest.mark.parametrize("name", ERROR_BARS + BANDS)
+def test_figures_draw_intervals_with_three_seeds_and_none_with_one(name, seeded, data):
+    spec = FIGURES_BY_NAME[name]
+    bars, bands = _intervals_drawn(spec.make(getattr(seeded, spec.source)))
+    assert (bars if name in ERROR_BARS else bands) > 0, (bars, bands)
+    assert _intervals_drawn(spec.make(getattr(data, spec.source))) == (0, 0)  # one seed: nothing to show
+
+
+def test_pareto_front_runs_through_means_and_overlap_is_not_dominance():
+    points = pd.DataFrame({"x": [1.0, 2.0, 3.0, 3.0], "y": [5.0, 3.0, 3.5, 9.0],
+                           "x_low": np.nan, "x_high": np.nan,
+                           "y_low": [4.0, 2.0, 2.9, 8.0], "y_high": [6.0, 4.0, 4.1, 10.0]})
+    assert list(pareto_front(points["x"].to_numpy(), points["y"].to_numpy())) == [0, 1]
+    # (3, 3.5) is off the front of the means, but its interval overlaps (2, 3)'s: not dominated;
+    # (3, 9) is beaten by (2, 3) even at the ends of both intervals
+    assert list(dominated(points)) == [False, False, False, True]
+    no_interval = points.assign(y_low=np.nan, y_high=np.nan)
+    assert not dominated(no_interval).any()  # without intervals the noise is unknown: nobody is called dominated
+    assert list(dominated(points.assign(x=[3.0, 2.0, 1.0, 1.0]), x_lower_is_better=False)) == [False, False, False,
+                                                                                               True]
 
 
 # --- the loader's pieces --------------------------------------------------------------------------
@@ -269,6 +340,8 @@ def test_real_runs_load_typed_and_every_figure_draws_or_says_why(tiny_sweep):
     assert len(runs) == 5 and list(runs["tokenizer"]) == ["pixels", "pixels", "vq", "vq", "vq"]
     assert list(runs["lm_size"]) == ["nano", "micro", "nano", "micro", "nano"]  # family, label, then size
     assert set(runs["tokenizer_label"]) == {"pixels palette64", "vq 32 f4", "vq 64 f4"}
+    assert list(runs["arm"]) == ["pixels palette64 · nano", "pixels palette64 · micro", "vq 32 f4 · nano",
+                                 "vq 32 f4 · micro", "vq 64 f4 · nano"]  # one seed each: five arms
     assert str(runs["tokenizer.codebook_size"].dtype) == "Int64"  # ints, missing where a tokenizer has none
     assert list(runs["tokenizer.codebook_size"].iloc[2:]) == [32, 32, 64]
     assert runs["train.lr"].dtype == float and str(runs["lm.class_conditional"].dtype) == "boolean"
@@ -297,6 +370,7 @@ def test_lmgen_plot_is_deterministic_for_the_same_runs(tiny_sweep, tmp_path, cap
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     report = (tmp_path / "a" / "report.md").read_text()
     assert "| pixels palette64 | nano |" in report and "![Compression–generation trade-off](tradeoff.png)" in report
+    assert "## Paired verdicts" in report and "against the reference tokenizer **vq 32 f4**" in report
     assert main(["plot", "--experiment", "no-such-sweep", "--uri", uri, "--out", str(tmp_path / "c")]) == 2
     assert "no MLflow experiment or sweep named 'no-such-sweep'" in capsys.readouterr().err
 
@@ -322,3 +396,83 @@ def test_eval_rescorings_replace_gen_metrics_of_the_run_they_rescore(tiny_sweep)
     other = after[after["run_id"] != target["run_id"]]
     assert (other["scored_by"] == other["run_id"]).all()
     assert other["tok/psnr"].equals(before[before["run_id"] != target["run_id"]]["tok/psnr"])
+
+
+# --- seeds in a real store: arms, intervals, verdicts -------------------------------------------------
+
+
+def _log_run(client: MlflowClient, experiment_id: str, params: dict, metrics: dict) -> str:
+    """One FINISHED LM run, logged as lmgen logs it: resolved-config params, lmgen tags, metrics."""
+    name = f"{params['tokenizer.name']}-{params['lm.size']}-s{params['seed']}"
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "lmgen.stage": "lm", "lmgen.tokenizer": params["tokenizer.name"],
+        "lmgen.config_hash": f"{name}-t{params.get('tokenizer.seed', '')}",
+        "lmgen.tokenizer_hash": f"{params['tokenizer.name']}-t{params.get('tokenizer.seed', 0)}"})
+    for key, value in {**params, "tracking.run_name": name}.items():
+        client.log_param(run.info.run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def seeded_store(tmp_path_factory):
+    """A SQLite store with 3 seeds of VQ (LM and stage-1 seed varied together), 3 LM seeds of JPEG
+    (lower FD by 10 ± noise) and one LFQ run that logged its own bootstrap interval."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('seeds') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("seeded")
+    rng = np.random.default_rng(0)
+    lm_noise = rng.normal(size=3)
+    for seed in range(3):
+        bookkeeping = {"metrics.bootstrap_resamples": 200} if seed == 0 else {}  # how, not what: one arm still
+        _log_run(client, experiment, {"tokenizer.name": "vq", "tokenizer.codebook_size": 1024, "lm.size": "micro",
+                                      "seed": seed, "tokenizer.seed": seed, **bookkeeping},
+                 {"gen/fd_probe": 50 + lm_noise[seed], "gen/kid_probe": 0.05, "tok/rfid_probe": 10.0 + seed})
+        _log_run(client, experiment, {"tokenizer.name": "jpeg", "tokenizer.quality": 25, "lm.size": "micro",
+                                      "seed": seed},
+                 {"gen/fd_probe": 40 + lm_noise[seed] + 0.1 * rng.normal(), "gen/kid_probe": 0.04,
+                  "tok/rfid_probe": 5.0})
+    _log_run(client, experiment, {"tokenizer.name": "lfq", "tokenizer.bits": 10, "lm.size": "micro", "seed": 0,
+                                  "tokenizer.seed": 0, "metrics.bootstrap_resamples": 200},
+             {"gen/fd_probe": 45.0, "gen/fd_probe_ci_low": 43.0, "gen/fd_probe_ci_high": 48.0})
+    return uri
+
+
+def test_runs_differing_only_in_seed_are_one_arm_with_an_interval(seeded_store):
+    runs = load_runs("seeded", seeded_store)
+    assert len(runs) == 7 and runs["arm"].nunique() == 3
+    assert list(dict.fromkeys(runs["arm"])) == ["jpeg q25 · micro", "vq 1k f4 · micro", "lfq 10-bit f4 · micro"]
+    table = results_table(runs).set_index("tokenizer")
+    fd = runs[runs["tokenizer"] == "vq"]["gen/fd_probe"].to_numpy()
+    ci = stats.ttest_1samp(fd, 0).confidence_interval(0.95)
+    cell = _CELL.match(table.loc["vq 1k f4", "FD probe"])
+    assert cell and int(cell["n"]) == 3 and float(cell["mean"]) == pytest.approx(fd.mean(), abs=0.05)
+    assert float(cell["hw"]) == pytest.approx((ci.high - ci.low) / 2, rel=0.01)
+    assert table.loc["lfq 10-bit f4", "FD probe"] == "45 [43, 48] (1)"  # one run: its own interval
+    assert table.loc["vq 1k f4", "rFD probe"].endswith("(3)")  # three stage-1 seeds: three tokenizers
+    assert table.loc["jpeg q25", "rFD probe"] == "5 (1)"  # three LM seeds on one tokenizer: one measurement
+
+
+def test_paired_verdicts_from_a_real_store(seeded_store):
+    comparison = compare_experiment("seeded", tracking_uri=seeded_store)
+    assert comparison.reference == "vq 1k f4"
+    rows = {(v.arm, v.metric.key): v for v in comparison.verdicts}
+    jpeg = rows[("jpeg q25 · micro", "gen/fd_probe")]
+    assert jpeg.difference.test == "paired t" and jpeg.verdict == "better"  # LM seeds pair: the noise cancels
+    lfq = rows[("lfq 10-bit f4 · micro", "gen/fd_probe")]
+    assert lfq.difference.test == "Crawford–Howell t" and lfq.difference.n_a == 1
+    assert comparison.tests == sum(v.difference.tested for v in comparison.verdicts)
+
+
+def test_lmgen_compare_prints_the_verdicts(seeded_store, capsys):
+    assert main(["compare", "seeded", "--uri", seeded_store]) == 0
+    out = capsys.readouterr().out
+    assert "reference tokenizer vq 1k f4" in out and "Holm's step-down correction" in out
+    line = next(t for t in out.splitlines() if t.startswith("jpeg q25 · micro") and "FD probe" in t)
+    assert "paired t, n=3/3" in line and line.rstrip().endswith("better")
+    assert main(["compare", "seeded", "--uri", seeded_store, "--reference", "jpeg", "--markdown"]) == 0
+    assert "| vq 1k f4 · micro | FD probe ↓ |" in capsys.readouterr().out  # VQ against JPEG now
+    assert main(["compare", "seeded", "--uri", seeded_store, "--reference", "h264"]) == 2
+    assert "no arm matches reference 'h264'" in capsys.readouterr().err
