@@ -127,6 +127,10 @@ class MetricsConfig:
     # originals: gen/prefix_r{100r}/fd_probe. 0 samples or no ratios = off.
     prefix_samples: int = 64
     prefix_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # Each run's own sampling uncertainty: 95% bootstrap intervals over its samples (and the
+    # reference) of probe FD, KID, precision/recall and class accuracy, logged as
+    # gen/<metric>_ci_low / _ci_high (lmgen.metrics.bootstrap). 0 = none.
+    bootstrap_resamples: int = 200
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ RANGES: dict[str, str] = {
     "train.max_bad_steps": "[0, inf)", "train.peak_flops": "[0, inf)",
     "sample.num_samples": "[0, inf)", "sample.batch_size": "[1, inf)", "sample.temperature": "[0, inf)",
     "sample.top_k": "[0, inf)", "sample.top_p": "(0, 1]", "sample.cfg_scale": "[0, inf)",
-    "metrics.num_reference": "[0, inf)", "metrics.prefix_samples": "[0, inf)",
+    "metrics.num_reference": "[0, inf)", "metrics.prefix_samples": "[0, inf)", "metrics.bootstrap_resamples": "[0, inf)",
 }
 
 

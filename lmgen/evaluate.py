@@ -34,6 +34,7 @@ from lmgen.config import ExperimentConfig, MetricsConfig, SampleConfig
 from lmgen.data import SequenceLayout
 from lmgen.datasets import ImageBatch, ImageDataset, load_batch
 from lmgen.llama import Llama
+from lmgen.metrics.bootstrap import BootstrapConfig, bootstrap_fd, interval_metrics
 from lmgen.metrics.fidelity import KINDS, FidelityResult, class_accuracy, fidelity_keys, fidelity_metrics
 from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd
 from lmgen.metrics.probe import Probe
@@ -124,6 +125,10 @@ class Scoring:
                 tracker: Tracker, run_id: str, home: Path) -> Scoring:
         return cls(cfg.metrics, cfg.seed, train_ds, val_ds, probe, tracker, run_id, reference_cache(home),
                    cfg.data.encode_batch_size, getattr(cfg.data, "fps", 3.0))
+
+    def bootstrap(self) -> BootstrapConfig:
+        """How this run's bootstrap intervals resample (``metrics.bootstrap_resamples``, the run's seed)."""
+        return BootstrapConfig(n_resamples=self.metrics.bootstrap_resamples, seed=self.seed)
 
 
 def prefix_key(ratio: float) -> str:
@@ -257,6 +262,11 @@ def evaluate_samples(scoring: Scoring, samples: SampleSet, layout: SequenceLayou
         result = _fidelity(scoring, good, reference, "gen", "val")
         metrics.update(result.metrics)
         log_fidelity_context(tracker, run_id, result, "gen")
+        if scoring.metrics.bootstrap_resamples:  # this run's own sampling uncertainty
+            asked = good_labels if layout.class_conditional else None
+            metrics.update(interval_metrics(probe.features(good), probe.features(frame_batch(reference).images),
+                                            scoring.bootstrap(), prefix="gen", space="probe",
+                                            predictions=None if asked is None else probe.predict(good), labels=asked))
     elif probe is not None:
         reason = f"{len(good)} decodable images (or clip frames) from {len(samples.images)} samples; fidelity needs 2"
         log.warning("gen fidelity metrics skipped: %s", reason)
@@ -304,6 +314,10 @@ def evaluate_prefixes(gen: Generator, scoring: Scoring, originals: ImageBatch) -
         if probe is not None and len(good) >= 2:
             result = _fidelity(scoring, good, originals, key, "prefix originals", kinds=("fd",))
             metrics.update(result.metrics)
+            if scoring.metrics.bootstrap_resamples:
+                interval = bootstrap_fd(probe.features(good), probe.features(frame_batch(originals).images),
+                                        n_resamples=scoring.metrics.bootstrap_resamples, seed=scoring.seed)
+                metrics.update(interval.ci_metrics(f"{key}/fd_probe"))
             params.update(result.params)
             skipped.update(result.skipped)
         elif probe is not None:

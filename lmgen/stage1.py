@@ -30,6 +30,7 @@ from lmgen.config import ExperimentConfig, MetricsConfig, TrainConfig, config_ha
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import DataConfig, ImageDataset, load_images
 from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim, token_statistics
+from lmgen.metrics.bootstrap import bootstrap_fd
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
 from lmgen.perf import resolve_precision
@@ -252,10 +253,15 @@ def _evaluate(job: Stage1Job, val_cache: TokenCache, tracker: Tracker, run_id: s
         **code_metrics(torch.cat(codes), tokenizer.vocab_size, tuple(tokenizer.subcodes)),
     }
     if probe is not None and len(originals_t) >= 2:  # clips: the Fréchet distance of their frames
-        result = rfid_metrics(as_frames(recons_t)[0], as_frames(originals_t)[0], probe, job.metrics.inception_weights,
+        recon_frames, original_frames = as_frames(recons_t)[0], as_frames(originals_t)[0]
+        result = rfid_metrics(recon_frames, original_frames, probe, job.metrics.inception_weights,
                               seed=job.seed, cache_dir=reference_cache(job.home))
         metrics.update(result.metrics)
         log_fidelity_context(tracker, run_id, result, "tok")
+        if job.metrics.bootstrap_resamples:  # each reconstruction resampled with its original
+            interval = bootstrap_fd(probe.features(recon_frames), probe.features(original_frames), paired=True,
+                                    n_resamples=job.metrics.bootstrap_resamples, seed=job.seed)
+            metrics.update(interval.ci_metrics("tok/rfid_probe"))
     tracker.log_image(run_id, _pairs_grid(originals_t[:RECON_IMAGES], recons_t[:RECON_IMAGES]), "recon.png")
     return metrics
 

@@ -61,12 +61,7 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, preset, capsys):
     assert 0.0 <= run.data.metrics["gen/decode_valid_rate"] <= 1.0
     assert run.data.params["tokenizer.name"] == run.data.tags["lmgen.tokenizer"]
     assert run.data.params["lm.size"] == "nano"
-    # the preset it was composed from, on the run and in its name; what the budget resolved to
-    assert run.data.params["preset.tokenizer"] == run.data.tags["lmgen.tokenizer_preset"] == preset
-    assert run.info.run_name == f"{preset}-nano-s0"
-    assert {"resolved.steps": "6", "resolved.images": "48", "resolved.val_every": "4",
-            "resolved.precision": "32-true"}.items() <= run.data.params.items()
-    assert float(run.data.params["resolved.flops"]) > 0 and float(run.data.params["resolved.tokens"]) > 0
+    _check_composition(run, preset)
     assert run.data.tags["lmgen.tokenizer_run_id"] == tok[0].info.run_id
     assert {"lmgen.git_sha", "lmgen.config_hash"} <= set(run.data.tags)
     assert {"config.yaml", "samples.png"} <= _artifacts(client, run.info.run_id)
@@ -77,9 +72,13 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, preset, capsys):
         assert "per_class.csv" in _artifacts(client, run.info.run_id)
         rows = Path(client.download_artifacts(run.info.run_id, "per_class.csv")).read_text().splitlines()
         assert rows[0] == "class,name,train_frequency,num_samples,class_accuracy,fd_probe,num_reference"
-    if valid >= 2:  # fidelity needs >= 2 decodable samples
+    if valid >= 2:  # fidelity needs >= 2 decodable samples, and has this run's own bootstrap interval
         assert PROBE_KEYS <= set(run.data.metrics)
         assert run.data.params["gen.reference"] == "val" and "gen.num_samples" in run.data.params
+        m = run.data.metrics
+        for key in ("gen/fd_probe", "gen/kid_probe", "gen/precision_probe", "tok/rfid_probe"):
+            assert m[f"{key}_ci_low"] <= m[f"{key}_ci_high"], key
+        assert run.data.params["metrics.bootstrap_resamples"] == "200"
     if "gen/fid" not in run.data.metrics:  # offline: Inception skipped with a reason, never a crash
         assert "gen_metrics_skipped.json" in _artifacts(client, run.info.run_id)
     assert tok[0].info.status == "FINISHED" and TOK_KEYS <= set(tok[0].data.metrics)
@@ -96,6 +95,16 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, preset, capsys):
     assert (lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt").is_file()
     _check_position_loss(client, run)
     _check_prefix_completion(client, run)
+
+
+def _check_composition(run, preset: str) -> None:
+    """The preset the run was composed from, on the run and in its name; what its budget resolved to."""
+    params = run.data.params
+    assert params["preset.tokenizer"] == run.data.tags["lmgen.tokenizer_preset"] == preset
+    assert run.info.run_name == f"{preset}-nano-s0"
+    assert {"resolved.steps": "6", "resolved.images": "48", "resolved.val_every": "4",
+            "resolved.precision": "32-true"}.items() <= params.items()
+    assert float(params["resolved.flops"]) > 0 and float(params["resolved.tokens"]) > 0
 
 
 PREFIX_KEYS = [f"gen/prefix_r{p}/{k}" for p in (25, 50, 75) for k in ("decode_valid_rate", "num_invalid")]

@@ -145,19 +145,21 @@ def test_adversarial_term_trains_a_discriminator(monkeypatch) -> None:
 
 
 def test_checkpoint_field_loads_weights_instead_of_training(tmp_path) -> None:
-    from lmgen.stage1 import _train_learned
+    from lmgen.stage1 import Stage1Job, _train_learned
 
     trained = build_tokenizer({"name": "vq", "channels": 8, "seed": 3}, 16)
     path = tmp_path / "state.pt"
     torch.save(trained.state_dict(), path)
     cfg = load_config(None, ["tokenizer.name=vq", "tokenizer.channels=8", f"tokenizer.checkpoint={path}"])
     tok = build_tokenizer(cfg.tokenizer, 16)
-    assert _train_learned(cfg, tok, None, None, tmp_path, None) == {}  # no data touched, nothing trained
+    job = Stage1Job(tok, cfg.tokenizer, cfg.data, None, None, tmp_path, cfg.train, cfg.metrics, cfg.seed)
+    assert _train_learned(job, None) == {}  # no data touched, nothing trained
     assert all(torch.equal(a, b) for a, b in zip(tok.state_dict().values(), trained.state_dict().values(),
                                                  strict=True))
     cfg = load_config(None, ["tokenizer.name=vq", f"tokenizer.checkpoint={tmp_path / 'missing.pt'}"])
     with pytest.raises(FileNotFoundError, match="tokenizer.checkpoint"):
-        _train_learned(cfg, build_tokenizer(cfg.tokenizer, 16), None, None, tmp_path, None)
+        missing = build_tokenizer(cfg.tokenizer, 16)
+        _train_learned(Stage1Job(missing, cfg.tokenizer, cfg.data, None, None, tmp_path, cfg.train, cfg.metrics, 0), None)
 
 
 def test_stage1_is_deterministic_given_the_tokenizer_config() -> None:
