@@ -37,7 +37,7 @@ def loss_curves_figure(histories: pd.DataFrame) -> Figure:
     """``histories``: ``load_histories(runs, KEYS)``; needs a run with ≥2 validation points."""
     val = histories[histories["key"] == "lm/val_bits_per_image"] if "key" in histories else histories.iloc[:0]
     if val.empty or val.groupby("run_id")["step"].nunique().max() < 2:
-        raise FigureSkipped("no run has ≥2 validations (train.val_every ≥ train.max_steps)")
+        raise FigureSkipped("no run has ≥2 validations (train.val_every ≥ its steps, resolved.steps)")
     colors, sizes = label_colors(histories), list(histories["lm_size"].unique())
     fig, (left, right) = new_figure(2)
     for key, ax in zip(KEYS, (left, right)):

@@ -52,7 +52,8 @@ ID_COLUMNS = ["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "
 # block also carries it as ``tokenizer.seed``).
 SEED_COLUMNS = ("seed", "stage1.seed", "tokenizer.seed")
 # Params that say where a run was logged or how a metric was computed, not what was compared.
-_NOT_ARM_PREFIXES = ("tracking.", "gen.", "gen/", "tok.", "tok/", "sweep.", "metrics.bootstrap")
+# ``resolved.*`` (what a run's budget came to) follows from its config: never an arm of its own.
+_NOT_ARM_PREFIXES = ("tracking.", "gen.", "gen/", "tok.", "tok/", "sweep.", "metrics.bootstrap", "resolved.")
 _TAGS = {"lmgen.stage": "stage", "lmgen.sweep": "sweep", "lmgen.tokenizer": "tokenizer",
          "lmgen.tokenizer_hash": "tokenizer_hash", "lmgen.config_hash": "config_hash",
          "lmgen.git_sha": "git_sha", "mlflow.parentRunId": "parent_run_id", "lmgen.eval_of": "eval_of",
@@ -201,14 +202,17 @@ def assign_arms(runs: pd.DataFrame, params: Iterable[str] | None = None) -> pd.D
 
     Two runs share an arm when every param in ``params`` (default: the columns that look like
     params) but the ``SEED_COLUMNS`` and bookkeeping (``tracking.*``, metric settings) is equal.
-    The label is the tokenizer preset (else ``tokenizer_label``) and the LM size, plus
+    The label is the tokenizer preset (else — no preset, or one overridden into several
+    tokenizers — ``tokenizer_label``) and the LM size, plus
     ``key=value`` for each param that still varies between arms of one preset and size, so
     two arms never share a label.
     """
     runs = runs.copy()
     preset = runs["tokenizer_preset"] if "tokenizer_preset" in runs else pd.Series(None, index=runs.index)
-    runs["arm_tokenizer"] = [str(p) if isinstance(p, str) and p else str(label)
-                             for p, label in zip(preset, runs["tokenizer_label"])]
+    # a preset overridden into several tokenizers (vq_1k at codebook 32 and 64) is named by its labels
+    labels_per_preset = runs["tokenizer_label"].groupby(preset.map(_key)).transform("nunique")
+    runs["arm_tokenizer"] = [str(p) if isinstance(p, str) and p and n == 1 else str(label)
+                             for p, label, n in zip(preset, runs["tokenizer_label"], labels_per_preset)]
     columns = _arm_params(runs, params)
     keys = pd.DataFrame({c: runs[c].map(_key) for c in columns}, index=runs.index)
     base = runs["arm_tokenizer"] + "\x00" + runs["lm_size"].map(_key)

@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -165,6 +166,9 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+_SECTIONS = tuple(f.name for f in fields(ExperimentConfig))
+_SECTION_TYPES = {name for name in _SECTIONS if name not in ("name", "seed")}  # blocks of keys, never a value
+
 # The interval (lmgen.checks.check_interval) each numeric field of the fixed sections must lie in:
 # "[" and "]" closed ends, "(" and ")" open ones. The data, tokenizer and stage1 blocks check
 # themselves (their Config's ``check``). Every float must also be finite (check_choices).
@@ -243,9 +247,6 @@ def _layers(path: str | Path | None, overrides: Sequence[str]) -> list[tuple[str
     return layers
 
 
-_SECTIONS = tuple(f.name for f in fields(ExperimentConfig))
-
-
 def _compose(layers: Sequence[tuple[str, DictConfig]], preset_dirs: Sequence[Path]) -> tuple[DictConfig, dict]:
     """Merge the layers loosely (no schema yet), swapping in preset blocks; returns the merged
     tree and the preset names chosen ({group: name or None})."""
@@ -270,9 +271,6 @@ def _compose(layers: Sequence[tuple[str, DictConfig]], preset_dirs: Sequence[Pat
                                                                 if section in PRESET_GROUPS else ""))
         loose = OmegaConf.merge(loose, layer)
     return loose, presets
-
-
-_SECTION_TYPES = {f.name for f in fields(ExperimentConfig) if f.name not in ("name", "seed")}
 
 
 def _keep_shared_fields(loose: DictConfig, section: str, name: Any) -> None:
@@ -377,8 +375,6 @@ def _check_budget(train: TrainConfig) -> None:
 
 def _check_tokenizer(cfg: ExperimentConfig) -> None:
     """Construct the tokenizer (cheap) so its own checks fail now, keyed ``tokenizer.<field>``."""
-    import math
-
     from lmgen.tokenizers import tokenizer_for
     from lmgen.tokenizers.base import MAX_VOCAB_SIZE
 

@@ -340,8 +340,10 @@ def test_real_runs_load_typed_and_every_figure_draws_or_says_why(tiny_sweep):
     assert len(runs) == 5 and list(runs["tokenizer"]) == ["pixels", "pixels", "vq", "vq", "vq"]
     assert list(runs["lm_size"]) == ["nano", "micro", "nano", "micro", "nano"]  # family, label, then size
     assert set(runs["tokenizer_label"]) == {"pixels palette64", "vq 32 f4", "vq 64 f4"}
-    assert list(runs["arm"]) == ["pixels palette64 · nano", "pixels palette64 · micro", "vq 32 f4 · nano",
-                                 "vq 32 f4 · micro", "vq 64 f4 · nano"]  # one seed each: five arms
+    # one seed each: five arms, named by their preset — or, where one preset (vq_1k) was overridden
+    # into several tokenizers, by the label each config gives itself
+    assert list(runs["arm"]) == ["pixels_palette64 · nano", "pixels_palette64 · micro", "vq 32 f4 · nano",
+                                 "vq 32 f4 · micro", "vq 64 f4 · nano"]
     assert str(runs["tokenizer.codebook_size"].dtype) == "Int64"  # ints, missing where a tokenizer has none
     assert list(runs["tokenizer.codebook_size"].iloc[2:]) == [32, 32, 64]
     assert runs["train.lr"].dtype == float and str(runs["lm.class_conditional"].dtype) == "boolean"
@@ -369,7 +371,7 @@ def test_lmgen_plot_is_deterministic_for_the_same_runs(tiny_sweep, tmp_path, cap
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     report = (tmp_path / "a" / "report.md").read_text()
-    assert "| pixels palette64 | nano |" in report and "![Compression–generation trade-off](tradeoff.png)" in report
+    assert "| pixels_palette64 | nano |" in report and "![Compression–generation trade-off](tradeoff.png)" in report
     assert "## Paired verdicts" in report and "against the reference tokenizer **vq 32 f4**" in report
     assert main(["plot", "--experiment", "no-such-sweep", "--uri", uri, "--out", str(tmp_path / "c")]) == 2
     assert "no MLflow experiment or sweep named 'no-such-sweep'" in capsys.readouterr().err
