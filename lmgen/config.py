@@ -303,7 +303,10 @@ def _preset_block(group: str, name: str, preset_dirs: Sequence[Path]) -> DictCon
         for directory in preset_dirs:
             candidate = directory / PRESET_GROUPS[group] / f"{name}.yaml"
             if candidate.is_file():
-                doc = OmegaConf.load(candidate)
+                try:
+                    doc = OmegaConf.load(candidate)
+                except Exception as err:  # YAML syntax, a duplicate key, bytes that are not UTF-8 ...
+                    raise ConfigError(f"preset {candidate}: not readable YAML ({type(err).__name__})") from None
                 if not isinstance(doc, DictConfig) or set(doc.keys()) != {group} or not isinstance(doc[group], DictConfig):
                     raise ConfigError(f"preset {candidate} must hold exactly one '{group}:' block")
                 return doc[group]

@@ -3,30 +3,33 @@
 A sweep file (``sweeps/*.yaml``)::
 
     name: quickstart                       # MLflow experiment (and parent run) of the sweep
-    experiment: ../experiments/quickstart_vq.yaml   # base experiment, relative to this file
-    overrides: [train.max_steps=200]       # applied to every point
+    experiment: ../experiments/base.yaml   # base experiment, relative to this file
+    overrides: [lm.size=micro]             # applied to every point
     grid:                                  # cartesian product, in file order
-      experiment: [../experiments/quickstart_pixels.yaml, ../experiments/quickstart_jpeg.yaml]
-      lm.size: [nano, micro]
+      tokenizer: [jpeg_q25, vq_1k]         # a preset axis: the arms of a comparison
+      seed: [0, 1, 2]
     zip:                                   # groups of axes that move together (equal lengths)
       - {tokenizer.downsample: [8, 4, 2], metrics.prefix_samples: [32, 64, 64]}
     max_parallel: 1                        # local launcher: points at once (default 1)
     slurm: {gpus_per_node: 1, nodes: 1, timeout_min: 240, partition: null}
 
-Axes that only exist for some experiments (VQ's ``tokenizer.codebook_size``, LFQ's
+Axes that only exist for some tokenizers (VQ's ``tokenizer.codebook_size``, LFQ's
 ``tokenizer.bits``) go in ``blocks``: a list of {experiment, overrides, grid, zip} whose points
-are concatenated (the top-level ``overrides`` apply to every block).
+are concatenated (the top-level ``overrides`` apply to every block; each block names its
+preset in its own ``overrides``).
 
-The ``experiment`` axis swaps the base experiment file (e.g. one per tokenizer); every other
-key is a dotlist override. ``expand`` is a pure function of the file: the same points in the
-same order with the same readable names every time (axes that vary, ``leaf=value`` joined by
-``,``, the experiment axis by its file stem).
+Every key is a dotlist override (a preset group such as ``tokenizer`` takes a preset's name);
+an ``experiment`` axis swaps the base file itself. ``expand`` is a pure function of the file:
+the same points in the same order with the same readable names every time (axes that vary,
+``leaf=value`` joined by ``,``; a preset or experiment axis by its name). A key that only
+changes speed (``config.SPEED_KEYS``) is refused as an axis. ``recipe_differences`` is the
+one-recipe invariant: what differs between points outside the axes the sweep declares.
 
 ``run_sweep`` validates every point before launching any, opens (or reopens) the sweep's
 parent MLflow run, skips points whose config hash already has a FINISHED LM run, and runs the
-rest through a launcher, each point in its own process (``lmgen run --resume``: an unfinished
-run resumes from its ``last.ckpt``). A failing point is FAILED with its error and the others
-go on; a rerun runs only what is not FINISHED. The end is a summary table.
+rest through a launcher (``lmgen.launchers``), each point in its own process (``lmgen run
+--resume``: an unfinished run resumes from its ``last.ckpt``). A failing point is FAILED with
+its error and the others go on; a rerun runs only what is not FINISHED. The end is a summary table.
 """
 
 from __future__ import annotations
