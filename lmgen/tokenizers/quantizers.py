@@ -12,8 +12,7 @@ in the bottleneck:
 entropies are computed in fp32 with autocast off: a bf16 argmin flips near-ties and bf16
 entropies of τ = 0.01 softmaxes overflow to NaN.
 
-Binary codes (LFQ, BAE) share one bit order: channel i is bit i of the index, least
-significant first (``bits_to_indices`` / ``indices_to_bits``), up to 62 bits in int64.
+Binary codes (LFQ, BAE) share one bit order and their entropy helpers (``bit_codes.py``).
 
 Shapes: B batch, h×w latent grid, N = B·h·w latent vectors, K codebook size, D channels.
 """
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 
 from lmgen.metrics.rate import unigram_stats
 
-MAX_BITS = 62  # 2^62 codes still index in int64 (and 2^62 itself fits as codebook_size)
+from .bit_codes import bits_to_indices, check_bits, entropy, factorized_entropies, indices_to_bits
 
 # Rows per chunk of the (N, K) VQ distance matrix: 2^22 floats = 16 MiB whatever K is.
 _CHUNK_ELEMENTS = 1 << 22
@@ -68,14 +67,10 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _check_latents(z: Tensor, channels: int, who: str) -> None:
+def check_latents(z: Tensor, channels: int, who: str) -> None:
+    """ValueError naming ``who`` unless z is float latents (B, channels, h, w)."""
     if z.dim() != 4 or z.shape[1] != channels or not z.is_floating_point():
         raise ValueError(f"{who}: expected float latents (B, {channels}, h, w), got {z.dtype} {tuple(z.shape)}")
-
-
-def _check_bits(bits: int) -> None:
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be in [1, {MAX_BITS}] (int64 indices), got {bits}")
 
 
 def _to_rows(z: Tensor) -> Tensor:
@@ -86,33 +81,6 @@ def _to_rows(z: Tensor) -> Tensor:
 def _from_rows(rows: Tensor, b: int, h: int, w: int) -> Tensor:
     """(N, D) → (B, D, h, w), the inverse of ``_to_rows``."""
     return rows.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
-
-
-def bits_to_indices(bits: Tensor) -> Tensor:
-    """Pack bits into code indices: index = Σ_i 2^i · bit_i (channel 0 = least significant bit).
-
-    bits: (B, n, h, w) bool or 0/1 numbers (any nonzero counts as 1), n ≤ 62.
-    Returns (B, h, w) int64 in [0, 2^n).
-    """
-    n = bits.shape[1]
-    _check_bits(n)
-    weights = torch.ones((), dtype=torch.int64, device=bits.device) << torch.arange(n, device=bits.device)
-    return (bits.bool().to(torch.int64) * weights.view(1, n, 1, 1)).sum(1)
-
-
-def indices_to_bits(indices: Tensor, n: int) -> Tensor:
-    """Unpack code indices into bits, the inverse of ``bits_to_indices``.
-
-    indices: (B, h, w) integer in [0, 2^n), n ≤ 62. Returns (B, n, h, w) float32 in {0, 1}.
-    """
-    _check_bits(n)
-    shifts = torch.arange(n, device=indices.device).view(1, n, 1, 1)
-    return ((indices.to(torch.int64).unsqueeze(1) >> shifts) & 1).to(torch.float32)
-
-
-def _entropy(p: Tensor, dim: int = -1) -> Tensor:
-    """Entropy (nats) of probabilities ``p`` along ``dim``; 0·log 0 = 0 with a finite gradient."""
-    return -(p * p.clamp_min(1e-30).log()).sum(dim)
 
 
 def code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
@@ -128,59 +96,6 @@ def code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     distinct, entropy = unigram_stats(indices.detach())
     return {name: torch.tensor(value, dtype=torch.float32, device=indices.device)
             for name, value in (("codebook_usage", distinct / codebook_size), ("perplexity", math.exp(entropy)))}
-
-
-def _code_distribution(p1: Tensor) -> Tensor:
-    """Per-sample distribution over the 2^m codes of m independent bits.
-
-    p1: (N, m) float32, P(bit_i = 1). Returns (N, 2^m) with column k = Π_i P(bit_i = k_i),
-    bit i of k least significant first (the ``bits_to_indices`` order). Built by doubling
-    with products of probabilities, so no matmul (and no TF32) rounds it.
-    """
-    probs = p1.new_ones(p1.shape[0], 1)
-    for i in range(p1.shape[1]):
-        bit = p1[:, i : i + 1]
-        # new index = b_i · 2^i + old index: the 1-half stacks after the 0-half.
-        probs = torch.cat([probs * (1 - bit), probs * bit], dim=1)
-    return probs
-
-
-def _group_batch_entropy(p1: Tensor) -> Tensor:
-    """Exact entropy of the batch-mean code distribution of g = p1.shape[1] independent bits.
-
-    The mean over samples of P(lo, hi | z) = P(lo | z)·P(hi | z) is the matrix product
-    P_loᵀ P_hi / N, so the (N, 2^g) joint is never built: memory is O(N · 2^(g/2)).
-    """
-    half = p1.shape[1] // 2
-    lo, hi = _code_distribution(p1[:, :half]), _code_distribution(p1[:, half:])
-    mean = lo.T @ hi / p1.shape[0]  # (2^half, 2^(g-half)) (TF32, where enabled, only perturbs ~1e-3)
-    return _entropy(mean.reshape(-1))
-
-
-def factorized_entropies(bit_logits: Tensor, max_group_bits: int = 12) -> tuple[Tensor, Tensor]:
-    """Entropies of a distribution over binary codes that factorises over bits given the sample.
-
-    bit_logits: (N, n) float, log P(bit_i = 1 | sample) / P(bit_i = 0 | sample).
-    Returns two () tensors in nats, differentiable:
-    - the mean per-sample entropy E_z[H(p(·|z))] — exact: the entropy of a product of
-      independent bits is the sum of the per-bit Bernoulli entropies;
-    - the batch ("codebook") entropy H(E_z[p(·|z)]) — exact when n ≤ max_group_bits; else
-      the bits are split into consecutive groups of at most ``max_group_bits`` and the groups'
-      exact batch entropies are summed. By subadditivity that is an upper bound of the joint
-      entropy (equal when the groups are independent over the batch); maximising it still
-      drives every group's marginal to uniform (Open-MAGVIT2 factorises likewise).
-    Never materialises an (N, 2^n) tensor for n > max_group_bits.
-    """
-    if max_group_bits < 1:
-        raise ValueError(f"max_group_bits must be >= 1, got {max_group_bits}")
-    logits = bit_logits.float()
-    p1 = torch.sigmoid(logits)
-    # log-sigmoid keeps saturated bits (logits of ±1000 at τ = 0.01) finite.
-    bernoulli = -(p1 * F.logsigmoid(logits) + (1 - p1) * F.logsigmoid(-logits))  # (N, n)
-    per_sample = bernoulli.sum(1).mean()
-    groups = [p1[:, s : s + max_group_bits] for s in range(0, p1.shape[1], max_group_bits)]
-    batch = torch.stack([_group_batch_entropy(g) for g in groups]).sum()
-    return per_sample, batch
 
 
 class VectorQuantizer(nn.Module):
@@ -272,7 +187,7 @@ class VectorQuantizer(nn.Module):
             entropy_sum += -(log_p.exp() * log_p).sum()
             prob_sum += log_p.exp().sum(0)
         n = max(x.shape[0], 1)
-        return indices, entropy_sum / n, _entropy(prob_sum / n)
+        return indices, entropy_sum / n, entropy(prob_sum / n)
 
     @torch.no_grad()
     def init_codebook(self, x: Tensor) -> None:
@@ -344,7 +259,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (B, dim, h, w) float → QuantizerOutput (see class docstring)."""
-        _check_latents(z, self.dim, "VectorQuantizer")
+        check_latents(z, self.dim, "VectorQuantizer")
         b, _, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
             x = _to_rows(z).float()  # (N, D)
@@ -394,7 +309,7 @@ class LookupFreeQuantizer(nn.Module):
     def __init__(self, bits: int, *, commitment_weight: float = 0.25, entropy_weight: float = 0.1,
                  entropy_temperature: float = 0.01, max_entropy_group_bits: int = 12) -> None:
         super().__init__()
-        _check_bits(bits)
+        check_bits(bits)
         if entropy_temperature <= 0 or max_entropy_group_bits < 1:
             raise ValueError("need entropy_temperature > 0 and max_entropy_group_bits >= 1")
         self.bits = bits
@@ -412,7 +327,7 @@ class LookupFreeQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (B, bits, h, w) float → QuantizerOutput (see class docstring)."""
-        _check_latents(z, self.bits, "LookupFreeQuantizer")
+        check_latents(z, self.bits, "LookupFreeQuantizer")
         with torch.autocast(z.device.type, enabled=False):
             x = z.float()
             positive = x > 0
@@ -451,7 +366,7 @@ class BinaryQuantizer(nn.Module):
 
     def __init__(self, bits: int, dim: int, *, deterministic: bool = False) -> None:
         super().__init__()
-        _check_bits(bits)
+        check_bits(bits)
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.bits, self.dim, self.deterministic = bits, dim, deterministic
@@ -470,7 +385,7 @@ class BinaryQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (B, bits, h, w) float logits → QuantizerOutput (see class docstring)."""
-        _check_latents(z, self.bits, "BinaryQuantizer")
+        check_latents(z, self.bits, "BinaryQuantizer")
         with torch.autocast(z.device.type, enabled=False):
             logits = z.float()
             sigma = torch.sigmoid(logits)
