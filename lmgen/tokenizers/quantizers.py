@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from lmgen.metrics.rate import unigram_stats
 
 from .bit_codes import bits_to_indices, check_bits, entropy, factorized_entropies, indices_to_bits
+from .rotation_trick import rotation_trick
 
 # Rows per chunk of the (N, K) VQ distance matrix: 2^22 floats = 16 MiB whatever K is.
 _CHUNK_ELEMENTS = 1 << 22
@@ -98,8 +99,33 @@ def code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
             for name, value in (("codebook_usage", distinct / codebook_size), ("perplexity", math.exp(entropy)))}
 
 
+@dataclass(frozen=True)
+class VQOptions:
+    """How a ``VectorQuantizer`` learns its codes (each is described in its docstring). The
+    defaults are the suite's plain VQ; the codebook-collapse fixes ``simvq`` and
+    ``rotation_trick`` are off."""
+
+    beta: float = 0.25  # VQ-VAE: commitment weight, on the encoder term
+    l2_norm: bool = False
+    ema: bool = False
+    ema_decay: float = 0.99
+    restart_every: int = 100  # 0 = never
+    restart_threshold: float = 1e-2
+    simvq: bool = False  # SimVQ, Zhu et al. 2024
+    rotation_trick: bool = False  # Fifty et al. 2024
+
+    def check(self) -> None:
+        """ValueError for impossible values or switches that exclude each other."""
+        if not 0.0 <= self.ema_decay < 1.0 or self.restart_every < 0 or self.restart_threshold < 0:
+            raise ValueError("need 0 <= ema_decay < 1, restart_every >= 0 and restart_threshold >= 0")
+        if self.simvq and self.ema:
+            raise ValueError("simvq learns its linear map by the codebook loss: it excludes ema")
+        if self.simvq and self.restart_every:
+            raise ValueError("simvq keeps its random codebook frozen: restart_every must be 0 (no restarts)")
+
+
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour vector quantization (VQ-VAE; VQGAN / LlamaGen options).
+    """Nearest-neighbour vector quantization (VQ-VAE; VQGAN / LlamaGen / SimVQ options).
 
     forward: z (B, dim, h, w) float → quantized (B, dim, h, w) (same dtype), indices (B, h, w).
 
@@ -118,6 +144,11 @@ class VectorQuantizer(nn.Module):
       in training, every ``restart_every`` calls (0 = never) the codes whose usage is below
       ``restart_threshold`` × the uniform share 1/K are replaced, before quantizing, by random
       latents of the current batch.
+    - ``simvq`` (Zhu et al. 2024): ``codebook`` is a frozen (K, D) buffer of N(0, 1/D) codes and
+      the codes are ``codebook_map(codebook)``, one learned D×D linear map (no bias; both as
+      vector-quantize-pytorch's SimVQ), trained by the codebook loss; no data init, no restarts.
+    - ``rotation_trick`` (Fifty et al. 2024): ``quantized`` has the straight-through value but
+      the rotation trick's gradient (``rotation_trick.py``).
     - DDP: when torch.distributed is initialised, counts, sums and usage are all-reduced before
       every update and the codebook is broadcast from rank 0 after a restart, so every rank
       holds the same codes.
@@ -127,21 +158,23 @@ class VectorQuantizer(nn.Module):
     dead_codes (codes below the restart threshold), restarted_codes (replaced by this call).
     """
 
-    def __init__(self, codebook_size: int, dim: int, *, beta: float = 0.25, l2_norm: bool = False,
-                 ema: bool = False, ema_decay: float = 0.99, restart_every: int = 100,
-                 restart_threshold: float = 1e-2) -> None:
+    def __init__(self, codebook_size: int, dim: int, options: VQOptions | None = None) -> None:
         super().__init__()
+        options = options or VQOptions()
         if codebook_size < 1 or dim < 1:
             raise ValueError(f"codebook_size and dim must be >= 1, got {codebook_size}, {dim}")
-        if not 0.0 <= ema_decay < 1.0 or restart_every < 0 or restart_threshold < 0:
-            raise ValueError("need 0 <= ema_decay < 1, restart_every >= 0 and restart_threshold >= 0")
-        self.codebook_size, self.dim = codebook_size, dim
+        options.check()
+        self.codebook_size, self.dim, self.options = codebook_size, dim, options
         self.in_channels = self.out_channels = dim
-        self.beta, self.l2_norm, self.ema, self.ema_decay = beta, l2_norm, ema, ema_decay
-        self.restart_every, self.restart_threshold = restart_every, restart_threshold
+        self.beta, self.l2_norm = options.beta, options.l2_norm
+        self.ema, self.ema_decay = options.ema, options.ema_decay
+        self.restart_every, self.restart_threshold = options.restart_every, options.restart_threshold
         # N(0, 1) codes: the scale of unit-variance encoder outputs; restarts fix what misses.
         init = torch.randn(codebook_size, dim)
-        if ema:
+        if options.simvq:
+            self.register_buffer("codebook", init * dim**-0.5)  # (K, D) frozen: SimVQ's random basis
+            self.codebook_map = nn.Linear(dim, dim, bias=False)  # the learned map W: codes = codebook Wᵀ
+        elif self.ema:
             self.register_buffer("codebook", init)  # (K, D), set by the EMA, never by gradient
             self.register_buffer("ema_count", torch.ones(codebook_size))  # (K,) EMA assignment counts
             self.register_buffer("ema_sum", init.clone())  # (K, D) EMA summed latents; sum/count = code
@@ -150,13 +183,17 @@ class VectorQuantizer(nn.Module):
         # False until the first training batch replaces the N(0, 1) codes by its latents (data
         # init, as Jukebox / vector-quantize-pytorch): random codes far from the encoder's output
         # scale would otherwise collapse onto a handful of codes until the first restart.
-        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("initialised", torch.tensor(options.simvq))  # SimVQ: never data-initialised
         self.register_buffer("usage", torch.zeros(codebook_size))  # (K,) EMA fraction of assignments
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training calls, for restarts
 
     def _codes(self) -> Tensor:
-        """The codebook as used for distances: (K, D) float32, l2-normalised in l2_norm mode."""
+        """The codebook as used for distances: (K, D) float32, mapped by W in simvq mode and
+        l2-normalised in l2_norm mode."""
         codes = self.codebook.float()
+        if self.options.simvq:
+            with torch.autocast(codes.device.type, enabled=False):
+                codes = F.linear(codes, self.codebook_map.weight.float())
         return F.normalize(codes, dim=1) if self.l2_norm else codes
 
     def lookup(self, indices: Tensor) -> Tensor:
@@ -192,7 +229,10 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def init_codebook(self, x: Tensor) -> None:
         """Set every code to a random row of x (N, D) fp32 (with replacement when N < K, plus a
-        little noise so repeated rows differ); rank 0's choice under DDP."""
+        little noise so repeated rows differ); rank 0's choice under DDP. Not in simvq mode,
+        whose random codebook stays frozen."""
+        if self.options.simvq:
+            raise RuntimeError("a SimVQ codebook is frozen random: it is never set from latents")
         k = self.codebook_size
         pick = torch.randperm(x.shape[0], device=x.device)[:k] if x.shape[0] >= k else \
             torch.randint(x.shape[0], (k,), device=x.device)
@@ -279,6 +319,8 @@ class VectorQuantizer(nn.Module):
                 loss = loss + codebook_loss
                 stats["codebook_loss"] = codebook_loss.detach()
             quantized = x + (e - x).detach()  # straight-through estimator
+            if self.options.rotation_trick:
+                quantized = rotation_trick(x, e, quantized)  # same value, rotated gradient
         if self.training:
             self._update_statistics(x.detach(), indices)
         dead = (self.usage < self.restart_threshold / self.codebook_size).sum()
