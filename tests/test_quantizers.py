@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lmgen.tokenizers.fsq import FiniteScalarQuantizer
 from lmgen.tokenizers.quantizers import (
     BinaryQuantizer,
     LookupFreeQuantizer,
@@ -36,6 +37,7 @@ FACTORIES = {
     "bae_deterministic": lambda: BinaryQuantizer(6, 5, deterministic=True),
     "vq_simvq": lambda: VectorQuantizer(16, 6, VQOptions(simvq=True, restart_every=0)),
     "vq_rotation": lambda: VectorQuantizer(16, 6, VQOptions(rotation_trick=True, restart_every=2)),
+    "fsq": lambda: FiniteScalarQuantizer([5, 4, 3]),
 }
 
 
