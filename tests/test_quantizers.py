@@ -26,6 +26,7 @@ from lmgen.tokenizers.quantizers import (
     factorized_entropies,
     indices_to_bits,
 )
+from lmgen.tokenizers.rvq import ResidualVectorQuantizer
 
 FACTORIES = {
     "vq": lambda: VectorQuantizer(16, 6, VQOptions(restart_every=2)),
@@ -38,6 +39,9 @@ FACTORIES = {
     "vq_simvq": lambda: VectorQuantizer(16, 6, VQOptions(simvq=True, restart_every=0)),
     "vq_rotation": lambda: VectorQuantizer(16, 6, VQOptions(rotation_trick=True, restart_every=2)),
     "fsq": lambda: FiniteScalarQuantizer([5, 4, 3]),
+    "rvq": lambda: ResidualVectorQuantizer(16, 6, 3, options=VQOptions(restart_every=2)),
+    "rvq_flat_shared": lambda: ResidualVectorQuantizer(16, 6, 3, shared=True, flat=True,
+                                                       options=VQOptions(restart_every=2, rotation_trick=True)),
 }
 
 
@@ -67,7 +71,8 @@ def test_contract_shapes_loss_stats_and_gradients(name):
         out = q(z)
     assert isinstance(out, QuantizerOutput)
     assert out.quantized.shape == (2, q.out_channels, 3, 4) and out.quantized.dtype == z.dtype
-    assert out.indices.shape == (2, 3, 4) and out.indices.dtype == torch.int64
+    per_position = getattr(q, "tokens_per_position", 1)  # flat RVQ: D ids per position, side by side
+    assert out.indices.shape == (2, 3, 4 * per_position) and out.indices.dtype == torch.int64
     assert int(out.indices.min()) >= 0 and int(out.indices.max()) < q.codebook_size
     assert out.loss.shape == () and out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert {"codebook_usage", "perplexity", "entropy"} <= set(out.stats)
@@ -115,7 +120,7 @@ def test_bf16_autocast_gives_finite_loss_and_gradients(name):
     assert torch.isfinite(z.grad.float()).all()
 
 
-@pytest.mark.parametrize("name", ["vq", "vq_ema", "vq_simvq", "lfq"])
+@pytest.mark.parametrize("name", ["vq", "vq_ema", "vq_simvq", "lfq", "rvq"])
 def test_straight_through_passes_the_gradient_unchanged(name):
     q = FACTORIES[name]().train()
     z = _latents(q).requires_grad_(True)

@@ -31,6 +31,8 @@ VARIANTS: dict[str, list[dict]] = {
             {"quantizer": "lfq", "bits": 8, "crt_loss": "ce", "crt_target": "post", "crt_width": 32}],
     "causal1d": [{"codebook_size": 64, "codebook_dim": 8, "num_tokens": 32, "query_width": 32}],
     "fsq": [{"levels": [8, 5, 5, 5]}],
+    "rvq": [{"codebook_size": 64, "codebook_dim": 8},
+            {"codebook_size": 64, "codebook_dim": 8, "depth": 3, "layout": "flat", "shared_codebook": True}],
 }
 # Learned tokenizers in these tests: a tiny autoencoder trained briefly (once per case) by the
 # real stage-1 system, so "reconstructs roughly" is a claim about training, not about a stub.
@@ -186,6 +188,9 @@ def test_random_streams_never_raise(name: str, extra: dict) -> None:
 
 # The learned arms issue 23 added, each through the real stage-1 trainer for a few steps.
 NEW_LEARNED = {"fsq": {"name": "fsq", "levels": [8, 8, 8, 6, 5]},
+               "rvq-subcodes": {"name": "rvq", "codebook_size": 256, "codebook_dim": 8, "depth": 3},
+               "rvq-flat-shared": {"name": "rvq", "codebook_size": 256, "codebook_dim": 8, "depth": 4,
+                                   "layout": "flat", "shared_codebook": True, "rotation_trick": True},
                "vq-simvq": {"name": "vq", "codebook_size": 16384, "simvq": True, "restart_every": 0},
                "vq-rotation": {"name": "vq", "codebook_size": 16384, "rotation_trick": True}}
 

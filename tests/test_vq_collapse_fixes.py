@@ -12,6 +12,7 @@ import torch
 from lmgen.tokenizers import build_tokenizer
 from lmgen.tokenizers.quantizers import VectorQuantizer, VQOptions
 from lmgen.tokenizers.rotation_trick import rotate_onto, rotation_trick
+from lmgen.tokenizers.rvq import ResidualVectorQuantizer
 from lmgen.tokenizers.vq import VQConfig
 
 # ------------------------------------------------------------------------------- defaults
@@ -165,6 +166,22 @@ def test_rotation_trick_value_is_the_straight_through_value_bit_for_bit() -> Non
     out = rotation_trick(zero, torch.ones(2, 5), zero + (torch.ones(2, 5) - zero).detach())
     out.sum().backward()
     assert torch.isfinite(zero.grad).all()
+
+
+def test_rvq_rotation_trick_rotates_onto_the_sum_of_the_codes() -> None:
+    torch.manual_seed(0)
+    plain = ResidualVectorQuantizer(16, 4, 3, options=VQOptions(restart_every=0)).eval()
+    rotated = ResidualVectorQuantizer(16, 4, 3, options=VQOptions(restart_every=0, rotation_trick=True)).eval()
+    rotated.load_state_dict(plain.state_dict())
+    z1 = (2 * torch.randn(2, 4, 3, 3)).requires_grad_(True)
+    z2 = z1.detach().clone().requires_grad_(True)
+    a, b = plain(z1), rotated(z2)
+    assert torch.equal(a.quantized, b.quantized) and torch.equal(a.indices, b.indices)
+    g = torch.randn_like(a.quantized)
+    (a.quantized * g).sum().backward()
+    (b.quantized * g).sum().backward()
+    torch.testing.assert_close(z1.grad, g)
+    assert not torch.allclose(z2.grad, g, atol=1e-3)
 
 
 def test_vq_tokenizer_switches_reach_the_quantizer_and_the_label() -> None:

@@ -1,11 +1,13 @@
 """The three quantizers the learned tokenizers compare: VQ, lookup-free (MAGVIT-v2), binary (ELM).
 
 Each is a plain ``nn.Module`` with one contract, so the tokenizers around them differ only
-in the bottleneck:
+in the bottleneck (FSQ and residual VQ keep the same contract in ``fsq.py`` and ``rvq.py``):
 
 - ``forward(z)``: channel-first latents (B, in_channels, h, w) → ``QuantizerOutput``.
 - ``lookup(indices)``: (B, h, w) int64 → (B, out_channels, h, w) float32, what ``forward``
-  returns as ``quantized`` in eval mode (the decode path of a tokenizer).
+  returns as ``quantized`` in eval mode (the decode path of a tokenizer). A quantizer that
+  writes n > 1 tokens per position (residual VQ flattened depth-first) says so in
+  ``tokens_per_position`` and uses index grids (B, h, n·w) instead.
 - ``codebook_size``, ``in_channels``, ``out_channels``.
 
 ``forward`` in ``eval()`` mode is deterministic and updates no state. Distances, losses and
@@ -52,7 +54,7 @@ class QuantizerOutput:
 
     quantized: (B, out_channels, h, w) float, same dtype as the input; straight-through, so
         gradients reach the latents.
-    indices: (B, h, w) int64 in [0, codebook_size).
+    indices: (B, h, w) int64 in [0, codebook_size); (B, h, n·w) for n ``tokens_per_position``.
     loss: () float32, the quantizer's own weighted loss (0 if it has none).
     stats: detached () float32 scalars for logging; always "codebook_usage", "perplexity"
         and "entropy" (mean per-sample entropy of the soft assignment, nats), plus extras.
