@@ -14,25 +14,34 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lmgen.tokenizers.fsq import FiniteScalarQuantizer
 from lmgen.tokenizers.quantizers import (
     BinaryQuantizer,
     LookupFreeQuantizer,
     QuantizerOutput,
     VectorQuantizer,
+    VQOptions,
     bits_to_indices,
     code_stats,
     factorized_entropies,
     indices_to_bits,
 )
+from lmgen.tokenizers.rvq import ResidualVectorQuantizer
 
 FACTORIES = {
-    "vq": lambda: VectorQuantizer(16, 6, restart_every=2),
-    "vq_l2": lambda: VectorQuantizer(16, 6, l2_norm=True, restart_every=2),
-    "vq_ema": lambda: VectorQuantizer(16, 6, ema=True, restart_every=2),
+    "vq": lambda: VectorQuantizer(16, 6, VQOptions(restart_every=2)),
+    "vq_l2": lambda: VectorQuantizer(16, 6, VQOptions(l2_norm=True, restart_every=2)),
+    "vq_ema": lambda: VectorQuantizer(16, 6, VQOptions(ema=True, restart_every=2)),
     "lfq": lambda: LookupFreeQuantizer(6),
     "lfq_grouped": lambda: LookupFreeQuantizer(9, max_entropy_group_bits=4),
     "bae": lambda: BinaryQuantizer(6, 5),
     "bae_deterministic": lambda: BinaryQuantizer(6, 5, deterministic=True),
+    "vq_simvq": lambda: VectorQuantizer(16, 6, VQOptions(simvq=True, restart_every=0)),
+    "vq_rotation": lambda: VectorQuantizer(16, 6, VQOptions(rotation_trick=True, restart_every=2)),
+    "fsq": lambda: FiniteScalarQuantizer([5, 4, 3]),
+    "rvq": lambda: ResidualVectorQuantizer(16, 6, 3, options=VQOptions(restart_every=2)),
+    "rvq_flat_shared": lambda: ResidualVectorQuantizer(16, 6, 3, shared=True, flat=True,
+                                                       options=VQOptions(restart_every=2, rotation_trick=True)),
 }
 
 
@@ -62,7 +71,8 @@ def test_contract_shapes_loss_stats_and_gradients(name):
         out = q(z)
     assert isinstance(out, QuantizerOutput)
     assert out.quantized.shape == (2, q.out_channels, 3, 4) and out.quantized.dtype == z.dtype
-    assert out.indices.shape == (2, 3, 4) and out.indices.dtype == torch.int64
+    per_position = getattr(q, "tokens_per_position", 1)  # flat RVQ: D ids per position, side by side
+    assert out.indices.shape == (2, 3, 4 * per_position) and out.indices.dtype == torch.int64
     assert int(out.indices.min()) >= 0 and int(out.indices.max()) < q.codebook_size
     assert out.loss.shape == () and out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert {"codebook_usage", "perplexity", "entropy"} <= set(out.stats)
@@ -110,7 +120,7 @@ def test_bf16_autocast_gives_finite_loss_and_gradients(name):
     assert torch.isfinite(z.grad.float()).all()
 
 
-@pytest.mark.parametrize("name", ["vq", "vq_ema", "lfq"])
+@pytest.mark.parametrize("name", ["vq", "vq_ema", "vq_simvq", "lfq", "rvq"])
 def test_straight_through_passes_the_gradient_unchanged(name):
     q = FACTORIES[name]().train()
     z = _latents(q).requires_grad_(True)
@@ -152,7 +162,7 @@ def test_code_stats_counts_unique_codes():
 
 
 def test_vq_beta_sits_on_the_encoder_term():
-    vq = VectorQuantizer(3, 4, beta=0.25, restart_every=0)
+    vq = VectorQuantizer(3, 4, VQOptions(beta=0.25, restart_every=0))
     codebook = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, -1.0], [5.0, 5.0, 5.0, 5.0]])
     vq.codebook.data.copy_(codebook)
     vq.initialised.fill_(True)
@@ -170,7 +180,7 @@ def test_vq_beta_sits_on_the_encoder_term():
 @pytest.mark.parametrize("l2_norm", [False, True])
 def test_vq_indices_are_the_true_nearest_codes(l2_norm):
     torch.manual_seed(0)
-    vq = VectorQuantizer(64, 8, l2_norm=l2_norm).eval()
+    vq = VectorQuantizer(64, 8, VQOptions(l2_norm=l2_norm)).eval()
     z = torch.randn(3, 8, 5, 5)
     out = vq(z)
     rows = z.permute(0, 2, 3, 1).reshape(-1, 8)
@@ -185,7 +195,7 @@ def test_vq_indices_are_the_true_nearest_codes(l2_norm):
 
 
 def test_vq_l2_norm_returns_unit_norm_codes():
-    vq = VectorQuantizer(32, 6, l2_norm=True).train()
+    vq = VectorQuantizer(32, 6, VQOptions(l2_norm=True)).train()
     z = 3 * torch.randn(2, 6, 4, 4)
     for out in (vq(z), vq.eval()(z)):
         torch.testing.assert_close(out.quantized.norm(dim=1), torch.ones(2, 4, 4))
@@ -193,7 +203,7 @@ def test_vq_l2_norm_returns_unit_norm_codes():
 
 
 def test_vq_ema_moves_the_used_code_to_the_latent_mean_without_gradient():
-    vq = VectorQuantizer(2, 2, ema=True, ema_decay=0.5, restart_every=0).train()
+    vq = VectorQuantizer(2, 2, VQOptions(ema=True, ema_decay=0.5, restart_every=0)).train()
     vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
     vq.ema_sum.copy_(vq.codebook)
     vq.initialised.fill_(True)
@@ -214,7 +224,7 @@ def test_vq_ema_moves_the_used_code_to_the_latent_mean_without_gradient():
 
 def test_vq_dead_code_restart_replaces_an_unused_code_with_a_batch_latent():
     torch.manual_seed(0)
-    vq = VectorQuantizer(4, 2, restart_every=3, restart_threshold=1e-3).train()
+    vq = VectorQuantizer(4, 2, VQOptions(restart_every=3, restart_threshold=1e-3)).train()
     vq.codebook.data.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [-1.0, 1.0], [50.0, 50.0]]))
     vq.initialised.fill_(True)
     centres = vq.codebook.detach()[:3].clone()
@@ -243,7 +253,7 @@ def _free_port() -> int:
 
 def _ddp_run(rank: int, ema: bool) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # same initial codebook on every rank (as DDP's initial broadcast)
-    vq = VectorQuantizer(8, 4, ema=ema, ema_decay=0.9, restart_every=2, restart_threshold=1e-3).train()
+    vq = VectorQuantizer(8, 4, VQOptions(ema=ema, ema_decay=0.9, restart_every=2, restart_threshold=1e-3)).train()
     with torch.no_grad():
         vq.codebook[7] = 100.0  # never used: must be restarted, identically on both ranks
         if ema:

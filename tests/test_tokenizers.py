@@ -22,12 +22,17 @@ VARIANTS: dict[str, list[dict]] = {
     "jpeg": [{}, {"restart_markers": False}, {"abbreviated": False, "subsampling": "4:4:4"}, {"bpe_vocab": 300}],
     "h264": [{}, {"bpe_vocab": 300, "header": "inline"}],
     "vq": [{"codebook_size": 64, "codebook_dim": 8}, {"codebook_size": 64, "codebook_dim": 8, "ema": True,
-                                                      "l2_norm": True}],
+                                                      "l2_norm": True},
+           {"codebook_size": 64, "codebook_dim": 8, "simvq": True, "restart_every": 0},
+           {"codebook_size": 64, "codebook_dim": 8, "rotation_trick": True}],
     "lfq": [{"bits": 8}, {"bits": 12, "num_subcodes": 2}],
     "bae": [{"bits": 8, "num_subcodes": 1}, {"bits": 12, "deterministic": True}],
     "crt": [{"codebook_size": 64, "codebook_dim": 8, "crt_ramp_steps": 20},
             {"quantizer": "lfq", "bits": 8, "crt_loss": "ce", "crt_target": "post", "crt_width": 32}],
     "causal1d": [{"codebook_size": 64, "codebook_dim": 8, "num_tokens": 32, "query_width": 32}],
+    "fsq": [{"levels": [8, 5, 5, 5]}],
+    "rvq": [{"codebook_size": 64, "codebook_dim": 8},
+            {"codebook_size": 64, "codebook_dim": 8, "depth": 3, "layout": "flat", "shared_codebook": True}],
 }
 # Learned tokenizers in these tests: a tiny autoencoder trained briefly (once per case) by the
 # real stage-1 system, so "reconstructs roughly" is a claim about training, not about a stub.
@@ -177,6 +182,36 @@ def test_random_streams_never_raise(name: str, extra: dict) -> None:
     # Lengths past the id width or negative, and an id tensor narrower than any image.
     odd = TokenBatch(ids=torch.zeros(2, 3, dtype=torch.int64), lengths=torch.tensor([5, -1]))
     assert not bool(tok.decode(odd).valid.any())
+
+
+# ----------------------------------------------------------------------- stage 1, a few steps
+
+# The learned arms issue 23 added, each through the real stage-1 trainer for a few steps.
+NEW_LEARNED = {"fsq": {"name": "fsq", "levels": [8, 8, 8, 6, 5]},
+               "rvq-subcodes": {"name": "rvq", "codebook_size": 256, "codebook_dim": 8, "depth": 3},
+               "rvq-flat-shared": {"name": "rvq", "codebook_size": 256, "codebook_dim": 8, "depth": 4,
+                                   "layout": "flat", "shared_codebook": True, "rotation_trick": True},
+               "vq-simvq": {"name": "vq", "codebook_size": 16384, "simvq": True, "restart_every": 0},
+               "vq-rotation": {"name": "vq", "codebook_size": 16384, "rotation_trick": True}}
+
+
+@pytest.mark.parametrize("cfg", NEW_LEARNED.values(), ids=NEW_LEARNED)
+def test_new_learned_tokenizers_train_through_stage_1(cfg: dict) -> None:
+    from lmgen.tokenizer_module import train_tokenizer
+
+    tok = build_tokenizer({**cfg, "channels": 8, "steps": 3, "batch_size": 8, "warmup_steps": 1, "val_every": 3,
+                           "val_images": 8}, (16, 16))
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    cpu = SimpleNamespace(accelerator="cpu", devices=1, num_nodes=1, strategy="auto")
+    stats = train_tokenizer(tok, make_images(16, 16, 16, seed=4), make_images(8, 16, 16, seed=5), cpu, False)
+    assert stats["tok/train_steps"] == 3.0 and not tok.training
+    moved = [k for k, v in tok.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    assert all(torch.isfinite(v).all() for v in tok.state_dict().values() if v.is_floating_point())
+    if cfg.get("simvq"):
+        assert "quantizer.codebook_map.weight" in moved and "quantizer.codebook" not in moved
+    out = tok(make_images(2, 16, 16).float() / 127.5 - 1)
+    assert torch.isfinite(out.quant.loss) and out.recon.shape == (2, 3, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------ pixels

@@ -14,16 +14,19 @@ from .bae import BAETokenizer
 from .base import Decoded, ImageTokenizer, TokenBatch
 from .causal1d import Causal1DTokenizer
 from .crt import CRTTokenizer
+from .fsq import FSQTokenizer
 from .h264 import H264Tokenizer
 from .jpeg import JpegTokenizer
 from .lfq import LFQTokenizer
 from .pixels import PixelTokenizer
+from .rvq import RVQTokenizer
 from .vq import VQTokenizer
 
 # Order is the order of plots' colours and legends (analysis/style.py): add new arms at the end.
 TOKENIZERS: dict[str, type] = {"pixels": PixelTokenizer, "jpeg": JpegTokenizer, "vq": VQTokenizer,
                                "lfq": LFQTokenizer, "bae": BAETokenizer, "crt": CRTTokenizer,
-                               "causal1d": Causal1DTokenizer, "h264": H264Tokenizer}
+                               "causal1d": Causal1DTokenizer, "h264": H264Tokenizer, "fsq": FSQTokenizer,
+                               "rvq": RVQTokenizer}
 
 __all__ = ["TOKENIZERS", "Decoded", "ImageTokenizer", "TokenBatch", "build_tokenizer",
            "tokenizer_config_class", "tokenizer_for"]

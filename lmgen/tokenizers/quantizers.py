@@ -1,19 +1,20 @@
 """The three quantizers the learned tokenizers compare: VQ, lookup-free (MAGVIT-v2), binary (ELM).
 
 Each is a plain ``nn.Module`` with one contract, so the tokenizers around them differ only
-in the bottleneck:
+in the bottleneck (FSQ and residual VQ keep the same contract in ``fsq.py`` and ``rvq.py``):
 
 - ``forward(z)``: channel-first latents (B, in_channels, h, w) → ``QuantizerOutput``.
 - ``lookup(indices)``: (B, h, w) int64 → (B, out_channels, h, w) float32, what ``forward``
-  returns as ``quantized`` in eval mode (the decode path of a tokenizer).
+  returns as ``quantized`` in eval mode (the decode path of a tokenizer). A quantizer that
+  writes n > 1 tokens per position (residual VQ flattened depth-first) says so in
+  ``tokens_per_position`` and uses index grids (B, h, n·w) instead.
 - ``codebook_size``, ``in_channels``, ``out_channels``.
 
 ``forward`` in ``eval()`` mode is deterministic and updates no state. Distances, losses and
 entropies are computed in fp32 with autocast off: a bf16 argmin flips near-ties and bf16
 entropies of τ = 0.01 softmaxes overflow to NaN.
 
-Binary codes (LFQ, BAE) share one bit order: channel i is bit i of the index, least
-significant first (``bits_to_indices`` / ``indices_to_bits``), up to 62 bits in int64.
+Binary codes (LFQ, BAE) share one bit order and their entropy helpers (``bit_codes.py``).
 
 Shapes: B batch, h×w latent grid, N = B·h·w latent vectors, K codebook size, D channels.
 """
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 
 from lmgen.metrics.rate import unigram_stats
 
-MAX_BITS = 62  # 2^62 codes still index in int64 (and 2^62 itself fits as codebook_size)
+from .bit_codes import bits_to_indices, check_bits, entropy, factorized_entropies, indices_to_bits
+from .rotation_trick import rotation_trick
 
 # Rows per chunk of the (N, K) VQ distance matrix: 2^22 floats = 16 MiB whatever K is.
 _CHUNK_ELEMENTS = 1 << 22
@@ -52,7 +54,7 @@ class QuantizerOutput:
 
     quantized: (B, out_channels, h, w) float, same dtype as the input; straight-through, so
         gradients reach the latents.
-    indices: (B, h, w) int64 in [0, codebook_size).
+    indices: (B, h, w) int64 in [0, codebook_size); (B, h, n·w) for n ``tokens_per_position``.
     loss: () float32, the quantizer's own weighted loss (0 if it has none).
     stats: detached () float32 scalars for logging; always "codebook_usage", "perplexity"
         and "entropy" (mean per-sample entropy of the soft assignment, nats), plus extras.
@@ -68,14 +70,10 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _check_latents(z: Tensor, channels: int, who: str) -> None:
+def check_latents(z: Tensor, channels: int, who: str) -> None:
+    """ValueError naming ``who`` unless z is float latents (B, channels, h, w)."""
     if z.dim() != 4 or z.shape[1] != channels or not z.is_floating_point():
         raise ValueError(f"{who}: expected float latents (B, {channels}, h, w), got {z.dtype} {tuple(z.shape)}")
-
-
-def _check_bits(bits: int) -> None:
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be in [1, {MAX_BITS}] (int64 indices), got {bits}")
 
 
 def _to_rows(z: Tensor) -> Tensor:
@@ -86,33 +84,6 @@ def _to_rows(z: Tensor) -> Tensor:
 def _from_rows(rows: Tensor, b: int, h: int, w: int) -> Tensor:
     """(N, D) → (B, D, h, w), the inverse of ``_to_rows``."""
     return rows.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
-
-
-def bits_to_indices(bits: Tensor) -> Tensor:
-    """Pack bits into code indices: index = Σ_i 2^i · bit_i (channel 0 = least significant bit).
-
-    bits: (B, n, h, w) bool or 0/1 numbers (any nonzero counts as 1), n ≤ 62.
-    Returns (B, h, w) int64 in [0, 2^n).
-    """
-    n = bits.shape[1]
-    _check_bits(n)
-    weights = torch.ones((), dtype=torch.int64, device=bits.device) << torch.arange(n, device=bits.device)
-    return (bits.bool().to(torch.int64) * weights.view(1, n, 1, 1)).sum(1)
-
-
-def indices_to_bits(indices: Tensor, n: int) -> Tensor:
-    """Unpack code indices into bits, the inverse of ``bits_to_indices``.
-
-    indices: (B, h, w) integer in [0, 2^n), n ≤ 62. Returns (B, n, h, w) float32 in {0, 1}.
-    """
-    _check_bits(n)
-    shifts = torch.arange(n, device=indices.device).view(1, n, 1, 1)
-    return ((indices.to(torch.int64).unsqueeze(1) >> shifts) & 1).to(torch.float32)
-
-
-def _entropy(p: Tensor, dim: int = -1) -> Tensor:
-    """Entropy (nats) of probabilities ``p`` along ``dim``; 0·log 0 = 0 with a finite gradient."""
-    return -(p * p.clamp_min(1e-30).log()).sum(dim)
 
 
 def code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
@@ -130,61 +101,33 @@ def code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
             for name, value in (("codebook_usage", distinct / codebook_size), ("perplexity", math.exp(entropy)))}
 
 
-def _code_distribution(p1: Tensor) -> Tensor:
-    """Per-sample distribution over the 2^m codes of m independent bits.
+@dataclass(frozen=True)
+class VQOptions:
+    """How a ``VectorQuantizer`` learns its codes (each is described in its docstring). The
+    defaults are the suite's plain VQ; the codebook-collapse fixes ``simvq`` and
+    ``rotation_trick`` are off."""
 
-    p1: (N, m) float32, P(bit_i = 1). Returns (N, 2^m) with column k = Π_i P(bit_i = k_i),
-    bit i of k least significant first (the ``bits_to_indices`` order). Built by doubling
-    with products of probabilities, so no matmul (and no TF32) rounds it.
-    """
-    probs = p1.new_ones(p1.shape[0], 1)
-    for i in range(p1.shape[1]):
-        bit = p1[:, i : i + 1]
-        # new index = b_i · 2^i + old index: the 1-half stacks after the 0-half.
-        probs = torch.cat([probs * (1 - bit), probs * bit], dim=1)
-    return probs
+    beta: float = 0.25  # VQ-VAE: commitment weight, on the encoder term
+    l2_norm: bool = False
+    ema: bool = False
+    ema_decay: float = 0.99
+    restart_every: int = 100  # 0 = never
+    restart_threshold: float = 1e-2
+    simvq: bool = False  # SimVQ, Zhu et al. 2024
+    rotation_trick: bool = False  # Fifty et al. 2024
 
-
-def _group_batch_entropy(p1: Tensor) -> Tensor:
-    """Exact entropy of the batch-mean code distribution of g = p1.shape[1] independent bits.
-
-    The mean over samples of P(lo, hi | z) = P(lo | z)·P(hi | z) is the matrix product
-    P_loᵀ P_hi / N, so the (N, 2^g) joint is never built: memory is O(N · 2^(g/2)).
-    """
-    half = p1.shape[1] // 2
-    lo, hi = _code_distribution(p1[:, :half]), _code_distribution(p1[:, half:])
-    mean = lo.T @ hi / p1.shape[0]  # (2^half, 2^(g-half)) (TF32, where enabled, only perturbs ~1e-3)
-    return _entropy(mean.reshape(-1))
-
-
-def factorized_entropies(bit_logits: Tensor, max_group_bits: int = 12) -> tuple[Tensor, Tensor]:
-    """Entropies of a distribution over binary codes that factorises over bits given the sample.
-
-    bit_logits: (N, n) float, log P(bit_i = 1 | sample) / P(bit_i = 0 | sample).
-    Returns two () tensors in nats, differentiable:
-    - the mean per-sample entropy E_z[H(p(·|z))] — exact: the entropy of a product of
-      independent bits is the sum of the per-bit Bernoulli entropies;
-    - the batch ("codebook") entropy H(E_z[p(·|z)]) — exact when n ≤ max_group_bits; else
-      the bits are split into consecutive groups of at most ``max_group_bits`` and the groups'
-      exact batch entropies are summed. By subadditivity that is an upper bound of the joint
-      entropy (equal when the groups are independent over the batch); maximising it still
-      drives every group's marginal to uniform (Open-MAGVIT2 factorises likewise).
-    Never materialises an (N, 2^n) tensor for n > max_group_bits.
-    """
-    if max_group_bits < 1:
-        raise ValueError(f"max_group_bits must be >= 1, got {max_group_bits}")
-    logits = bit_logits.float()
-    p1 = torch.sigmoid(logits)
-    # log-sigmoid keeps saturated bits (logits of ±1000 at τ = 0.01) finite.
-    bernoulli = -(p1 * F.logsigmoid(logits) + (1 - p1) * F.logsigmoid(-logits))  # (N, n)
-    per_sample = bernoulli.sum(1).mean()
-    groups = [p1[:, s : s + max_group_bits] for s in range(0, p1.shape[1], max_group_bits)]
-    batch = torch.stack([_group_batch_entropy(g) for g in groups]).sum()
-    return per_sample, batch
+    def check(self) -> None:
+        """ValueError for impossible values or switches that exclude each other."""
+        if not 0.0 <= self.ema_decay < 1.0 or self.restart_every < 0 or self.restart_threshold < 0:
+            raise ValueError("need 0 <= ema_decay < 1, restart_every >= 0 and restart_threshold >= 0")
+        if self.simvq and self.ema:
+            raise ValueError("simvq learns its linear map by the codebook loss: it excludes ema")
+        if self.simvq and self.restart_every:
+            raise ValueError("simvq keeps its random codebook frozen: restart_every must be 0 (no restarts)")
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour vector quantization (VQ-VAE; VQGAN / LlamaGen options).
+    """Nearest-neighbour vector quantization (VQ-VAE; VQGAN / LlamaGen / SimVQ options).
 
     forward: z (B, dim, h, w) float → quantized (B, dim, h, w) (same dtype), indices (B, h, w).
 
@@ -203,6 +146,11 @@ class VectorQuantizer(nn.Module):
       in training, every ``restart_every`` calls (0 = never) the codes whose usage is below
       ``restart_threshold`` × the uniform share 1/K are replaced, before quantizing, by random
       latents of the current batch.
+    - ``simvq`` (Zhu et al. 2024): ``codebook`` is a frozen (K, D) buffer of N(0, 1/D) codes and
+      the codes are ``codebook_map(codebook)``, one learned D×D linear map (no bias; both as
+      vector-quantize-pytorch's SimVQ), trained by the codebook loss; no data init, no restarts.
+    - ``rotation_trick`` (Fifty et al. 2024): ``quantized`` has the straight-through value but
+      the rotation trick's gradient (``rotation_trick.py``).
     - DDP: when torch.distributed is initialised, counts, sums and usage are all-reduced before
       every update and the codebook is broadcast from rank 0 after a restart, so every rank
       holds the same codes.
@@ -212,21 +160,23 @@ class VectorQuantizer(nn.Module):
     dead_codes (codes below the restart threshold), restarted_codes (replaced by this call).
     """
 
-    def __init__(self, codebook_size: int, dim: int, *, beta: float = 0.25, l2_norm: bool = False,
-                 ema: bool = False, ema_decay: float = 0.99, restart_every: int = 100,
-                 restart_threshold: float = 1e-2) -> None:
+    def __init__(self, codebook_size: int, dim: int, options: VQOptions | None = None) -> None:
         super().__init__()
+        options = options or VQOptions()
         if codebook_size < 1 or dim < 1:
             raise ValueError(f"codebook_size and dim must be >= 1, got {codebook_size}, {dim}")
-        if not 0.0 <= ema_decay < 1.0 or restart_every < 0 or restart_threshold < 0:
-            raise ValueError("need 0 <= ema_decay < 1, restart_every >= 0 and restart_threshold >= 0")
-        self.codebook_size, self.dim = codebook_size, dim
+        options.check()
+        self.codebook_size, self.dim, self.options = codebook_size, dim, options
         self.in_channels = self.out_channels = dim
-        self.beta, self.l2_norm, self.ema, self.ema_decay = beta, l2_norm, ema, ema_decay
-        self.restart_every, self.restart_threshold = restart_every, restart_threshold
+        self.beta, self.l2_norm = options.beta, options.l2_norm
+        self.ema, self.ema_decay = options.ema, options.ema_decay
+        self.restart_every, self.restart_threshold = options.restart_every, options.restart_threshold
         # N(0, 1) codes: the scale of unit-variance encoder outputs; restarts fix what misses.
         init = torch.randn(codebook_size, dim)
-        if ema:
+        if options.simvq:
+            self.register_buffer("codebook", init * dim**-0.5)  # (K, D) frozen: SimVQ's random basis
+            self.codebook_map = nn.Linear(dim, dim, bias=False)  # the learned map W: codes = codebook Wᵀ
+        elif self.ema:
             self.register_buffer("codebook", init)  # (K, D), set by the EMA, never by gradient
             self.register_buffer("ema_count", torch.ones(codebook_size))  # (K,) EMA assignment counts
             self.register_buffer("ema_sum", init.clone())  # (K, D) EMA summed latents; sum/count = code
@@ -235,13 +185,17 @@ class VectorQuantizer(nn.Module):
         # False until the first training batch replaces the N(0, 1) codes by its latents (data
         # init, as Jukebox / vector-quantize-pytorch): random codes far from the encoder's output
         # scale would otherwise collapse onto a handful of codes until the first restart.
-        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("initialised", torch.tensor(options.simvq))  # SimVQ: never data-initialised
         self.register_buffer("usage", torch.zeros(codebook_size))  # (K,) EMA fraction of assignments
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training calls, for restarts
 
     def _codes(self) -> Tensor:
-        """The codebook as used for distances: (K, D) float32, l2-normalised in l2_norm mode."""
+        """The codebook as used for distances: (K, D) float32, mapped by W in simvq mode and
+        l2-normalised in l2_norm mode."""
         codes = self.codebook.float()
+        if self.options.simvq:
+            with torch.autocast(codes.device.type, enabled=False):
+                codes = F.linear(codes, self.codebook_map.weight.float())
         return F.normalize(codes, dim=1) if self.l2_norm else codes
 
     def lookup(self, indices: Tensor) -> Tensor:
@@ -272,12 +226,15 @@ class VectorQuantizer(nn.Module):
             entropy_sum += -(log_p.exp() * log_p).sum()
             prob_sum += log_p.exp().sum(0)
         n = max(x.shape[0], 1)
-        return indices, entropy_sum / n, _entropy(prob_sum / n)
+        return indices, entropy_sum / n, entropy(prob_sum / n)
 
     @torch.no_grad()
     def init_codebook(self, x: Tensor) -> None:
         """Set every code to a random row of x (N, D) fp32 (with replacement when N < K, plus a
-        little noise so repeated rows differ); rank 0's choice under DDP."""
+        little noise so repeated rows differ); rank 0's choice under DDP. Not in simvq mode,
+        whose random codebook stays frozen."""
+        if self.options.simvq:
+            raise RuntimeError("a SimVQ codebook is frozen random: it is never set from latents")
         k = self.codebook_size
         pick = torch.randperm(x.shape[0], device=x.device)[:k] if x.shape[0] >= k else \
             torch.randint(x.shape[0], (k,), device=x.device)
@@ -344,7 +301,7 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (B, dim, h, w) float → QuantizerOutput (see class docstring)."""
-        _check_latents(z, self.dim, "VectorQuantizer")
+        check_latents(z, self.dim, "VectorQuantizer")
         b, _, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
             x = _to_rows(z).float()  # (N, D)
@@ -364,6 +321,8 @@ class VectorQuantizer(nn.Module):
                 loss = loss + codebook_loss
                 stats["codebook_loss"] = codebook_loss.detach()
             quantized = x + (e - x).detach()  # straight-through estimator
+            if self.options.rotation_trick:
+                quantized = rotation_trick(x, e, quantized)  # same value, rotated gradient
         if self.training:
             self._update_statistics(x.detach(), indices)
         dead = (self.usage < self.restart_threshold / self.codebook_size).sum()
@@ -394,7 +353,7 @@ class LookupFreeQuantizer(nn.Module):
     def __init__(self, bits: int, *, commitment_weight: float = 0.25, entropy_weight: float = 0.1,
                  entropy_temperature: float = 0.01, max_entropy_group_bits: int = 12) -> None:
         super().__init__()
-        _check_bits(bits)
+        check_bits(bits)
         if entropy_temperature <= 0 or max_entropy_group_bits < 1:
             raise ValueError("need entropy_temperature > 0 and max_entropy_group_bits >= 1")
         self.bits = bits
@@ -412,7 +371,7 @@ class LookupFreeQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (B, bits, h, w) float → QuantizerOutput (see class docstring)."""
-        _check_latents(z, self.bits, "LookupFreeQuantizer")
+        check_latents(z, self.bits, "LookupFreeQuantizer")
         with torch.autocast(z.device.type, enabled=False):
             x = z.float()
             positive = x > 0
@@ -451,7 +410,7 @@ class BinaryQuantizer(nn.Module):
 
     def __init__(self, bits: int, dim: int, *, deterministic: bool = False) -> None:
         super().__init__()
-        _check_bits(bits)
+        check_bits(bits)
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.bits, self.dim, self.deterministic = bits, dim, deterministic
@@ -470,7 +429,7 @@ class BinaryQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """z (B, bits, h, w) float logits → QuantizerOutput (see class docstring)."""
-        _check_latents(z, self.bits, "BinaryQuantizer")
+        check_latents(z, self.bits, "BinaryQuantizer")
         with torch.autocast(z.device.type, enabled=False):
             logits = z.float()
             sigma = torch.sigmoid(logits)

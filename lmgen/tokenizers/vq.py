@@ -2,6 +2,7 @@
 
 The baseline of JPEG-LM's comparison and of MAGVIT-v2's Fig. 1: a codebook of
 ``codebook_size`` learned ``codebook_dim``-dimensional codes, one id per latent position.
+Two codebook-collapse fixes are switches of it (``simvq``, ``rotation_trick``), off by default.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 
 from .base import MAX_VOCAB_SIZE, count_label
 from .learned import LearnedConfig, LearnedTokenizer
-from .quantizers import VectorQuantizer
+from .quantizers import VectorQuantizer, VQOptions
 
 
 @dataclass
@@ -26,10 +27,21 @@ class VQConfig(LearnedConfig):
     ema_decay: float = 0.99
     restart_every: int = 100  # steps between dead-code restarts (0 = never)
     restart_threshold: float = 0.01  # restart codes used < this × the uniform share 1/K
+    # Codebook-collapse fixes, off by default. SimVQ (Zhu et al. 2024): frozen random codes through
+    # one learned linear map (needs restart_every: 0, excludes ema). Rotation trick (Fifty et al.
+    # 2024): the encoder's gradient through the rotation onto its code, not straight through.
+    simvq: bool = False
+    rotation_trick: bool = False
 
     def label(self) -> str:
-        """Short preset-style name for plots and tables: codebook size and downsampling factor."""
-        return f"{self.name} {count_label(self.codebook_size)} f{self.downsample}"
+        """Short preset-style name for plots and tables: codebook size, downsampling factor and
+        the collapse fixes switched on (``vq 16k f4 simvq``)."""
+        return f"{self.name} {count_label(self.codebook_size)} f{self.downsample}{fixes_label(self)}"
+
+
+def fixes_label(cfg: VQConfig) -> str:
+    """The collapse fixes a VQ config switches on, as a label suffix: " simvq", " rot", " simvq rot" or ""."""
+    return "".join(f" {tag}" for tag, on in (("simvq", cfg.simvq), ("rot", cfg.rotation_trick)) if on)
 
 
 class VQTokenizer(LearnedTokenizer):
@@ -43,12 +55,30 @@ class VQTokenizer(LearnedTokenizer):
 
 def vector_quantizer(cfg: VQConfig) -> VectorQuantizer:
     """The ``VectorQuantizer`` a VQ config describes (also crt's with ``quantizer: vq``)."""
-    # Checked before the (codebook_size, codebook_dim) codebook is allocated.
+    check_codebook(cfg)
+    return VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, vq_options(cfg))
+
+
+def check_codebook(cfg: VQConfig) -> None:
+    """ValueError naming ``<name>.<field>`` for a codebook that cannot be built or cached: checked
+    before the (codebook_size, codebook_dim) codebook is allocated."""
     if not 2 <= cfg.codebook_size <= MAX_VOCAB_SIZE:
         raise ValueError(f"{cfg.name}.codebook_size must be in [2, 2^31] (token ids are cached as int32), "
                          f"got {cfg.codebook_size}")
     if cfg.codebook_dim < 1:
         raise ValueError(f"{cfg.name}.codebook_dim must be >= 1, got {cfg.codebook_dim}")
-    return VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, beta=cfg.beta, l2_norm=cfg.l2_norm,
-                           ema=cfg.ema, ema_decay=cfg.ema_decay, restart_every=cfg.restart_every,
-                           restart_threshold=cfg.restart_threshold)
+
+
+def vq_options(cfg: VQConfig) -> VQOptions:
+    """The ``VQOptions`` of a VQ config; ValueError naming ``<name>.<field>`` for switches that
+    exclude each other (simvq with ema or with restarts)."""
+    if cfg.simvq and cfg.ema:
+        raise ValueError(f"{cfg.name}.simvq learns its linear map by the codebook loss: set {cfg.name}.ema=false")
+    if cfg.simvq and cfg.restart_every:
+        raise ValueError(f"{cfg.name}.simvq keeps its random codebook frozen: set {cfg.name}.restart_every=0 "
+                         f"(got {cfg.restart_every})")
+    options = VQOptions(beta=cfg.beta, l2_norm=cfg.l2_norm, ema=cfg.ema, ema_decay=cfg.ema_decay,
+                        restart_every=cfg.restart_every, restart_threshold=cfg.restart_threshold,
+                        simvq=cfg.simvq, rotation_trick=cfg.rotation_trick)
+    options.check()
+    return options
