@@ -67,7 +67,7 @@ def scaling_figure(runs: pd.DataFrame) -> Figure:
         raise FigureSkipped(f"needs {needed} on the runs")
     fitted = runs.dropna(subset=needed).groupby("tokenizer_label")["lm/params"].nunique()
     if not (fitted >= 2).any():
-        raise FigureSkipped("no tokenizer has runs at ≥2 LM sizes (a sweep over lm.size, e.g. sweeps/quickstart.yaml)")
+        raise FigureSkipped("no tokenizer has runs at ≥2 LM sizes (a sweep over lm.size, e.g. sweeps/tokens_per_image.yaml or sweeps/crt_lambda.yaml)")
     runs = with_arms(runs)
     fig, axes = new_figure(2, 2, width=5.0, height=4.4)
     for row, (y_col, y_label) in enumerate([(g_col, g_label), ("lm/val_bits_per_image", "validation bits per image ↓")]):

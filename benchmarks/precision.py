@@ -4,11 +4,12 @@
 
 Three workloads, each timed in fp32 and under bf16 autocast in turns (median of ``--repeats``,
 so a busy machine slows both alike): a 2048³ matmul, a 4096×512 @ 512×512 linear layer (the
-shape of a Llama projection at batch × tokens = 4096), and one training step of the
-quickstart's nano Llama on a 64-token VQ grid at batch 32 (forward, loss, backward, AdamW).
-The ratio column is bf16 time ÷ fp32 time: above 1, bf16 is slower. A CPU whose bf16 runs on
-AMX tiles shows ratios well below 1; AVX512-BF16 without AMX does not (only dot products of
-bf16 pairs are native there, and autocast adds conversions).
+shape of a Llama projection at batch × tokens = 4096), and one training step (forward, loss,
+backward, AdamW) of the nano (the quickstart's), micro and small Llamas on a 64-token VQ grid
+at batch 32.
+The ratio column is bf16 time ÷ fp32 time: above 1, bf16 is slower. Where bf16 dot products
+are native (AVX512-BF16, AMX) a large matmul can run faster in bf16, while a small model's
+step, dominated by autocast's casts and elementwise work, runs slower.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def cpu_flags() -> str:
     return ", ".join(found) or "none"
 
 
-def nano_step(bf16: bool) -> callable:
-    """One training step of the nano Llama on random VQ-grid sequences (64 tokens, batch 32)."""
+def lm_step(size: str, bf16: bool) -> callable:
+    """One training step of the ``size`` Llama on random VQ-grid sequences (64 tokens, batch 32)."""
     layout = SequenceLayout(vocab_size=1024, max_tokens=64, num_classes=10, variable_length=False)
     torch.manual_seed(0)
-    module = ARModule(llama_config("nano", layout.total_vocab, layout.seq_len), layout, OptimConfig())
+    module = ARModule(llama_config(size, layout.total_vocab, layout.seq_len), layout, OptimConfig())
     optimizer = module.configure_optimizers()["optimizer"]
     g = torch.Generator().manual_seed(0)
     ids, labels = torch.randint(0, 1024, (32, 64), generator=g), torch.randint(0, 10, (32,), generator=g)
@@ -79,7 +80,8 @@ def main() -> None:
     arms = {"matmul 2048³ fp32": under(False, lambda: a @ b), "matmul 2048³ bf16": under(True, lambda: a @ b),
             "linear 4096×512×512 fp32": under(False, lambda: linear(x)),
             "linear 4096×512×512 bf16": under(True, lambda: linear(x)),
-            "nano step, VQ 8×8, batch 32 fp32": nano_step(False), "nano step, VQ 8×8, batch 32 bf16": nano_step(True)}
+            **{f"{size} step, VQ 8×8, batch 32 {p}": lm_step(size, p == "bf16")
+               for size in ("nano", "micro", "small") for p in ("fp32", "bf16")}}
     seconds = interleaved(arms, torch.device("cpu"), repeats=args.repeats)
     rows = []
     for name in list(arms)[::2]:

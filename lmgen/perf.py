@@ -49,13 +49,15 @@ class Peak:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """The Lightning precision a run trains in: ``precision`` itself, or for ``auto`` bf16-mixed on
-    a CUDA GPU that has bf16 (16-mixed on one that has not) and 32-true on a CPU.
+    a CUDA GPU that has bf16 (16-mixed on one that has not) and 32-true on every CPU.
 
-    CPUs default to fp32 whatever their instruction set: bf16 autocast is *slower* than fp32 on
-    CPUs without AMX even where they have AVX512-BF16 (``python benchmarks/precision.py``), and
-    a CPU-dependent default would make the same config give different numbers on different
-    machines. A CPU with AMX can ask for ``bf16-mixed``; the precision used is logged
-    (``lm/precision``, ``tok/precision`` params) either way.
+    Precision changes results, so a default that followed the CPU model would make one config
+    give different numbers on different machines; and at the sizes a CPU trains here it buys
+    nothing: on an AVX512-BF16 CPU without AMX a 2048³ bf16 matmul runs 2.3× faster than fp32
+    but a nano or micro Llama step under bf16 autocast runs no faster (``python
+    benchmarks/precision.py``), and on another such CPU bf16 matmuls were slower than fp32.
+    A CPU with AMX, or a larger model, can ask for ``bf16-mixed``; every run logs the precision
+    it used (param ``resolved.precision``).
     """
     if precision != "auto":
         return precision

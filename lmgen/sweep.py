@@ -197,7 +197,8 @@ def _label(key: str, value: Any, leaves: dict[str, int]) -> str:
 
 def _block_label(block: Block, experiment: Path) -> str:
     """What tells a block's points from another block's: its own overrides (``tokenizer=vq_1k`` →
-    ``vq_1k``), else its experiment file's stem."""
+    ``vq_1k``), else its experiment file's stem (left out of the names where the block's own
+    axes already vary)."""
     if not block.overrides:
         return experiment.stem
     pairs = [o.partition("=")[::2] for o in block.overrides]
@@ -222,7 +223,8 @@ def _block_points(spec: SweepSpec, block: Block, name_experiment: bool) -> list[
         assignment = dict(pair for part in combo for pair in part)
         experiment = Path(os.path.normpath(spec.path.parent / str(assignment.pop(EXPERIMENT_AXIS))
                                            if EXPERIMENT_AXIS in assignment else block.experiment))
-        labels = [_block_label(block, experiment)] if name_experiment and EXPERIMENT_AXIS not in varying else []
+        block_label = _block_label(block, experiment) if name_experiment and EXPERIMENT_AXIS not in varying else ""
+        labels = [block_label] if block_label and (block.overrides or not varying) else []
         labels += [_label(k, experiment if k == EXPERIMENT_AXIS else assignment[k], leaves) for k in varying]
         overrides = (*spec.overrides, *block.overrides, *(f"{k}={_render(v)}" for k, v in assignment.items()))
         points.append(SweepPoint(name=",".join(labels) or spec.name, experiment=experiment, overrides=overrides))
