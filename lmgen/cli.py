@@ -169,14 +169,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from lmgen.tracking import lmgen_home, resolve_tracking_uri
+    from lmgen.tracking import latest_experiment, lmgen_home, resolve_tracking_uri, runs_table_url
 
     uri = resolve_tracking_uri(args.uri)
+    base = f"http://{args.host}:{args.port}"
+    found = latest_experiment(uri, args.experiment)
+    if args.experiment and found is None:
+        print(f"lmgen ui: no experiment {args.experiment!r} in {uri}", file=sys.stderr)
+        return 2
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                "--host", args.host, "--port", str(args.port)]
     if uri.startswith("sqlite:///"):
         command += ["--default-artifact-root", (lmgen_home() / "mlartifacts").as_uri()]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}); Ctrl-C stops it", flush=True)
+    where = f"runs of {found[1]!r}: {runs_table_url(base, found[0])}" if found else f"{base} (no experiment yet)"
+    print(f"MLflow UI on {where}  (store: {uri}); Ctrl-C stops it", flush=True)
     env = os.environ.copy()
     # The server's background job workers (GenAI evaluation jobs) cost ~8 processes of
     # ~250 MB each and lmgen never submits jobs: off unless the user asks for them.
@@ -246,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the SQLite store)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--experiment", default=None, help="the experiment whose runs table to open (default: the one "
+                                                        "updated last)")
     ui.set_defaults(func=cmd_ui)
     return parser
 

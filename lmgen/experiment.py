@@ -36,6 +36,7 @@ from lmgen.config import (
 from lmgen.data import SequenceLayout, TokenDataModule
 from lmgen.datasets import build_dataset, frame_view
 from lmgen.evaluate import Generator, Scoring, evaluate_model
+from lmgen.files import safe_load
 from lmgen.llama import Llama, LlamaConfig, llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.perf import resolve_precision
@@ -235,7 +236,7 @@ def _train(t: TrainConfig, budget: Budget, module: ARModule, datamodule: TokenDa
         limit_val_batches=t.val_batches or 1.0, log_every_n_steps=t.log_every,
         logger=logger, callbacks=callbacks, num_sanity_val_steps=0,
         enable_model_summary=False, default_root_dir=str(lmgen_home()), enable_checkpointing=checkpoint is not None)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)  # lmgen writes plain data
     if budget.steps % budget.val_every:  # always end on a validation of the final weights
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if checkpoint is not None:  # last.ckpt holds the final weights whatever val_every was (lmgen eval reads it)
@@ -304,6 +305,8 @@ class RestoredRun:
     tokenizer_state: Path
     layout: SequenceLayout
     model: Llama
+    checkpoint: Path  # the checkpoint the weights came from: last.ckpt, or last.prev.ckpt if it was torn
+    step: int  # its global step
 
 
 def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None = None) -> RestoredRun:
@@ -327,6 +330,9 @@ def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None
     tags = original.data.tags
     if tags.get("lmgen.stage") != "lm":
         raise ValueError(f"run {run_id} is not an lmgen LM run (lmgen.stage={tags.get('lmgen.stage')!r})")
+    if original.info.status != "FINISHED":  # a KILLED or FAILED run's checkpoint is a half-trained model
+        raise ValueError(f"run {run_id} is {original.info.status}, not FINISHED: its checkpoint is not the trained "
+                         "model; finish it first (lmgen run --resume, or the sweep again)")
     ckpt = usable_checkpoint(checkpoint_path(home, run_id))
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint for run {run_id} at {checkpoint_path(home, run_id)}: it was trained "
@@ -343,10 +349,14 @@ def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None
     load_tokenizer_state(tokenizer, state)
     layout = sequence_layout(cfg.lm, tokenizer, train_ds.num_classes)
     module = ARModule(model_config(cfg.lm, tokenizer, layout), layout, OptimConfig())
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    checkpoint = safe_load(ckpt)
+    module.load_state_dict(checkpoint["state_dict"])
+    if ckpt.name != checkpoint_path(home, run_id).name:
+        log.warning("run %s: last.ckpt is damaged; restoring %s (step %s) instead, which the results will say",
+                    run_id, ckpt.name, checkpoint.get("global_step"))
     return RestoredRun(run=original, client=client, uri=uri, home=home, trained=trained, cfg=cfg, train_ds=train_ds,
                        val_ds=val_ds, tokenizer=tokenizer, tokenizer_state=state, layout=layout,
-                       model=module.model.eval())
+                       model=module.model.eval(), checkpoint=ckpt, step=int(checkpoint.get("global_step", -1)))
 
 
 def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = None) -> RunSummary:
@@ -370,7 +380,9 @@ def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = 
     name = cfg.tracking.run_name if cfg.tracking.run_name != restored.trained.tracking.run_name else None
     name = name or f"{original.info.run_name}-eval-n{cfg.sample.num_samples}-s{cfg.seed}"
     child_tags = {**{k: v for k, v in tags.items() if k.startswith("lmgen.")}, "lmgen.stage": "eval",
-                  "lmgen.eval_of": run_id, "mlflow.parentRunId": run_id}
+                  "lmgen.eval_of": run_id, "mlflow.parentRunId": run_id,
+                  # which weights were scored: last.ckpt, or the one before it where last.ckpt was torn
+                  "lmgen.scored_checkpoint": f"{restored.checkpoint.name} (step {restored.step})"}
     eval_id = tracker.start_run(name, child_tags)
     with tracker.ending(eval_id):
         tracker.log_config(eval_id, to_dict(cfg))

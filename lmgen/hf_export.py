@@ -130,6 +130,7 @@ def layout_card(restored: RestoredRun, out_files: tuple[str, ...] = ()) -> dict[
     return {
         "format": "lmgen-hf-export", "format_version": EXPORT_FORMAT,
         "run_id": restored.run.info.run_id, "run_name": restored.run.info.run_name,
+        "checkpoint": restored.checkpoint.name, "step": restored.step,
         "config_hash": tags.get("lmgen.config_hash"), "tokenizer_hash": tags.get("lmgen.tokenizer_hash"),
         # image ids are [0, vocab_size); the specials follow (lmgen.data.SequenceLayout)
         "vocab_size": layout.vocab_size, "total_vocab": layout.total_vocab,

@@ -29,6 +29,7 @@ from lmgen.concurrency import barrier, file_lock
 from lmgen.config import ExperimentConfig, MetricsConfig, TrainConfig, config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import DataConfig, ImageDataset, load_images
+from lmgen.files import safe_load
 from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim, token_statistics
 from lmgen.metrics.bootstrap import bootstrap_fd
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
@@ -106,7 +107,7 @@ def load_tokenizer_state(tokenizer: ImageTokenizer, state_path: Path) -> None:
     if not state_path.is_file():
         raise FileNotFoundError(f"stage-1 tokenizer state {state_path} is missing: was the run made with another "
                                 "LMGEN_HOME? (set LMGEN_HOME to the directory that holds tokenizers/)")
-    tokenizer.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False))
+    tokenizer.load_state_dict(safe_load(state_path))
 
 
 def prepare_tokenizer(job: Stage1Job, tracker: Tracker, probe: Probe | None = None) -> Stage1Result:
@@ -213,7 +214,7 @@ def _train_learned(job: Stage1Job, logging_to: tuple[Tracker, str] | None) -> di
         path = Path(t.checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer.checkpoint: no file at {path}")
-        tokenizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        tokenizer.load_state_dict(safe_load(path))
         log.info("stage 1: loaded %s weights from %s", t.name, path)
         return {}
     train_images = load_images(job.train_ds, t.train_images, data.encode_batch_size, data.num_workers)

@@ -406,16 +406,18 @@ def _parent_run(tracker, spec: SweepSpec, points: Sequence[SweepPoint], hashes: 
 
 
 def _result(tracker, name: str, run_hash: str, code: int | None, log_path: Path) -> PointResult:
-    """How a launched point ended, from its MLflow run and its process's exit code."""
+    """How a launched point ended, from its MLflow run and its process's exit code. A point whose
+    process failed while its run is still RUNNING is FAILED only if no live process owns the run
+    (``Tracker.end_if_abandoned``): a point refused because another sweep is training it leaves
+    that run alone and reads RUNNING; a run some process FINISHED stays FINISHED. The result is
+    the run's status, with the tail of the point's log whenever its process failed."""
     run_id = tracker.find_run({"lmgen.stage": "lm", "lmgen.config_hash": run_hash}) or ""
     status = tracker.status(run_id) if run_id else "FAILED"
-    if code != 0 and status in ("RUNNING", "FINISHED"):
+    if code != 0 and status == "RUNNING" and tracker.end_if_abandoned(run_id, "FAILED"):
         status = "FAILED"  # the process died (or was killed) before its run could say so itself
-        if run_id:
-            tracker.end_run(run_id, "FAILED")
     metrics = _pick(tracker.metrics(run_id)) if run_id else {}
     return PointResult(name, status, run_id, metrics, _seconds(tracker, run_id),
-                       "" if status == "FINISHED" else _tail(log_path))
+                       _tail(log_path) if code != 0 or status != "FINISHED" else "")
 
 
 def _finish(tracker, parent: str, results: Sequence[PointResult], seconds: float) -> None:

@@ -260,7 +260,7 @@ def train_tokenizer(tokenizer: LearnedTokenizer, train_images: Tensor, val_image
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         trainer.fit(module, train_dataloaders=_loader(train_images, cfg.batch_size, True, cfg.seed),
-                    val_dataloaders=_loader(val, 256, False, cfg.seed), ckpt_path=resume)
+                    val_dataloaders=_loader(val, 256, False, cfg.seed), ckpt_path=resume, weights_only=True)
     seconds = time.perf_counter() - start
     tokenizer.eval()
     images = cfg.steps * cfg.batch_size * trainer.world_size

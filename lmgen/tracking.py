@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from lmgen.config import flatten
 log = logging.getLogger(__name__)
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
+# MLflow 3's UI opens an experiment by its kind: tagged as model training it lands on the runs
+# table, not on the GenAI traces page (which an untagged experiment of LM runs can be taken for).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 BATCH_LIMIT = 100  # MLflow's limit on params per log_batch call
 
 
@@ -90,13 +94,16 @@ class Tracker:
         self.experiment = experiment
         if found is not None:
             self.experiment_id = found.experiment_id
+            if writes and found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made by an older lmgen
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         elif not writes:
             self.experiment_id = None  # rank 0 creates it; a reader has nothing to find yet
         else:
             location = None
             if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
     def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
         """Create a RUNNING run with the standard tags; returns its id."""
@@ -129,24 +136,33 @@ class Tracker:
         their ids. A run owned by a live process, or by another host, is left alone."""
         stale = []
         for run_id in self.find_runs(tags, "RUNNING"):
-            owner = self.client.get_run(run_id).data.tags
-            if owner.get("lmgen.host") != socket.gethostname() or _alive(int(owner.get("lmgen.pid", "0") or 0)):
-                continue
-            if self.writes:
-                self.client.set_tag(run_id, "lmgen.reconciled",
-                                    f"RUNNING but process {owner.get('lmgen.pid')} on {owner.get('lmgen.host')} was gone")
-                self.client.set_terminated(run_id, status="KILLED")
-            stale.append(run_id)
+            if self.end_if_abandoned(run_id, "KILLED"):
+                stale.append(run_id)
         return stale
+
+    def end_if_abandoned(self, run_id: str, status: str) -> bool:
+        """End RUNNING run ``run_id`` as ``status`` (tag ``lmgen.reconciled``) when the process that
+        ran it is gone — the one check every path that ends a run on another process's behalf goes
+        through (a rerun's reconcile, a sweep whose point process died). A run still owned by a
+        live process, one of another host (which this host cannot check) and one that is not
+        RUNNING are left alone; returns whether the run was ended."""
+        run = self.client.get_run(run_id)
+        owner = run_owner(run.data.tags)
+        if run.info.status != "RUNNING" or owner.host != socket.gethostname() or owner.alive():
+            return False
+        if self.writes:
+            self.client.set_tag(run_id, "lmgen.reconciled", f"RUNNING but {owner} was gone")
+            self.client.set_terminated(run_id, status=status)
+        return True
 
     def live_owner(self, run_id: str) -> str | None:
         """"process P on HOST" if run ``run_id`` is RUNNING in another live process on this host, else None."""
         run = self.client.get_run(run_id)
-        tags, pid = run.data.tags, int(run.data.tags.get("lmgen.pid", "0") or 0)
-        mine = tags.get("lmgen.host") == socket.gethostname()
-        if run.info.status != "RUNNING" or not mine or pid == os.getpid() or not _alive(pid):
+        owner = run_owner(run.data.tags)
+        mine = owner.host == socket.gethostname()
+        if run.info.status != "RUNNING" or not mine or owner.pid == os.getpid() or not owner.alive():
             return None
-        return f"process {pid} on {tags['lmgen.host']}"
+        return str(owner)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         if self.writes:
@@ -242,9 +258,61 @@ class Tracker:
         return self.client.get_run(run_id).info.artifact_uri
 
 
+def runs_table_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment, in its model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def latest_experiment(uri: str, name: str | None = None) -> tuple[str, str] | None:
+    """(id, name) of experiment ``name`` in the store at ``uri``, else of the one updated last
+    (MLflow's empty ``Default`` only if it is all there is); None for an empty store or an
+    unknown ``name``."""
+    client = MlflowClient(tracking_uri=uri)
+    if name is not None:
+        found = client.get_experiment_by_name(name)
+        return None if found is None else (found.experiment_id, found.name)
+    experiments = client.search_experiments(order_by=["last_update_time DESC"])
+    ours = [e for e in experiments if e.name != "Default"] or experiments
+    return (ours[0].experiment_id, ours[0].name) if ours else None
+
+
 def owner_tags() -> dict[str, str]:
-    """Tags naming the process that runs a run (``lmgen.host``, ``lmgen.pid``): what ``reconcile`` checks."""
-    return {"lmgen.host": socket.gethostname(), "lmgen.pid": str(os.getpid())}
+    """Tags naming the process that runs a run: ``lmgen.host``, ``lmgen.pid`` and
+    ``lmgen.pid_start`` (when it started, so a later process that reuses the pid is not taken
+    for it): what ``Tracker.end_if_abandoned`` checks."""
+    return {"lmgen.host": socket.gethostname(), "lmgen.pid": str(os.getpid()),
+            "lmgen.pid_start": _start_time(os.getpid())}
+
+
+@dataclass(frozen=True)
+class RunOwner:
+    """The process a run's tags name: host, pid and its start time ("" where unknown)."""
+
+    host: str
+    pid: int
+    start: str
+
+    def alive(self) -> bool:
+        """Whether that very process still runs on this host: the pid exists, is no zombie, and —
+        when the run recorded one — started when the run's process did (containers reuse small
+        pids and hostnames, so a pid alone can name an unrelated process)."""
+        return _alive(self.pid) and (not self.start or _start_time(self.pid) == self.start)
+
+    def __str__(self) -> str:
+        return f"process {self.pid} on {self.host}"
+
+
+def run_owner(tags: Mapping[str, str]) -> RunOwner:
+    """The owner a run's ``owner_tags`` name."""
+    return RunOwner(tags.get("lmgen.host", ""), int(tags.get("lmgen.pid", "0") or 0), tags.get("lmgen.pid_start", ""))
+
+
+def _start_time(pid: int) -> str:
+    """Process ``pid``'s start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), "" if unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _alive(pid: int) -> bool:

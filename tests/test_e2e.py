@@ -199,16 +199,23 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(lmgen_home):
 
 
 def test_lmgen_ui_serves_the_store(lmgen_home):
-    """`lmgen ui` starts a real MLflow server on the SQLite store."""
+    """`lmgen ui` starts a real MLflow server on the SQLite store and prints the runs table of
+    the experiment updated last, in the model-training view its experiment kind tag selects."""
     import socket
     import time
     import urllib.request
 
+    from lmgen.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, Tracker
+
+    tracker = Tracker(f"sqlite:///{lmgen_home / 'mlflow.db'}", "uiexp")
+    assert MlflowClient(tracker.uri).get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "lmgen", "ui", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = lmgen_home / "ui.out"
+    with open(out, "w") as stdout:  # a file, not a pipe: the server's own output never blocks it
+        proc = subprocess.Popen([sys.executable, "-m", "lmgen", "ui", "--port", str(port)], stdout=stdout,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -222,6 +229,8 @@ def test_lmgen_ui_serves_the_store(lmgen_home):
         else:
             pytest.fail("lmgen ui did not answer within 90 s")
         assert (lmgen_home / "mlflow.db").exists()
+        url = f"http://127.0.0.1:{port}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+        assert url in out.read_text().splitlines()[0]
     finally:  # the UI runs a server with workers of its own: stop the whole process group
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -301,6 +310,13 @@ def test_lmgen_eval_rescores_a_run_into_a_child_run(lmgen_home, capsys):
     (again,) = [r for r in runs if r.info.run_id == run.info.run_id]
     assert (dict(again.data.params), dict(again.data.metrics)) == before
     assert sum(r.data.tags["lmgen.stage"] == "tokenizer" for r in runs) == 1  # stage 1 restored, not retrained
+    assert child.data.tags["lmgen.scored_checkpoint"] == "last.ckpt (step 6)"  # what was scored, on the run
+    last = lmgen_home / "checkpoints" / run.info.run_id / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # torn: the previous checkpoint (step 4) is scored, and says so
+    assert main(["eval", run.info.run_id, "sample.num_samples=4", "metrics.prefix_samples=0", "seed=1"]) == 0
+    client, runs = _runs(lmgen_home)
+    torn = next(r for r in runs if r.data.tags.get("lmgen.stage") == "eval" and r.data.params["seed"] == "1")
+    assert torn.data.tags["lmgen.scored_checkpoint"] == "last.prev.ckpt (step 4)"
 
 
 def test_lmgen_eval_refuses_what_it_cannot_do(lmgen_home, capsys):
@@ -318,6 +334,9 @@ def test_lmgen_eval_refuses_what_it_cannot_do(lmgen_home, capsys):
     assert "overrides change lm" in capsys.readouterr().err
     assert main(["eval", "0123456789abcdef"]) == 2
     assert "no run" in capsys.readouterr().err
+    MlflowClient(f"sqlite:///{lmgen_home / 'mlflow.db'}").set_terminated(trained.info.run_id, "KILLED")
+    assert main(["eval", trained.info.run_id]) == 2  # a half-trained model is not the run's model
+    assert "not FINISHED" in capsys.readouterr().err
 
 
 H264_TINY = [*TINY, "data.fit_images=48", "tokenizer.bpe_vocab=300", "metrics.prefix_samples=8"]

@@ -101,3 +101,64 @@ def test_a_sigkilled_run_is_reconciled_and_resumed_but_a_live_one_is_left_alone(
     assert "was gone" in after.data.tags["lmgen.reconciled"]
     assert after.data.tags["lmgen.pid"] == str(os.getpid())  # the run now names the process that finished it
     assert _step(ckpt) == 120
+
+
+def test_a_second_sweep_of_a_point_in_training_leaves_its_run_alone(lmgen_home, tmp_path):
+    """Two sweeps of one file: the second's point is refused while the first trains it, and the
+    second sweep must not end the first's live run — which a third rerun would then resume while
+    it still trains (one run trained by two processes). The run stays its owner's to the end."""
+    import yaml
+
+    from lmgen.cli import main
+
+    long = [*SLOW, "train.max_steps=5000"]  # still training when the others come
+    path = tmp_path / "race.yaml"
+    path.write_text(yaml.safe_dump({"name": "race", "experiment": str(PIXELS), "overrides": long,
+                                    "grid": {"seed": [0]}}))
+    env = {**os.environ, "LMGEN_HOME": str(lmgen_home), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = subprocess.Popen([sys.executable, "-m", "lmgen", "sweep", str(path), "--no-plot"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_checkpoint(lmgen_home, first, timeout=240)
+        assert main(["sweep", str(path), "--no-plot"]) == 1  # the second sweep: its point is refused
+        client = MlflowClient(f"sqlite:///{lmgen_home / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("race").experiment_id
+        (run,) = client.search_runs([experiment], "tags.`lmgen.stage` = 'lm'")
+        assert run.info.status == "RUNNING" and "lmgen.reconciled" not in run.data.tags  # left to its owner
+        cfg = load_config(PIXELS, [*long, "tracking.experiment=race", "tracking.sweep=race", "tracking.run_name=seed=0"])
+        with pytest.raises(RuntimeError, match="being trained right now"):
+            run_experiment(cfg, resume=True)  # a third process cannot take it over either
+        os.kill(int(run.data.tags["lmgen.pid"]), signal.SIGTERM)  # stop the owner: it ends its own run
+        out, _ = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "KILLED" and "lmgen.reconciled" not in after.data.tags, out[-2000:]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "lm/train_loss")]
+    assert sorted(steps) == list(range(len(steps)))  # one process trained it: every step once, none twice
+
+
+def test_a_reused_pid_is_not_taken_for_the_runs_owner(lmgen_home):
+    """Containers reuse small pids and hostnames: a run whose recorded owner pid now belongs to
+    another process (a different start time) is abandoned, not live; its own process is live."""
+    import socket
+
+    from lmgen.tracking import Tracker, owner_tags
+
+    tracker = Tracker(f"sqlite:///{lmgen_home / 'mlflow.db'}", "pids")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        own = {"lmgen.stage": "lm", "lmgen.host": socket.gethostname(), "lmgen.pid": str(sleeper.pid)}
+        started = {**own, "lmgen.pid_start": Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(") ", 1)[1].split()[19]}
+        live = tracker.start_run("live", started)
+        reused = tracker.start_run("reused", {**own, "lmgen.pid_start": "1"})  # that pid, another process
+        assert tracker.live_owner(live) == f"process {sleeper.pid} on {socket.gethostname()}"
+        assert tracker.live_owner(reused) is None
+        assert not tracker.end_if_abandoned(live, "KILLED") and tracker.status(live) == "RUNNING"
+        assert tracker.reconcile({"lmgen.stage": "lm"}) == [reused] and tracker.status(reused) == "KILLED"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert owner_tags()["lmgen.pid_start"]  # every run records its process's start

@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+from lmgen.files import plain_data
 from lmgen.metrics.probe import EXTRACTOR_NAME, FEATURE_LAYER, Probe, per_class_accuracy, registered_probe
 from lmgen.metrics.refcache import ReferenceCache, inception_space_id, probe_space_id, reference_digest
 
@@ -147,6 +148,15 @@ def _download(url: str, dst: Path, timeout: float) -> None:
             os.remove(tmp)
 
 
+def _plain(path: Path) -> Path:
+    """``path`` if it holds plain tensors: torch-fidelity unpickles the weights with
+    ``weights_only=False``, so anything else is refused before it can run."""
+    if not plain_data(path):
+        raise InceptionUnavailable(f"Inception weights file {str(path)!r} refused: it holds objects other than "
+                                   "tensors, and loading it could run code")
+    return path
+
+
 def resolve_inception_weights(spec: str) -> Path:
     """The Inception weights file for ``spec``: "auto" (torch-fidelity's cache, else a quick download) or a path.
 
@@ -160,10 +170,10 @@ def resolve_inception_weights(spec: str) -> Path:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise InceptionUnavailable(f"Inception weights file {str(path)!r} does not exist")
-        return path
+        return _plain(path)
     cached = inception_cache_path()
     if cached.is_file():
-        return cached
+        return _plain(cached)
     failed = _FAILED_DOWNLOADS.get((INCEPTION_URL, str(cached)))
     if failed is not None:  # one evaluation makes several fidelity calls: try the network once per process
         raise InceptionUnavailable(failed)
@@ -176,7 +186,7 @@ def resolve_inception_weights(spec: str) -> Path:
                   f"{time.perf_counter() - start:.1f} s ({err}); set metrics.inception_weights=PATH to a local copy")
         _FAILED_DOWNLOADS[(INCEPTION_URL, str(cached))] = reason
         raise InceptionUnavailable(reason) from err
-    return cached
+    return _plain(cached)
 
 
 # --- metrics ----------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from torch import Tensor
 from torch_fidelity.utils import resolve_feature_layer_for_metric
 
 from lmgen.concurrency import file_lock
+from lmgen.files import safe_load
 from lmgen.metrics.probe import Probe
 
 log = logging.getLogger(__name__)
@@ -100,10 +101,12 @@ def inception_space_id(weights: Path) -> str:
 
 
 def _loads(path: Path) -> bool:
+    """Whether cache file ``path`` reads as plain tensors and numpy arrays, read safely (torch-fidelity
+    reads it with ``weights_only=False``, so a planted pickle must never reach it)."""
     try:
-        torch.load(path, map_location="cpu", weights_only=False)  # torch-fidelity pickles numpy statistics
+        safe_load(path, numpy=True)
         return True
-    except Exception:  # broad on purpose: any way of failing to read is a damaged entry
+    except Exception:  # broad on purpose: any way of failing to read — or refusing to — is a damaged entry
         return False
 
 
@@ -141,16 +144,14 @@ class ReferenceCache:
         paths = [root / f for f in self.files(space_id, extractor, metrics)]
         options = {"cache": True, "cache_root": str(root), "input1_cache_name": None, "input2_cache_name": name}
         if all(p.is_file() for p in paths):
-            try:
+            # checked before torch-fidelity unpickles them: a damaged or planted file is recomputed.
+            # Files are replaced by rename, so removing one cannot hurt a concurrent reader's open file.
+            damaged = [p for p in paths if not _loads(p)]
+            if not damaged:
                 return run(**options)
-            except Exception:
-                damaged = [p for p in paths if not _loads(p)]
-                if not damaged:
-                    raise  # the entry reads fine: the failure is not the cache's
-                # files are replaced by rename, so removing one cannot hurt a concurrent reader's open file
-                log.warning("reference cache: %s unreadable; recomputing", ", ".join(p.name for p in damaged))
-                for p in damaged:
-                    p.unlink(missing_ok=True)
+            log.warning("reference cache: %s unreadable or unsafe; recomputing", ", ".join(p.name for p in damaged))
+            for p in damaged:
+                p.unlink(missing_ok=True)
         with file_lock(root / f".{name}.lock"):
             if not all(p.is_file() for p in paths):
                 log.info("reference cache: computing %s in %s", name, root)
