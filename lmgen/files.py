@@ -51,6 +51,6 @@ def plain_data(path: Path) -> bool:
         try:
             safe_load(path)
             _CHECKED[key] = True
-        except UnsafeFile:
+        except Exception:  # refused, truncated or not a torch file at all: not plain data either way
             _CHECKED[key] = False
     return _CHECKED[key]

@@ -208,7 +208,7 @@ def test_inception_auto_uses_the_cached_file_without_network(tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = fidelity.inception_cache_path()
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"not really weights")
+    torch.save({"conv.weight": torch.zeros(1)}, cached)  # plain tensors, as the real weights are
 
     def no_download(*args, **kwargs):
         raise AssertionError("must not download when the weights are cached")
@@ -235,7 +235,7 @@ def test_failed_download_is_tried_once_per_process(tmp_path, monkeypatch):
         reasons.append(str(err.value))
     assert len(calls) == 1 and len(set(reasons)) == 1
     fidelity.inception_cache_path().parent.mkdir(parents=True)
-    fidelity.inception_cache_path().write_bytes(b"weights placed by hand")  # found again once it is there
+    torch.save({"conv.weight": torch.zeros(1)}, fidelity.inception_cache_path())  # placed by hand: found again
     assert resolve_inception_weights("auto") == fidelity.inception_cache_path()
 
 
@@ -270,7 +270,11 @@ def test_inception_bad_paths_are_skipped_with_the_path(probe, halves, tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     result = fidelity_metrics(halves[0][:8], halves[1][:8], probe=None, inception_weights=str(garbage))
-    assert str(garbage) in result.skipped["gen/fid"] and "failed" in result.skipped["gen/fid"]
+    assert str(garbage) in result.skipped["gen/fid"] and "refused" in result.skipped["gen/fid"]
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    result = fidelity_metrics(halves[0][:8], halves[1][:8], probe=None, inception_weights=str(empty))
+    assert str(empty) in result.skipped["gen/fid"] and "truncated" in result.skipped["gen/fid"]
     assert result.skipped["gen/fd_probe"] == "no probe given"
 
 

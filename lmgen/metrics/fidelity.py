@@ -152,8 +152,9 @@ def _plain(path: Path) -> Path:
     """``path`` if it holds plain tensors: torch-fidelity unpickles the weights with
     ``weights_only=False``, so anything else is refused before it can run."""
     if not plain_data(path):
-        raise InceptionUnavailable(f"Inception weights file {str(path)!r} refused: it holds objects other than "
-                                   "tensors, and loading it could run code")
+        raise InceptionUnavailable(f"Inception weights file {str(path)!r} refused: it does not read as plain "
+                                   "tensors (it is truncated or not a torch file, or holds objects whose loading "
+                                   "could run code)")
     return path
 
 
