@@ -1,4 +1,4 @@
-"""``lmgen plot``: every figure the runs support, a results table and ``report.md``.
+"""``lmgen plot``: every figure the runs support, a results table, ``report.md`` and ``report.html``.
 
 ``FIGURES`` lists the figures in report order; each names the tidy frame it draws from
 (``RunData``) and is a plain function frame → matplotlib figure that raises
@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from analysis import (
     longtail,
     loss_curves,
+    page,
     position_loss,
     prefix,
     samples,
@@ -33,8 +34,7 @@ from analysis import (
     vocab,
 )
 from analysis.arms import fmt_estimate, markdown_table, summarize, with_arms
-from analysis.compare import compare_runs
-from analysis.compare import render as compare_render
+from analysis.compare import compare_runs, comparison_table, explanation
 from analysis.runs import load_histories, load_images, load_runs, load_table, sweep_parent
 from analysis.style import FigureSkipped, generation_metric, reconstruction_metric
 from lmgen.tracking import lmgen_home, resolve_tracking_uri
@@ -96,6 +96,10 @@ class Report:
     @property
     def markdown(self) -> Path:
         return self.out_dir / "report.md"
+
+    @property
+    def html(self) -> Path:
+        return self.out_dir / "report.html"
 
 
 # Columns that describe an arm rather than measure it: shown as the mean over its runs, no interval.
@@ -182,48 +186,98 @@ def render(data: RunData, out_dir: Path, formats: Sequence[str] = ("png", "pdf")
     return report
 
 
-def _verdicts_section(runs: pd.DataFrame, reference: str | None) -> list[str]:
+@dataclass(frozen=True)
+class Block:
+    """One piece of the report, rendered alike as markdown (``report.md``) and HTML (``report.html``).
+
+    ``kind``: "heading" (``text``, ``level``), "text" (a paragraph; ``**bold**`` and
+    ```code``` inline), "table" (``table``, cells through ``fmt_number``), "figure" (``text``
+    the title, ``file`` the PNG's name in the report folder, ``caption``) or "bullets" (``items``).
+    """
+
+    kind: str
+    text: str = ""
+    level: int = 2
+    table: pd.DataFrame | None = None
+    file: str = ""
+    caption: str = ""
+    items: tuple[str, ...] = ()
+
+
+def _verdicts_blocks(runs: pd.DataFrame, reference: str | None) -> list[Block]:
     """"Paired verdicts": every arm against the reference tokenizer (``analysis.compare``)."""
     comparison = compare_runs(runs, reference)
-    tally = Counter(v.verdict for v in comparison.verdicts)
-    counts = ", ".join(f"{n} {what}" for what, n in tally.items())
-    summary = f"Of {len(comparison.verdicts)} comparisons: {counts}." if comparison.verdicts else ""
-    return ["## Paired verdicts", "", compare_render(comparison, "markdown"), "", summary, ""]
+    table = comparison_table(comparison)
+    blocks = [Block("heading", "Paired verdicts"), Block("text", explanation(comparison)),
+              Block("table", table=table) if len(table) else Block("text", "No arm has a reference to be compared with.")]
+    if comparison.notes:
+        blocks.append(Block("bullets", items=comparison.notes))
+    if comparison.verdicts:
+        tally = Counter(v.verdict for v in comparison.verdicts)
+        counts = ", ".join(f"{n} {what}" for what, n in tally.items())
+        blocks.append(Block("text", f"Of {len(comparison.verdicts)} comparisons: {counts}."))
+    return blocks
 
 
-def write_markdown(report: Report, data: RunData, name: str, tracking_uri: str, reference: str | None = None) -> None:
-    """``report.md``: where the runs came from, the results table (arms over seeds), the paired
-    verdicts against ``reference`` (default: the first ``vq`` arm), each figure, what was skipped."""
-    lines = [f"# lmgen report: {name}", "",
-             f"{len(data.runs)} finished LM runs of `{name}` (tracking store `{tracking_uri}`). "
-             f"Regenerate with `lmgen plot --experiment {name}`.", "", "## Main results", ""]
+def report_blocks(report: Report, data: RunData, name: str, tracking_uri: str,
+                  reference: str | None = None) -> list[Block]:
+    """The report: where the runs came from, the results table (arms over seeds), the paired
+    verdicts against ``reference`` (default: the first ``vq`` arm), each figure drawn with its
+    caption, and each figure not drawn with the reason."""
+    blocks = [Block("heading", f"lmgen report: {name}", level=1),
+              Block("text", f"{len(data.runs)} finished LM runs of `{name}` (tracking store `{tracking_uri}`). "
+                            f"Regenerate with `lmgen plot --experiment {name}`."),
+              Block("heading", "Main results")]
     if len(data.runs):
-        lines += [markdown_table(results_table(data.runs)), "", TABLE_NOTE, ""]
-        lines += _verdicts_section(data.runs, reference)
+        blocks += [Block("table", table=results_table(data.runs)), Block("text", TABLE_NOTE)]
+        blocks += _verdicts_blocks(data.runs, reference)
     else:
-        lines += ["No finished LM runs.", ""]
+        blocks.append(Block("text", "No finished LM runs."))
     for spec in FIGURES:
         if spec.name in report.written:
-            lines += [f"## {spec.title}", "", f"![{spec.title}]({spec.name}.png)", "", _caption(spec), ""]
+            blocks += [Block("heading", spec.title),
+                       Block("figure", spec.title, file=f"{spec.name}.png", caption=_caption(spec))]
     if report.skipped or report.failed:
-        lines += ["## Not drawn", ""]
-        lines += [f"- **{FIGURES_BY_NAME[n].title}** (`{n}`): {why}" for n, why in report.skipped.items()]
-        lines += [f"- **{FIGURES_BY_NAME[n].title}** (`{n}`): failed — {why}" for n, why in report.failed.items()]
-        lines.append("")
-    report.markdown.write_text("\n".join(lines))
+        blocks += [Block("heading", "Not drawn"), Block("bullets", items=(
+            *(f"**{FIGURES_BY_NAME[n].title}** (`{n}`): {why}" for n, why in report.skipped.items()),
+            *(f"**{FIGURES_BY_NAME[n].title}** (`{n}`): failed — {why}" for n, why in report.failed.items())))]
+    return blocks
 
+
+def markdown(blocks: Sequence[Block]) -> str:
+    """The blocks as markdown, figures linked by file name."""
+    lines: list[str] = []
+    for block in blocks:
+        if block.kind == "heading":
+            lines += ["#" * block.level + " " + block.text, ""]
+        elif block.kind == "text":
+            lines += [block.text, ""]
+        elif block.kind == "table":
+            lines += [markdown_table(block.table), ""]
+        elif block.kind == "figure":
+            lines += [f"![{block.text}]({block.file})", "", block.caption, ""]
+        elif block.kind == "bullets":
+            lines += [*(f"- {item}" for item in block.items), ""]
+    return "\n".join(lines)
+
+
+def write_reports(report: Report, data: RunData, name: str, tracking_uri: str, reference: str | None = None) -> None:
+    """``report.md`` and ``report.html`` (self-contained, ``analysis.html``) from one set of blocks."""
+    blocks = report_blocks(report, data, name, tracking_uri, reference)
+    report.markdown.write_text(markdown(blocks))
+    report.html.write_text(page.page(blocks, f"lmgen report: {name}", report.out_dir), encoding="utf-8")
 
 
 def plot_experiment(name: str, out_dir: Path | None = None, tracking_uri: str | None = None,  # noqa: PLR0913
                     formats: Sequence[str] = ("png", "pdf"), dpi: int = 150, log_to_mlflow: bool = True,
                     reference: str | None = None) -> Report:
-    """Load, render, write ``report.md`` (into ``out_dir``, default ``$LMGEN_HOME/reports/NAME``);
+    """Load, render, write ``report.md`` and ``report.html`` (into ``out_dir``, default ``$LMGEN_HOME/reports/NAME``);
     log it all under ``report/`` of the sweep's parent run. ``reference``: the tokenizer the
     paired verdicts compare against (``analysis.compare.resolve_reference``)."""
     uri = resolve_tracking_uri(tracking_uri)
     data = load_run_data(name, uri)
     report = render(data, Path(out_dir) if out_dir else lmgen_home() / "reports" / name, formats, dpi)
-    write_markdown(report, data, name, uri, reference)
+    write_reports(report, data, name, uri, reference)
     parent = sweep_parent(name, uri) if log_to_mlflow else None
     if parent is not None:
         MlflowClient(uri).log_artifacts(parent, str(report.out_dir), "report")

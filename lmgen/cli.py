@@ -132,7 +132,7 @@ def _sweep_report(name: str, uri: str | None) -> None:
         print(f"lmgen: the sweep's report failed ({type(err).__name__}: {err}); retry with "
               f"lmgen plot --experiment {name}", file=sys.stderr)
         return
-    print(f"\nreport: {report.markdown} ({len(report.written)} figures, {len(report.skipped)} skipped; "
+    print(f"\nreport: {report.html} (and report.md; {len(report.written)} figures, {len(report.skipped)} skipped; "
           f"also logged to the sweep's parent run)")
 
 
@@ -152,7 +152,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(f"skipped {name}: {why}")
     for name, why in report.failed.items():
         print(f"FAILED {name}: {why}", file=sys.stderr)
-    print(f"report: {report.markdown}")
+    print(f"report: {report.html} and {report.markdown.name}")
     return 1 if report.failed else 0
 
 

@@ -28,3 +28,25 @@ def lmgen_home(tmp_path, monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # mlflow imports gitpython
+
+
+# Flags for headless Chromium on a machine with a closed network: without the background-
+# networking ones it tries (and fails) to reach Google's hosts at every start.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A real headless Chromium (Debian's ``chromium``) driven by Playwright; the test fails, not
+    skips, where it is missing: ``.ci/run`` and the README's test command install it."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    executable = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    assert executable, "no Chromium on PATH: install it (apt-get install chromium), as the README's test command does"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

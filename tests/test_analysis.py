@@ -20,7 +20,15 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from analysis.compare import compare_experiment
-from analysis.report import FIGURES, FIGURES_BY_NAME, RunData, load_run_data, render, results_table
+from analysis.report import (
+    FIGURES,
+    FIGURES_BY_NAME,
+    RunData,
+    load_run_data,
+    render,
+    results_table,
+    write_reports,
+)
 from analysis.runs import load_runs, parse_param, tokenizer_label
 from analysis.samples import first_grid_row
 from analysis.scaling import power_law
@@ -193,6 +201,25 @@ def test_no_runs_means_every_figure_skipped_and_a_report_that_says_so(tmp_path, 
     report = render(empty, tmp_path, formats=("png",))
     assert not report.written and not report.failed and set(report.skipped) == set(FIGURES_BY_NAME)
     assert all(report.skipped.values())
+
+
+def test_report_html_is_one_self_contained_page_with_the_markdown_report_s_content(tmp_path, seeded):
+    """Every figure drawn is embedded as PNG data, nothing is fetched from anywhere, names are
+    escaped, and the page says the same as report.md: its tables, verdicts and what was not drawn."""
+    hostile = seeded.runs.assign(tokenizer_label=seeded.runs["tokenizer_label"].str.replace("vq 4k f4", "<b>vq</b>"))
+    thin = RunData(runs=hostile, histories=seeded.histories.iloc[:0], positions=seeded.positions,
+                   per_class=seeded.per_class, samples=seeded.samples)
+    report = render(thin, tmp_path, formats=("png",), dpi=30)
+    write_reports(report, thin, "synthetic", "sqlite:///store.db")
+    page = report.html.read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == len(report.written) == len(FIGURES) - 1
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)|<link|@import|url\(""", page)
+    assert "&lt;b&gt;vq&lt;/b&gt;" in page and "<b>vq</b>" not in page
+    assert page.count('<table class="sortable">') == 2 and '<td class="worse">worse</td>' in page
+    markdown = report.markdown.read_text()
+    for heading in re.findall(r"^## (.+)$", markdown, flags=re.M):
+        assert f"<h2>{heading.replace('&', '&amp;')}</h2>" in page
+    assert "Loss curves" in markdown.split("## Not drawn")[1] and "≥2 validations" in page.split("Not drawn")[1]
 
 
 def test_results_table_names_presets_and_scales_params(data):
@@ -375,6 +402,35 @@ def test_lmgen_plot_is_deterministic_for_the_same_runs(tiny_sweep, tmp_path, cap
     assert "## Paired verdicts" in report and "against the reference tokenizer **vq 32 f4**" in report
     assert main(["plot", "--experiment", "no-such-sweep", "--uri", uri, "--out", str(tmp_path / "c")]) == 2
     assert "no MLflow experiment or sweep named 'no-such-sweep'" in capsys.readouterr().err
+
+
+def test_report_html_in_a_real_browser(tiny_sweep, browser):
+    """The sweep's own report.html in headless Chromium: it loads with no console error and no
+    request beyond itself, every figure decodes, and a click on a header sorts by its numbers."""
+    home, uri = tiny_sweep
+    path = home / "reports" / "tinyplot" / "report.html"
+    page = browser.new_page()
+    problems, requests = [], []
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda err: problems.append(str(err)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.as_uri(), wait_until="load")
+    images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+    assert len(images) >= 9 and all(ok for _, ok in images), images
+    column = page.evaluate("""Array.from(document.querySelectorAll('table.sortable')[0].tHead.rows[0].cells)
+                              .map(c => c.textContent).indexOf('LM params (M)')""")
+    assert column >= 0
+    cells = f"Array.from(document.querySelectorAll('table.sortable')[0].tBodies[0].rows).map(r => r.cells[{column}].textContent)"
+    page.click(f"table.sortable >> nth=0 >> th >> nth={column}")
+    ascending = [float(v) for v in page.evaluate(cells)]
+    page.click(f"table.sortable >> nth=0 >> th >> nth={column}")
+    descending = [float(v) for v in page.evaluate(cells)]
+    assert ascending == sorted(ascending) and descending == sorted(ascending, reverse=True) and ascending[0] < ascending[-1]
+    assert not problems and requests == [path.as_uri()], (problems, requests)
+    page.close()
+    parent = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("tinyplot").experiment_id],
+                                           "tags.`lmgen.stage` = 'sweep'")[0]
+    assert "report/report.html" in {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "report")}
 
 
 def test_eval_rescorings_replace_gen_metrics_of_the_run_they_rescore(tiny_sweep):
