@@ -105,11 +105,13 @@ class Preemption(L.Callback):
     def __init__(self, checkpoint: Path | None) -> None:
         self.checkpoint = checkpoint
         self.fitting = False
+        self.pending = False  # a SIGTERM came after fit began but before Lightning's handler was in place
         self._saved_step = -1
 
     def _handler(self, signum: int, frame: Any) -> None:
         if not self.fitting:  # during fit Lightning's own handler (which calls this one) takes over
             raise Preempted
+        self.pending = True  # Lightning installs its handler after restoring a checkpoint: see on_train_start
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[Preemption]:
@@ -132,6 +134,10 @@ class Preemption(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.fitting = True
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.pending and not trainer.received_sigterm:  # came while fit restored: nothing trained since
+            raise Preempted
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.fitting = False

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmgen.config import ConfigError, load_config, to_dict
+from lmgen.processes import die_with_parent
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,6 +35,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    die_with_parent()  # a sweep's point does not outlive its sweep
     try:
         cfg = load_config(args.experiment, args.overrides)
     except ConfigError as err:
@@ -94,7 +95,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lmgen.sweep import plan_sweep, run_sweep, summary_table
+    from lmgen.sweep import SweepStopped, plan_sweep, run_sweep, summary_table
 
     try:
         if args.dry_run:  # validate every point, show what would run
@@ -107,6 +108,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"lmgen: config error: {err}", file=sys.stderr)
         return 2
+    except SweepStopped as stopped:
+        print("\n" + summary_table(stopped.results))
+        print(f"\nlmgen sweep: {stopped}; the sweep's run and its stopped points are KILLED. Rerun the same command "
+              "to resume them (finished points are skipped).", file=sys.stderr)
+        return 128 + stopped.signum
     print("\n" + summary_table(results))
     if not args.no_plot:
         from lmgen.sweep import load_sweep
@@ -169,6 +175,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from lmgen.processes import run_until_stopped
     from lmgen.tracking import latest_experiment, lmgen_home, resolve_tracking_uri, runs_table_url
 
     uri = resolve_tracking_uri(args.uri)
@@ -187,7 +194,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     # The server's background job workers (GenAI evaluation jobs) cost ~8 processes of
     # ~250 MB each and lmgen never submits jobs: off unless the user asks for them.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    return subprocess.call(command, env=env)
+    return run_until_stopped(command, env)  # a stopped `lmgen ui` takes the server and its workers with it
 
 
 def build_parser() -> argparse.ArgumentParser:

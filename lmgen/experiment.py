@@ -240,7 +240,7 @@ def _train(t: TrainConfig, budget: Budget, module: ARModule, datamodule: TokenDa
     if budget.steps % budget.val_every:  # always end on a validation of the final weights
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if checkpoint is not None:  # last.ckpt holds the final weights whatever val_every was (lmgen eval reads it)
-        trainer.save_checkpoint(checkpoint)
+        trainer.save_checkpoint(checkpoint, weights_only=False)  # the whole state: weights, optimizer, loops
 
 
 def checkpoint_path(home: Path, run_id: str) -> Path:

@@ -28,16 +28,21 @@ one-recipe invariant: what differs between points outside the axes the sweep dec
 ``run_sweep`` validates every point before launching any, opens (or reopens) the sweep's
 parent MLflow run, skips points whose config hash already has a FINISHED LM run, and runs the
 rest through a launcher (``lmgen.launchers``), each point in its own process (``lmgen run
---resume``: an unfinished run resumes from its ``last.ckpt``). A failing point is FAILED with
-its error and the others go on; a rerun runs only what is not FINISHED. The end is a summary table.
+--resume``: an unfinished run resumes from its ``last.ckpt``), printing a line as each point
+starts and ends. A failing point is FAILED with its error and the others go on; a rerun runs
+only what is not FINISHED. The end is a summary table. A signal stops the sweep cleanly
+(``run_sweep``): no point is left training, no run RUNNING.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +62,8 @@ from lmgen.config import (
     run_config_hash,
     to_dict,
 )
-from lmgen.launchers import local_launcher, slurm_launcher
+from lmgen.launchers import LocalLauncher, PointEvents, local_launcher, slurm_launcher
+from lmgen.processes import stopping
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +319,8 @@ def recipe_differences(spec: SweepSpec, configs: dict[str, ExperimentConfig]) ->
 
 @dataclass
 class PointResult:
-    """How one point ended: FINISHED | FAILED | SKIPPED (already FINISHED) | KILLED, with its run id,
+    """How one point ended: FINISHED | FAILED | SKIPPED (already FINISHED) | KILLED | NOT STARTED (the
+    sweep was stopped first) | RUNNING (another process trains it), with its run id,
     key metrics, wall time and, for a failure, the last lines of its log."""
 
     name: str
@@ -355,9 +362,55 @@ def plan_sweep(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str,
     return spec, points, {name: run_config_hash(cfg) for name, cfg in configs.items()}
 
 
+class SweepStopped(Exception):
+    """The sweep was stopped by a signal: its points were stopped as ``lmgen run`` stops on
+    SIGTERM (checkpoint, KILLED) and the parent run ended KILLED; a rerun resumes."""
+
+    def __init__(self, signum: int, results: list[PointResult]) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.results = signum, results
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress(PointEvents):
+    """One console line as each point starts (with its log) and as it ends (status, wall time,
+    headline metric, and the time the rest should take at the pace so far); its result is read
+    from MLflow as it ends (``_result``)."""
+
+    def __init__(self, tracker, hashes: dict[str, str], total: int, parallel: int) -> None:
+        self.tracker, self.hashes, self.total, self.parallel = tracker, hashes, total, parallel
+        self.results: dict[str, PointResult] = {}
+        self.logs: dict[str, Path] = {}
+        self.start = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def started(self, name: str, log_path: Path) -> None:
+        with self._lock:
+            self.logs[name] = log_path
+            print(f"[{len(self.results)}/{self.total} done] started {name}  (log: {log_path})", flush=True)
+
+    def ended(self, name: str, code: int | None) -> None:
+        with self._lock:  # one MLflow read at a time, and whole lines
+            result = self.results[name] = _result(self.tracker, name, self.hashes[name], code, self.logs[name])
+            done, left = len(self.results), self.total - len(self.results)
+            headline = next((f"{k} {result.metrics[k]:.4g}" for k in ("gen/fd_probe", "lm/val_bits_per_image")
+                             if k in result.metrics), "")
+            pace = (time.perf_counter() - self.start) / done
+            eta = f"; {left} left, about {_duration(pace * left)} more" if left else "; all done"
+            print(f"[{done}/{self.total} done] {result.status} {name} in {_duration(result.seconds)}"
+                  f"{'  ' + headline if headline else ''}{eta}", flush=True)
+
+
 def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | None = None,
               uri: str | None = None, slurm_cluster: str = "slurm") -> list[PointResult]:
-    """Expand, validate, and run the sweep in ``path``; returns one result per point (see module docstring)."""
+    """Expand, validate, and run the sweep in ``path``; returns one result per point (see module
+    docstring). SIGTERM, SIGINT or SIGHUP stops it: the running points stop as ``lmgen run`` does
+    on SIGTERM (checkpoint, KILLED), no other point starts, the parent run ends KILLED, and
+    ``SweepStopped`` carries the results; a second signal kills the points outright."""
     from lmgen.tracking import Tracker, check_tracking, lmgen_home, resolve_tracking_uri
 
     if launcher not in ("local", "slurm"):
@@ -378,17 +431,38 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
         if uri != resolve_tracking_uri(None):
             argv.append(f"tracking.uri={uri}")
         jobs.append((p.name, argv, home / "sweeps" / spec.name / f"{p.name}.log"))
-    log.info("sweep %s: %d points, %d already FINISHED, %d to run (%s)", spec.name, len(points),
-             len(points) - len(jobs), len(jobs), launcher)
+    parallel = 1 if launcher == "slurm" else max_parallel or spec.max_parallel
+    print(f"sweep {spec.name}: {len(points)} points, {len(points) - len(jobs)} already FINISHED, {len(jobs)} to run "
+          f"({launcher}{f', {parallel} at a time' if launcher == 'local' else ''}); logs in "
+          f"{home / 'sweeps' / spec.name}", flush=True)
     if launcher == "slurm":
         launch = slurm_launcher(spec.slurm, home / "sweeps" / spec.name / "slurm", cluster=slurm_cluster)
     else:
-        launch = local_launcher(max_parallel or spec.max_parallel)
-    codes = launch(jobs) if jobs else {}
-    for name, _, log_path in jobs:
-        results[name] = _result(tracker, name, hashes[name], codes.get(name), log_path)
+        launch = local_launcher(parallel)
+    progress = Progress(tracker, hashes, len(jobs), parallel)
+    signals: list[int] = []
+
+    def stop(signum: int) -> None:
+        signals.append(signum)
+        if not isinstance(launch, LocalLauncher):
+            raise KeyboardInterrupt  # out of the wait for SLURM's jobs, which SLURM keeps running
+        print(f"\nsweep {spec.name}: {signal.Signals(signum).name} — stopping the running points "
+              f"({'killing them' if len(signals) > 1 else 'each checkpoints and ends KILLED; a rerun resumes'})",
+              flush=True)
+        launch.stop(force=len(signals) > 1)
+
+    with contextlib.suppress(KeyboardInterrupt), stopping(stop):
+        if jobs:
+            launch(jobs, progress)
+    results.update(progress.results)
+    for name, _, log_path in jobs:  # stopped before they started, or (SLURM) no longer waited for
+        if name not in results:
+            results[name] = (_result(tracker, name, hashes[name], None, log_path) if name in progress.logs
+                             else PointResult(name, "NOT STARTED"))
     ordered = [results[p.name] for p in points]
-    _finish(tracker, parent, ordered, time.perf_counter() - start)
+    _finish(tracker, parent, ordered, time.perf_counter() - start, stopped=bool(signals))
+    if signals:
+        raise SweepStopped(signals[0], ordered)
     return ordered
 
 
@@ -420,14 +494,15 @@ def _result(tracker, name: str, run_hash: str, code: int | None, log_path: Path)
                        _tail(log_path) if code != 0 or status != "FINISHED" else "")
 
 
-def _finish(tracker, parent: str, results: Sequence[PointResult], seconds: float) -> None:
-    """Summary table and counts on the parent run; it ends FAILED if any point did."""
+def _finish(tracker, parent: str, results: Sequence[PointResult], seconds: float, stopped: bool = False) -> None:
+    """Summary table and counts on the parent run; it ends KILLED if the sweep was stopped, else
+    FAILED if any point did not finish."""
     tracker.log_text(parent, summary_table(results) + "\n", "summary.md")
     tracker.log_text(parent, json.dumps([r.__dict__ for r in results], indent=1), "summary.json")
     ok = [r.status in ("FINISHED", "SKIPPED") for r in results]
     tracker.log_metrics(parent, {"sweep/finished": sum(ok), "sweep/failed": len(ok) - sum(ok),
                                  "sweep/wall_time_s": seconds})
-    tracker.end_run(parent, "FINISHED" if all(ok) else "FAILED")
+    tracker.end_run(parent, "KILLED" if stopped else "FINISHED" if all(ok) else "FAILED")
 
 
 def _pick(metrics: dict[str, float]) -> dict[str, float]:

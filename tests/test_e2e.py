@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from proctools import alive, descendants
 
 from lmgen.cli import main
 
@@ -231,8 +233,20 @@ def test_lmgen_ui_serves_the_store(lmgen_home):
         assert (lmgen_home / "mlflow.db").exists()
         url = f"http://127.0.0.1:{port}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
         assert url in out.read_text().splitlines()[0]
-    finally:  # the UI runs a server with workers of its own: stop the whole process group
-        os.killpg(proc.pid, signal.SIGTERM)
+        server = descendants(proc.pid)
+        assert server, "no MLflow server process under lmgen ui"
+        proc.send_signal(signal.SIGTERM)  # to lmgen alone, as `kill PID` sends it: the server goes with it
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.time() + 15
+        while time.time() < deadline and alive(server):
+            time.sleep(0.2)
+        assert not alive(server), "the MLflow server outlived lmgen ui"
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # the port is free again
+    finally:  # whatever happened above, leave no server behind
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
 

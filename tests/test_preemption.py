@@ -9,6 +9,7 @@ gone) before resuming — while a run whose process is alive is never taken over
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from proctools import alive, descendants
 
 from lmgen.checkpointing import PREEMPTED_EXIT
 from lmgen.config import load_config
@@ -162,3 +164,72 @@ def test_a_reused_pid_is_not_taken_for_the_runs_owner(lmgen_home):
         sleeper.kill()
         sleeper.wait()
     assert owner_tags()["lmgen.pid_start"]  # every run records its process's start
+
+
+def _sweep(home: Path, path: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "LMGEN_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(out, "w") as stdout:  # a file: a pipe nobody reads could block the sweep
+        return subprocess.Popen([sys.executable, "-m", "lmgen", "sweep", str(path), "--no-plot"], env=env,
+                                stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_until_gone(pids: set[int], timeout: float = 60.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(pids)
+
+
+def test_a_stopped_sweep_stops_its_points_leaves_nothing_running_and_a_rerun_finishes(lmgen_home, tmp_path):
+    """SIGTERM to `lmgen sweep` (not to its points): the running point checkpoints and ends
+    KILLED, the next never starts, the parent run ends KILLED and the sweep exits 143. SIGKILL,
+    which the sweep cannot pass on, still takes its point down (the kernel's parent-death
+    signal). Then a rerun resumes the killed run and finishes every point, each step once."""
+    import yaml
+
+    from lmgen.cli import main
+
+    path = tmp_path / "stop.yaml"
+    path.write_text(yaml.safe_dump({"name": "stop", "experiment": str(PIXELS), "max_parallel": 1, "overrides": SLOW,
+                                    "zip": [{"seed": [0, 1], "train.max_steps": [150, 10]}]}))
+    client = MlflowClient(f"sqlite:///{lmgen_home / 'mlflow.db'}")
+    out = tmp_path / "sweep.out"
+    sweep = _sweep(lmgen_home, path, out)
+    try:
+        _wait_for_checkpoint(lmgen_home, sweep, timeout=240)
+        points = descendants(sweep.pid)
+        assert points, "no point process under the sweep"
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(timeout=180) == 143, out.read_text()[-3000:]
+        assert not _wait_until_gone(points), "a point outlived its stopped sweep"
+        text = out.read_text()
+        assert "started seed=0," in text and "started seed=1," not in text and "NOT STARTED" in text, text[-3000:]
+        experiment = client.get_experiment_by_name("stop").experiment_id
+        runs = client.search_runs([experiment])
+        assert "RUNNING" not in {r.info.status for r in runs}
+        assert {(r.data.tags["lmgen.stage"], r.info.status) for r in runs
+                if r.data.tags["lmgen.stage"] != "tokenizer"} == {("sweep", "KILLED"), ("lm", "KILLED")}
+        (killed,) = [r for r in runs if r.data.tags["lmgen.stage"] == "lm"]
+
+        sweep = _sweep(lmgen_home, path, out)  # the rerun, SIGKILLed this time: nothing can be forwarded
+        deadline = time.monotonic() + 240
+        while client.get_run(killed.info.run_id).info.status != "RUNNING" and time.monotonic() < deadline:
+            assert sweep.poll() is None, out.read_text()[-3000:]
+            time.sleep(0.05)
+        points = descendants(sweep.pid)  # resuming, with well over 100 steps to go
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait(timeout=30)
+        assert not _wait_until_gone(points), "a point outlived its SIGKILLed sweep"
+        assert client.get_run(killed.info.run_id).info.status == "KILLED"  # the point ended its own run
+    finally:
+        for pid in [sweep.pid, *descendants(sweep.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    assert main(["sweep", str(path), "--no-plot"]) == 0  # the rerun resumes it and runs the other point
+    runs = client.search_runs([experiment], "tags.`lmgen.stage` = 'lm'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"] and killed.info.run_id in {
+        r.info.run_id for r in runs}
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "lm/train_loss")]
+    assert sorted(steps) == list(range(150))  # stopped twice, resumed twice: every step once
