@@ -1,9 +1,10 @@
 """Checkpoints that survive crashes, and runs that survive preemption.
 
-- ``AtomicCheckpointIO``: every checkpoint Lightning writes goes to a temporary file, is
-  flushed to disk, and replaces ``last.ckpt`` in one rename; the checkpoint it replaces is kept
-  as ``last.prev.ckpt`` (a hard link, so ``last.ckpt`` exists at every instant). A crash while
-  writing leaves a stray temporary file, never a torn ``last.ckpt``.
+- ``AtomicCheckpointIO``: every checkpoint Lightning writes (the LM's and stage 1's) goes to a
+  temporary file, is flushed to disk, and replaces ``last.ckpt`` in one rename
+  (``lmgen.files.atomic_write``); the checkpoint it replaces is kept as ``last.prev.ckpt`` (a
+  hard link, so ``last.ckpt`` exists at every instant). A crash while writing leaves no torn
+  ``last.ckpt``.
 - ``usable_checkpoint``: the newest intact checkpoint of the two (a zip archive whose every
   member passes its CRC) — a truncated or corrupt ``last.ckpt`` falls back to the previous one.
 - ``Preemption``: SIGTERM (what SLURM, Kubernetes and ``kill`` send) during training lets the
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import signal
 import threading
 import zipfile
@@ -29,6 +28,8 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lmgen.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +53,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as out:
-                torch.save(checkpoint, out)
-                out.flush()
-                os.fsync(out.fileno())
-            if path.is_file():  # keep the one being replaced: last.ckpt never disappears
-                keep, prev = tmp.with_suffix(".prev"), previous_checkpoint(path)
-                try:
-                    os.link(path, keep)
-                except OSError:  # a filesystem without hard links
-                    shutil.copy2(path, keep)
-                os.replace(keep, prev)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path, keep_previous=previous_checkpoint(path)) as out:
+            torch.save(checkpoint, out)
 
 
 def intact(path: Path) -> bool:

@@ -6,7 +6,11 @@ turns a (dataset, tokenizer) pair into LM training sequences:
 1. ``TokenCache``: every image of a split is encoded once into memory-mapped ``.npy`` shards
    under ``<cache_root>/<key>/``, where ``key`` hashes everything that determines the
    tokens (dataset fingerprint + tokenizer config + fitted tokenizer state). Reruns and
-   sweeps over LM sizes reuse it. The directory appears atomically (temp dir + rename).
+   sweeps over LM sizes reuse it. The directory appears atomically (temp dir + rename), its
+   files fsynced; ``meta.json`` records their sizes and SHA-256s, checked before every use
+   (``cache_damage``: sizes always, digests once per process per version of a file, ~1 s per
+   GB). A truncated, garbled or missing file discards the cache with a warning and it is
+   encoded again: no crash at load or at step 1, no wrong tokens.
 2. ``SequenceLayout``: where the special tokens live — past the tokenizer's vocabulary —
    and how an image's ids become ``[cond, t_1 … t_n, (EOS), PAD …]``.
 3. ``TokenDataModule``: Lightning loaders yielding ``SequenceBatch``es trimmed to the
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -40,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from lmgen.datasets import ImageBatch, collate_images, iter_batches
 from lmgen.datasets.base import Item
+from lmgen.files import atomic_write, manifest, mismatch
 from lmgen.tokenizers.base import ImageTokenizer
 
 log = logging.getLogger(__name__)
@@ -229,11 +235,17 @@ class TokenCache(Dataset):
     @classmethod
     def build_or_load(cls, root: Path, key: str, dataset, tokenizer: ImageTokenizer,
                       batch_size: int = 256, num_workers: int = 0, shard_size: int = 65536) -> TokenCache:
-        """Load the cache at ``root/key`` or encode ``dataset`` into it first (atomically)."""
+        """Load the cache at ``root/key`` or encode ``dataset`` into it first (atomically); one that
+        fails its checks (``cache_damage``) is discarded with a warning and encoded again. Callers
+        that may race on one key serialise (stage 1 holds its tokenizer key's lock)."""
         final = Path(root) / key
-        if (final / "meta.json").is_file():
-            log.info("token cache hit: %s", final)
-            return cls(final)
+        if final.exists():
+            damage = cache_damage(final)
+            if damage is None:
+                log.info("token cache hit: %s", final)
+                return cls(final)
+            log.warning("token cache %s is damaged (%s): discarded, encoding it again", final, damage)
+            _discard(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:
@@ -247,6 +259,36 @@ class TokenCache(Dataset):
             raise
         log.info("token cache written: %s", final)
         return cls(final)
+
+
+def _cache_files(meta: dict) -> list[str]:
+    """Every file a cache with ``meta`` reads besides meta.json itself."""
+    return [*meta["shards"], "lengths.npy", "labels.npy", "indices.npy"]
+
+
+def cache_damage(path: Path) -> str | None:
+    """Why the token cache at ``path`` cannot be used (None if it can): meta.json missing or not
+    the manifest lmgen writes (a cache from before checksums), or a file that no longer matches
+    it (``lmgen.files.mismatch``: missing, resized, or garbled)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        recorded = {name: meta["files"][name] for name in _cache_files(meta)} if "files" in meta else None
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not JSON, or not the manifest lmgen writes
+        return f"meta.json is unreadable ({type(err).__name__}: {err})"
+    return mismatch(path, recorded) if recorded is not None else "written before lmgen recorded checksums"
+
+
+def _discard(path: Path) -> None:
+    """Move a damaged cache out of the way in one rename, then delete it (readers that still
+    map its shards keep their inodes until they close them)."""
+    doomed = path.with_name(f".{path.name}-damaged-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:  # already discarded
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -333,17 +375,26 @@ def _write_cache(path: Path, dataset, tokenizer: ImageTokenizer, batch_size: int
         raise ValueError(f"dataset has no usable items ({batches.skipped} unreadable of {len(dataset)})")
     if too_long:
         log.warning("%d streams longer than max_tokens=%d were left out", too_long, tokenizer.max_tokens)
-    np.save(path / "lengths.npy", np.concatenate(lengths).astype(np.int64))
-    np.save(path / "labels.npy", np.concatenate(labels).astype(np.int64))
-    np.save(path / "indices.npy", np.concatenate(indices).astype(np.int64))
+    _save(path / "lengths.npy", np.concatenate(lengths).astype(np.int64))
+    _save(path / "labels.npy", np.concatenate(labels).astype(np.int64))
+    _save(path / "indices.npy", np.concatenate(indices).astype(np.int64))
     meta = {"format": CACHE_FORMAT, "shards": shards, "count": count, "skipped": batches.skipped,
             "too_long": too_long, "vocab_size": tokenizer.vocab_size, "max_tokens": tokenizer.max_tokens}
-    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    # The manifest cache_damage checks; hashing now (from the page cache) also spares this
+    # process a second hash when it loads the cache it just wrote.
+    meta["files"] = manifest(path, _cache_files(meta))
+    with atomic_write(path / "meta.json") as out:
+        out.write(json.dumps(meta, indent=1).encode())
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with atomic_write(path) as out:  # fsynced: a crash after the directory's rename cannot leave it empty
+        np.save(out, array)
 
 
 def _write_shard(path: Path, number: int, rows: list[np.ndarray]) -> str:
     name = f"ids-{number:05d}.npy"
-    np.save(path / name, np.concatenate(rows))
+    _save(path / name, np.concatenate(rows))
     return name
 
 

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from lmgen.checkpointing import intact
 from lmgen.concurrency import barrier, file_lock
 from lmgen.config import ExperimentConfig, MetricsConfig, TrainConfig, config_hash, to_dict
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import DataConfig, ImageDataset, load_images
-from lmgen.files import safe_load
+from lmgen.files import atomic_write, safe_load
 from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim, token_statistics
 from lmgen.metrics.bootstrap import bootstrap_fd
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
@@ -132,7 +132,7 @@ def prepare_tokenizer(job: Stage1Job, tracker: Tracker, probe: Probe | None = No
 def _follow_rank_zero(job: Stage1Job, tracker: Tracker, tags: dict[str, str]) -> Stage1Result:
     """Stage 1 on a non-zero rank: join rank 0's training of a learned tokenizer (its ``fit``
     needs every rank), then use the state and caches rank 0 wrote; log and write nothing."""
-    if job.tokenizer.learned and not (job.directory / "state.pt").is_file():
+    if job.tokenizer.learned and not intact(job.directory / "state.pt"):  # missing, or torn: rank 0 makes it again
         _train_learned(job, None)
     barrier()
     load_tokenizer_state(job.tokenizer, job.directory / "state.pt")
@@ -140,8 +140,18 @@ def _follow_rank_zero(job: Stage1Job, tracker: Tracker, tags: dict[str, str]) ->
     return Stage1Result(job.tokenizer, job.key, tracker.find_finished(tags) or "", {}, caches["train"], caches["val"])
 
 
+def _discard_if_damaged(state_path: Path) -> None:
+    """Remove a tokenizer state that is not a whole ``torch.save`` archive (a truncated or
+    garbled file would fail every rerun): stage 1 then makes it again — a learned tokenizer
+    from its last intact checkpoint, which holds the final weights once training has ended."""
+    if state_path.is_file() and not intact(state_path):
+        log.warning("stage 1: tokenizer state %s is damaged (truncated or corrupt): discarded, made again", state_path)
+        state_path.unlink(missing_ok=True)
+
+
 def _prepare(job: Stage1Job, tracker: Tracker, tags: dict[str, str], probe: Probe | None) -> Stage1Result:
     tokenizer = job.tokenizer
+    _discard_if_damaged(job.directory / "state.pt")
     run_id = tracker.find_finished(tags)
     if run_id is not None and (job.directory / "state.pt").is_file():
         log.info("stage 1: reusing tokenizer run %s", run_id)
@@ -198,10 +208,8 @@ def _fit_or_load(job: Stage1Job, logging_to: tuple[Tracker, str] | None) -> dict
     else:
         images = load_images(job.train_ds, job.data.fit_images, job.data.encode_batch_size, job.data.num_workers)
         stats = tokenizer.fit(images)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".state-{os.getpid()}.pt"
-    torch.save(tokenizer.state_dict(), tmp)
-    os.replace(tmp, state_path)  # atomic: a concurrent reader never sees half a file
+    with atomic_write(state_path) as out:  # a concurrent reader, or a rerun after a crash, never sees half a file
+        torch.save(tokenizer.state_dict(), out)
     return dict(stats)
 
 

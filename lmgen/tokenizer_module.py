@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lmgen.ar_module import OptimConfig, lr_lambda
+from lmgen.checkpointing import AtomicCheckpointIO, previous_checkpoint, usable_checkpoint
 from lmgen.metrics import psnr
 from lmgen.perf import resolve_precision
 from lmgen.tokenizers.autoencoder import to_uint8, to_unit
@@ -216,6 +217,25 @@ def _loader(images: Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLo
                       drop_last=shuffle, generator=generator)
 
 
+def resume_point(last: Path) -> str | None:
+    """The checkpoint an interrupted stage 1 resumes from: ``last`` if intact, else ``last.prev.ckpt``
+    (``lmgen.checkpointing.usable_checkpoint``), else None: train from the start. Torn checkpoints
+    passed over are removed (with a warning), so the next save keeps an intact one as
+    ``last.prev.ckpt``, never a torn one."""
+    usable = usable_checkpoint(last)
+    torn = [path for path in (last, previous_checkpoint(last))[: 1 if usable is not None else 2]
+            if path != usable and path.exists()]
+    for path in torn:
+        path.unlink(missing_ok=True)
+    if usable is not None:
+        log.info("stage 1: resuming tokenizer training from %s", usable)
+        return str(usable)
+    if torn:
+        log.warning("stage 1: no intact checkpoint in %s (truncated or corrupt, removed): training the tokenizer "
+                    "from the start", last.parent)
+    return None
+
+
 def train_tokenizer(tokenizer: LearnedTokenizer, train_images: Tensor, val_images: Tensor,  # noqa: PLR0913
                     trainer_cfg, logger, checkpoint_dir: Path | None = None) -> dict[str, float]:
     """Train ``tokenizer`` for ``tokenizer.cfg.steps`` steps; returns ``tok/train_*`` timing figures.
@@ -223,8 +243,9 @@ def train_tokenizer(tokenizer: LearnedTokenizer, train_images: Tensor, val_image
     train_images / val_images: uint8 (N, 3, H, W) held in memory (a 32×32 split of 4000
     images is 12 MB; large datasets cap it with ``tokenizer.train_images``). trainer_cfg
     supplies accelerator/devices/num_nodes/strategy (the experiment's ``train`` block).
-    With ``checkpoint_dir``, ``last.ckpt`` is written there every ``val_every`` steps and an
-    interrupted stage 1 resumes from it.
+    With ``checkpoint_dir``, ``last.ckpt`` is written there (atomically, the one before kept as
+    ``last.prev.ckpt``) every ``val_every`` steps and an interrupted stage 1 resumes from the newer
+    intact one of the two (``resume_point``).
     """
     cfg: LearnedConfig = tokenizer.cfg
     if cfg.steps == 0:  # an untrained tokenizer: the random-init baseline
@@ -242,17 +263,17 @@ def train_tokenizer(tokenizer: LearnedTokenizer, train_images: Tensor, val_image
     module = TokenizerModule(tokenizer, PerceptualLoss(weights) if weights is not None else None)
     callbacks, resume = [], None
     if checkpoint_dir is not None:
+        # No version counter: a restart from scratch over a torn last.ckpt must write last.ckpt, not last-v1.ckpt.
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
-                                         every_n_train_steps=cfg.val_every))
-        if (checkpoint_dir / "last.ckpt").is_file():
-            resume = str(checkpoint_dir / "last.ckpt")
-            log.info("stage 1: resuming tokenizer training from %s", resume)
+                                         every_n_train_steps=cfg.val_every, enable_version_counter=False))
+        resume = resume_point(checkpoint_dir / "last.ckpt")
     trainer = L.Trainer(
         max_steps=cfg.steps, accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes, strategy=trainer_cfg.strategy, precision=precision,
         val_check_interval=min(cfg.val_every, cfg.steps), check_val_every_n_epoch=None, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(25, cfg.steps // 20)), logger=logger, callbacks=callbacks, enable_checkpointing=bool(callbacks),
-        enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(checkpoint_dir or "."))
+        enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(checkpoint_dir or "."),
+        plugins=[AtomicCheckpointIO()])  # the LM's checkpoint IO: temp file + rename, last.prev.ckpt kept
     start = time.perf_counter()
     val = val_images[: cfg.val_images] if cfg.val_images else val_images
     # Lightning warns that a manual-optimisation checkpoint holds the weights *after* the

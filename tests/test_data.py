@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import lmgen.files
+from lmgen.config import load_config
 from lmgen.data import SequenceCollator, SequenceLayout, TokenCache, TokenDataModule, TokenRows
 from lmgen.datasets import MovingShapesDataset, ShapesDataset
+from lmgen.experiment import run_experiment
 from lmgen.tokenizers import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_layout_specials_sit_past_the_vocabulary():
@@ -203,3 +212,80 @@ def test_cache_encoded_in_workers_is_byte_identical(tmp_path, case):
                                  num_workers=workers, shard_size=5)
         files[workers] = _cache_files(tmp_path / str(workers))
     assert files[0] == files[2] and len(files[0]) > 4
+
+
+# --- damaged caches (issue 24, item 5) ---------------------------------------------------
+
+
+def _damage(cache_dir, how: str) -> None:
+    """Damage a real cache the ways disks and crashes do: a file cut short, bytes garbled in
+    place (same size), meta.json gone, or a cache written before lmgen kept checksums."""
+    shard = cache_dir / "ids-00001.npy"
+    if how == "truncated-shard":
+        os.truncate(shard, shard.stat().st_size // 2)
+    elif how in ("garbled-shard", "garbled-lengths"):
+        path = shard if how == "garbled-shard" else cache_dir / "lengths.npy"
+        data = bytearray(path.read_bytes())
+        data[128:] = np.random.default_rng(0).integers(0, 256, len(data) - 128, dtype=np.uint8).tobytes()  # past the header
+        path.write_bytes(bytes(data))
+    elif how == "no-meta":
+        (cache_dir / "meta.json").unlink()
+    elif how == "no-checksums":
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        del meta["files"]
+        (cache_dir / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["truncated-shard", "garbled-shard", "garbled-lengths", "no-meta", "no-checksums"])
+def test_a_damaged_token_cache_is_rebuilt_with_the_same_tokens(tmp_path, caplog, how):
+    """Before: a truncated shard raised ``ValueError: mmap length ...`` on every rerun, a garbled
+    one fed wrong ids (an IndexError at step 1, or silently wrong tokens), a missing meta.json
+    crashed. Now the cache is checked against its manifest, discarded with a warning and encoded
+    again: the same bytes as the clean cache, no temporary directory left."""
+    dataset, tokenizer = CorruptEvery3rd(20), build_tokenizer({"name": "pixels"}, 32)
+    clean = TokenCache.build_or_load(tmp_path, "k", dataset, tokenizer, batch_size=8, shard_size=5)
+    before, rows = _cache_files(tmp_path), [clean[i] for i in range(len(clean))]
+    _damage(tmp_path / "k", how)
+    with caplog.at_level(logging.WARNING, logger="lmgen.data"):
+        again = TokenCache.build_or_load(tmp_path, "k", dataset, tokenizer, batch_size=8, shard_size=5)
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    assert _cache_files(tmp_path) == before and list(tmp_path.iterdir()) == [tmp_path / "k"]
+    assert all(torch.equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(rows, (again[i] for i in range(len(again)))))
+
+
+def test_token_cache_checks_cost_a_hash_once_per_process(tmp_path, monkeypatch):
+    """A cache hit checks sizes always and each file's SHA-256 once per process: the process that
+    wrote the cache hashed it then (no second hash), a new process hashes each file once."""
+    hashed = []
+    real = lmgen.files._hash_file
+    monkeypatch.setattr(lmgen.files, "_hash_file", lambda path: hashed.append(path.name) or real(path))
+    dataset, tokenizer = ShapesDataset("train", 12, seed=0), build_tokenizer({"name": "pixels"}, 32)
+    TokenCache.build_or_load(tmp_path, "k", dataset, tokenizer, batch_size=5, shard_size=5)
+    files = sorted(hashed)
+    assert files == ["ids-00000.npy", "ids-00001.npy", "ids-00002.npy", "indices.npy", "labels.npy", "lengths.npy"]
+    TokenCache.build_or_load(tmp_path, "k", dataset, tokenizer, shard_size=5)
+    assert sorted(hashed) == files  # the hit: sizes only
+    monkeypatch.setattr(lmgen.files, "_DIGESTS", {})  # what a new process starts with
+    TokenCache.build_or_load(tmp_path, "k", dataset, tokenizer, shard_size=5)
+    TokenCache.build_or_load(tmp_path, "k", dataset, tokenizer, shard_size=5)
+    assert sorted(hashed) == sorted(files * 2)
+
+
+def test_a_run_over_a_truncated_and_a_garbled_cache_rebuilds_them_and_finishes_as_on_a_clean_one(lmgen_home):
+    """The whole run: a clean run; then its train cache's shard cut short (before: ``ValueError:
+    mmap length is greater than file size`` at load, on every rerun) and its val cache's garbled
+    in place (before: ids past the vocabulary, an ``IndexError`` in the first step's validation).
+    The rerun rebuilds both caches and finishes with the clean run's tokens and losses."""
+    cfg = load_config(ROOT / "experiments/base.yaml", [
+        "tokenizer=pixels_palette64", "data.train_size=16", "data.val_size=8", "data.image_size=8", "lm.size=nano",
+        "train.budget=steps", "train.max_steps=2", "train.val_every=2", "train.batch_size=8", "train.warmup_steps=1",
+        "sample.num_samples=0", "metrics.prefix_samples=0", "metrics.probe=false", "train.precision=32-true",
+        "train.checkpoint=false"])
+    clean = run_experiment(cfg)
+    shards = [next((lmgen_home / "cache").glob(f"{split}-*")) / "ids-00000.npy" for split in ("train", "val")]
+    tokens = [shard.read_bytes() for shard in shards]
+    os.truncate(shards[0], len(tokens[0]) - 100)
+    shards[1].write_bytes(tokens[1][:128] + bytes([255]) * (len(tokens[1]) - 128))  # ids 65535: past the vocabulary
+    rerun = run_experiment(cfg)
+    assert [shard.read_bytes() for shard in shards] == tokens
+    assert rerun.metrics["lm/val_loss"] == clean.metrics["lm/val_loss"] and rerun.run_id != clean.run_id

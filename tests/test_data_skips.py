@@ -1,18 +1,22 @@
 """Bad data is skipped and counted, never fatal and never hidden (issue 10, item 5): corrupt,
 truncated and zero-byte files of a folder dataset, in either split, all reach the stage-1
-MLflow run as ``data/skipped`` (which the LM run copies; tests/test_e2e.py checks that end).
+MLflow run as ``data/skipped`` (which the LM run copies; tests/test_e2e.py checks that end) —
+and so do the dangling, self and looping links and FIFOs the listing passes over (issue 24, item 6).
 
 Unit of the count: an unreadable item (an image, or one clip of a video that broke after it was
-listed) plus every video file whose metadata could not be read when the folder was listed.
+listed) plus every path passed over when the folder was listed (links, special files) and every
+video file whose metadata could not be read then.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -77,6 +81,25 @@ def test_stage1_counts_every_skipped_image_in_mlflow(tmp_path: Path, lmgen_home:
     metrics = _stage1_metrics(["data.name=imagefolder", f"data.root={tmp_path}", "tokenizer.name=pixels"], lmgen_home)
     assert metrics["data/skipped"] == 6.0  # 3 bad train files + 3 bad val files
     assert metrics["data/train_items"] == 6.0
+
+
+@pytest.mark.timeout(120)  # a FIFO opened for reading would hang here
+def test_stage1_counts_links_loops_and_fifos_in_mlflow(tmp_path: Path, lmgen_home: Path) -> None:
+    """Before: a dangling link, a link to itself or a directory loop was a traceback while
+    listing (after the MLflow store was made), a FIFO named ``.jpg`` hung stage 1. Now stage 1
+    finishes and each is one ``data/skipped``."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cats", "dogs"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                (tmp_path / split / c / f"{i}.jpg").write_bytes(_jpeg(rng))
+    (tmp_path / "train" / "cats" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "train" / "cats" / "self.jpg").symlink_to("self.jpg")
+    (tmp_path / "train" / "dogs" / "loop").symlink_to("..")
+    os.mkfifo(tmp_path / "val" / "dogs" / "fifo.jpg")
+    metrics = _stage1_metrics(["data.name=imagefolder", f"data.root={tmp_path}", "tokenizer.name=pixels"], lmgen_home)
+    assert metrics["data/skipped"] == 4.0 and metrics["data/train_items"] == 4.0
 
 
 def test_stage1_counts_every_skipped_video_in_mlflow(tmp_path: Path, lmgen_home: Path) -> None:

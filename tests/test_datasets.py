@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +367,83 @@ def test_folder_with_no_readable_image_fails_naming_the_root(tmp_path: Path, cap
     assert len(ImageFolderDataset(tmp_path, "val")) == 2  # the other split is fine
     _write_tree(tmp_path / "train", {"dog": 1}, bad=False)
     assert len(ImageFolderDataset(tmp_path, "train")) == 4  # three bad files still listed, skipped on read
+
+
+def _links_loops_and_fifos(root: Path, outside: Path) -> list[str]:
+    """A class tree with two good images per class, and what broke the listing before (a
+    traceback, or a hang at the first read): the paths the listing must pass over, sorted."""
+    _write_tree(root, {"cat": 2, "dog": 2}, bad=False)
+    _write_tree(outside, {"more": 2}, bad=False)
+    (root / "cat" / "dangling.jpg").symlink_to(root / "missing.jpg")
+    (root / "cat" / "self.png").symlink_to("self.png")  # a link to itself: ELOOP
+    (root / "cat" / "gone").symlink_to(root / "nowhere")  # no extension: it may have been a directory
+    (root / "cat" / "loop").symlink_to("..")  # back to the root: a directory loop
+    (root / "cat" / "here").symlink_to(".")
+    os.mkfifo(root / "dog" / "fifo.jpg")  # reading it would block until a writer comes
+    (root / "dog" / "ext").symlink_to(outside / "more")  # outside the tree: followed, once
+    (root / "dog" / "ext2").symlink_to(outside / "more")
+    (outside / "more" / "back").symlink_to(".")  # a loop inside the linked directory
+    return sorted(["cat/dangling.jpg", "cat/self.png", "cat/gone", "cat/loop", "cat/here", "dog/fifo.jpg",
+                   "dog/ext2", "dog/ext/back"])
+
+
+@pytest.mark.timeout(60)  # a FIFO opened for reading would hang here
+def test_folder_listing_skips_and_counts_links_loops_and_special_files(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Before: a dangling link or a link to itself was a traceback while listing, a directory
+    loop recursed until the path was too long, and a FIFO named ``.jpg`` hung the first read.
+    Now each is passed over, warned about once with its path and counted (``skipped_files``,
+    which stage 1 adds to ``data/skipped``); a directory link outside the tree is followed
+    once; without split folders each skipped path counts in exactly one split."""
+    root = tmp_path / "root"
+    with caplog.at_level(logging.WARNING, logger="lmgen.datasets.folder"):
+        skipped = _links_loops_and_fifos(root, tmp_path / "outside")
+        ds = ImageFolderDataset(root, "train", image_size=8, val_fraction=0.0)
+    assert ds.skipped_files == len(skipped) == 8
+    assert sorted(ds.attributes(i)["path"] for i in range(len(ds))) == sorted(
+        [f"cat/img{k}{e}" for k, e in ((0, ".png"), (1, ".JPG"))] + [f"dog/img{k}{e}" for k, e in ((0, ".png"), (1, ".JPG"))]
+        + ["dog/ext/img0.png", "dog/ext/img1.JPG"])
+    assert all(ds[i] is not None for i in range(len(ds)))
+    for rel in skipped:
+        assert len([r for r in caplog.records if r.getMessage().startswith(f"imagefolder: skipping {root / rel}:")]) == 1
+    split = [ImageFolderDataset(root, s, image_size=8, val_fraction=0.5).skipped_files for s in ("train", "val")]
+    assert sum(split) == 8 and min(split) > 0
+    # A file swapped for a FIFO after listing: None when read, never a hang.
+    index = next(i for i in range(len(ds)) if ds.attributes(i)["path"] == "cat/img0.png")
+    (root / "cat" / "img0.png").unlink()
+    os.mkfifo(root / "cat" / "img0.png")
+    assert ds[index] is None
+
+
+def _png16(path: Path, pixels: np.ndarray) -> None:
+    """A real 16-bit PNG (greyscale (H, W) or RGB (H, W, 3) uint16), written chunk by chunk."""
+    height, width = pixels.shape[:2]
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 on every row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if pixels.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_folder_16_bit_images_are_scaled_to_8_bits(tmp_path: Path) -> None:
+    """Before: a 16-bit greyscale PNG (Pillow mode "I;16") came out clipped at 255, ~99% white.
+    Now 16-bit values v become v >> 8: a gradient over 0..65535 is the 8-bit gradient 0..255
+    exactly, for greyscale and 48-bit RGB PNGs and a 16-bit PGM (Pillow mode "I") alike."""
+    gradient = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 0, 257, ... 65535: k·257 is k in 8 bits
+    (tmp_path / "a").mkdir()
+    _png16(tmp_path / "a" / "grey.png", gradient)
+    _png16(tmp_path / "a" / "rgb.png", np.stack([gradient, gradient[::-1], 65535 - gradient], -1))
+    (tmp_path / "a" / "grey.pgm").write_bytes(b"P5 16 16 65535\n" + gradient.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "a" / "grey.png").mode == "I;16" and Image.open(tmp_path / "a" / "grey.pgm").mode == "I"
+    ds = ImageFolderDataset(tmp_path, "train", image_size=16, val_fraction=0.0)
+    images = {ds.attributes(i)["path"]: ds[i][0] for i in range(len(ds))}
+    eight = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    for name in ("a/grey.png", "a/grey.pgm"):
+        assert torch.equal(images[name], eight.expand(3, 16, 16)), name
+    assert torch.equal(images["a/rgb.png"], torch.stack([eight, eight.flip(0), 255 - eight]))
 
 
 def test_collate_drops_and_counts_none() -> None:

@@ -19,8 +19,13 @@ from lmgen.ar_module import ARModule, NonFiniteLossError, OptimConfig
 from lmgen.checkpointing import AtomicCheckpointIO, intact, previous_checkpoint, usable_checkpoint
 from lmgen.config import load_config
 from lmgen.data import EpochSampler, SequenceLayout, TokenDataModule
+from lmgen.datasets import build_dataset
 from lmgen.experiment import checkpoint_path, run_experiment
 from lmgen.llama import llama_config
+from lmgen.stage1 import Stage1Job, prepare_tokenizer
+from lmgen.tokenizer_module import TokenizerModule
+from lmgen.tokenizers import tokenizer_for
+from lmgen.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 PIXELS = ROOT / "experiments/base.yaml"
@@ -154,6 +159,72 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_torn(lmgen_ho
     assert steps.count(4) == 2 and steps.count(3) == 1  # trained again from the step-4 checkpoint
     after = client.get_run(resumed.run_id)
     assert after.info.status == "FINISHED" and after.data.tags["lmgen.resumed_from"] == "last.prev.ckpt"
+
+
+# ---- stage 1: torn checkpoints and states (issue 24, item 5) ---------------------------------
+
+# A tiny VQ: 32 train images in batches of 8, 4 steps, a checkpoint after every step.
+STAGE1 = ["tokenizer.name=vq", "tokenizer.codebook_size=16", "stage1.channels=8", "stage1.steps=4",
+          "stage1.val_every=1", "stage1.batch_size=8", "stage1.warmup_steps=1", "stage1.train_images=32",
+          "stage1.val_images=8", "data.train_size=32", "data.val_size=8", "data.image_size=16"]
+
+
+TRAINING_STEP = TokenizerModule.training_step
+
+
+def _stage1(home: Path, monkeypatch, crash_at: int | None = None) -> tuple[str, list[int]]:
+    """Stage 1 of the tiny VQ: (its MLflow run id and status, the global steps it trained)."""
+    cfg = load_config(None, STAGE1)
+    job = Stage1Job.for_run(cfg, tokenizer_for(cfg), build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"),
+                            home)
+    steps: list[int] = []
+
+    def step(self, batch, batch_idx):
+        if self.global_step == crash_at:
+            raise RuntimeError(f"injected crash at step {crash_at}")
+        steps.append(self.global_step)
+        return TRAINING_STEP(self, batch, batch_idx)
+
+    monkeypatch.setattr(TokenizerModule, "training_step", step)
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "stage1")
+    if crash_at is not None:
+        with pytest.raises(RuntimeError, match="injected crash"):
+            prepare_tokenizer(job, tracker)
+        return "", steps
+    result = prepare_tokenizer(job, tracker)
+    return tracker.client.get_run(result.run_id).info.status, steps
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+@pytest.mark.parametrize("torn", ["last", "both"])
+def test_a_torn_stage1_checkpoint_resumes_from_the_one_before_or_restarts(lmgen_home, monkeypatch, torn):
+    """Before: stage 1 wrote its checkpoints in place and resumed from ``last.ckpt`` whatever it
+    held, so a torn one failed every rerun (``PytorchStreamReader failed ...``: another FAILED
+    stage-1 run per retry), and a torn ``state.pt`` too. Now stage 1 writes through the LM's
+    atomic checkpoint IO and resumes from the newer intact checkpoint (``last.prev.ckpt`` when
+    ``last.ckpt`` is torn), or trains from the start when both are torn — writing ``last.ckpt``
+    again, not ``last-v1.ckpt``; a torn ``state.pt`` is made again from the final checkpoint."""
+    _stage1(lmgen_home, monkeypatch, crash_at=3)  # checkpoints after steps 1, 2, 3; crash in the fourth
+    (directory,) = (lmgen_home / "tokenizers").glob("*/checkpoints")
+    last = directory / "last.ckpt"
+    assert (_step(last), _step(previous_checkpoint(last))) == (3, 2)
+    last.write_bytes(last.read_bytes()[:1000])
+    if torn == "both":
+        previous_checkpoint(last).write_bytes(previous_checkpoint(last).read_bytes()[:1000])
+    status, steps = _stage1(lmgen_home, monkeypatch)
+    assert status == "FINISHED" and steps == ([2, 3] if torn == "last" else [0, 1, 2, 3])
+    assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt", "last.prev.ckpt"] and _step(last) == 4
+    if torn == "last":
+        state = directory.parent / "state.pt"
+        weights = torch.load(state, weights_only=True)
+        state.write_bytes(state.read_bytes()[:1000])
+        status, steps = _stage1(lmgen_home, monkeypatch)  # a new stage-1 run: the state, from last.ckpt, untrained
+        assert status == "FINISHED" and steps == []
+        again = torch.load(state, weights_only=True)
+        assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
 
 
 # ---- non-finite losses -----------------------------------------------------------------------

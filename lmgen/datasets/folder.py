@@ -10,12 +10,21 @@ hidden files and folders ignored); classes are the sorted subfolder names. Split
   The split does not depend on the seed; adding files can move a few files across the
   boundary, so freeze a benchmark with explicit ``train/`` and ``val/`` folders.
 
+Links and special files: the listing follows a directory link once per real directory, and
+never into the dataset's own tree (a loop, or a second way to files listed anyway); it never
+opens what is not a regular file. Passed over, each logged once with its path and counted in
+``skipped_files`` (so in ``data/skipped``): a link that cannot be resolved (dangling, or to
+itself) named like an image or with no extension (it may have been a directory), an image-named
+FIFO, socket or device, a directory link passed over as above, a directory that cannot be read.
+Without ``train/`` and ``val/``, each such path is counted in one split (by a hash of it).
+
 ``max_items > 0`` keeps the first ``max_items`` files of a fixed hash-shuffled order (again
-seed-independent), listed in path order. Items are opened with Pillow, converted to RGB,
-centre-cropped to a square and resized with bicubic (antialiased) filtering. A file that
-cannot be decoded (corrupt, truncated, empty) yields ``None`` and one logged warning with
-its path; it still counts in ``class_counts`` (which comes from the listing). A split with
-no decodable file at all is a ``ValueError`` naming the root, raised by the constructor.
+seed-independent), listed in path order. Items are opened with Pillow, converted to 8-bit RGB
+(16-bit greyscale scaled, not clipped: ``to_rgb``), centre-cropped to a square and resized with
+bicubic (antialiased) filtering. A file that cannot be decoded (corrupt, truncated, empty)
+yields ``None`` and one logged warning with its path; it still counts in ``class_counts``
+(which comes from the listing). A split with no decodable file at all is a ``ValueError``
+naming the root, raised by the constructor.
 
 The listing helpers (``list_folder``, ``cap_order``) and the transform (``square_resize``)
 are shared with ``videofolder``.
@@ -23,9 +32,11 @@ are shared with ``videofolder``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -67,21 +78,73 @@ def _subdirs(directory: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_files(directory: Path, root: Path, label: int, extensions: frozenset[str]) -> list[FileEntry]:
-    """Every file below ``directory`` (recursive) with one of ``extensions``, sorted by relative path."""
-    entries, stack = [], [directory]
+@dataclass(frozen=True)
+class SkippedPath:
+    """A path the listing passed over (module docstring): relative to the root, POSIX, and why."""
+
+    relpath: str
+    reason: str
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a directory or a link to one; False for a link that cannot be
+    resolved (dangling: ``is_dir`` says False; to itself: it raises)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _inside(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip(os.sep) + os.sep)
+
+
+def _scan_files(directory: Path, root: Path, extensions: frozenset[str],
+                walked: set[str]) -> tuple[list[FileEntry], list[SkippedPath]]:
+    """Every regular file below ``directory`` (recursive) with one of ``extensions``, as
+    label-less ``FileEntry``s sorted by relative path, and the paths passed over. ``walked``: the
+    real paths of directories already reached through a link (shared by a listing's classes)."""
+    entries, skipped, stack = [], [], [directory]
+    real_root = os.path.realpath(root)
+
+    def skip(path: str, reason: str) -> None:
+        skipped.append(SkippedPath(Path(path).relative_to(root).as_posix(), reason))
+
     while stack:
-        with os.scandir(stack.pop()) as it:
-            for e in it:
-                if e.name.startswith("."):
-                    continue
-                if e.is_dir():
-                    stack.append(Path(e.path))
-                elif os.path.splitext(e.name)[1].lower() in extensions:
-                    st = e.stat()
-                    rel = Path(e.path).relative_to(root).as_posix()
-                    entries.append(FileEntry(rel, label, st.st_size, st.st_mtime_ns))
-    return sorted(entries, key=lambda f: f.relpath)
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                found = sorted(it, key=lambda e: e.name)  # of two links to one directory, the first by name is followed
+        except OSError as err:
+            skip(str(folder), f"unreadable directory ({err.strerror or err})")
+            continue
+        for e in found:
+            if e.name.startswith("."):
+                continue
+            if _is_dir(e):  # follows links
+                real = os.path.realpath(e.path)
+                if e.is_symlink():
+                    if _inside(real, real_root) or real in walked:
+                        skip(e.path, f"directory link to {real}: inside the dataset or already listed (a loop)")
+                        continue
+                    walked.add(real)
+                stack.append(Path(e.path))
+                continue
+            ext = os.path.splitext(e.name)[1].lower()
+            if ext not in extensions and not (ext == "" and e.is_symlink()):
+                continue
+            try:
+                st = os.stat(e.path)  # follows links: a dangling or looping one raises here
+            except OSError as err:
+                skip(e.path, f"broken link ({err.strerror or err})" if e.is_symlink() else str(err))
+                continue
+            if ext not in extensions:  # an extension-less link that resolves: not an image file
+                continue
+            if not stat.S_ISREG(st.st_mode):  # never opened: reading a FIFO blocks until a writer comes
+                skip(e.path, "not a regular file (a FIFO, socket or device)")
+                continue
+            entries.append(FileEntry(Path(e.path).relative_to(root).as_posix(), -1, st.st_size, st.st_mtime_ns))
+    return sorted(entries, key=lambda f: f.relpath), skipped
 
 
 @dataclass(frozen=True)
@@ -89,12 +152,14 @@ class FolderListing:
     """The files of one split of a class-folder tree (before any cap).
 
     ``split_dirs``: the tree has ``train/`` and ``val/``; ``files`` are ordered by (label, relpath).
+    ``skipped``: the split's paths passed over (links, special files; module docstring).
     """
 
     root: Path
     split_dirs: bool
     class_names: list[str]
     files: list[FileEntry]
+    skipped: list[SkippedPath] = dataclasses.field(default_factory=list)
 
 
 def list_folder(root: str | Path, split: str, val_fraction: float, extensions: frozenset[str], name: str) -> FolderListing:
@@ -116,21 +181,25 @@ def list_folder(root: str | Path, split: str, val_fraction: float, extensions: f
     if not class_names:
         raise ValueError(f"{name}: no class subfolders in {root} (expected root/<class_name>/<files>)")
     split_root = root / split if split_dirs else root
-    per_class = [
-        _scan_files(split_root / c, root, label, extensions) if (split_root / c).is_dir() else []
-        for label, c in enumerate(class_names)
-    ]
+    per_class, skipped, walked = [], [], set()
+    for label, c in enumerate(class_names):
+        files, passed = _scan_files(split_root / c, root, extensions, walked) if (split_root / c).is_dir() else ([], [])
+        per_class.append([dataclasses.replace(f, label=label) for f in files])
+        # without split folders both splits list every class: each passed-over path counts in one
+        skipped += [p for p in passed if split_dirs or (_hash_unit(p.relpath, "split") < val_fraction) == (split == "val")]
+    for p in skipped:
+        log.warning("%s: skipping %s: %s", name, root / p.relpath, p.reason)
     if not any(per_class):
         raise ValueError(f"{name}: no files ({', '.join(sorted(extensions))}) in the class folders of {split_root}")
     if split_dirs:
-        return FolderListing(root, split_dirs, class_names, [f for files in per_class for f in files])
+        return FolderListing(root, split_dirs, class_names, [f for files in per_class for f in files], skipped)
     out = []
     for files in per_class:
         ranked = sorted(files, key=lambda f: _hash_unit(f.relpath, "split"))
         n_val = int(round(val_fraction * len(files)))
         chosen = ranked[:n_val] if split == "val" else ranked[n_val:]
         out.extend(sorted(chosen, key=lambda f: f.relpath))
-    return FolderListing(root, split_dirs, class_names, out)
+    return FolderListing(root, split_dirs, class_names, out, skipped)
 
 
 def cap_order(files: list[FileEntry]) -> list[FileEntry]:
@@ -148,10 +217,27 @@ def square_resize(im: Image.Image, image_size: int) -> Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow image → 8-bit RGB. Pillow's own ``convert`` clips 16-bit greyscale at 255, so a
+    16-bit PNG (mode "I;16") comes out nearly all white; here 16-bit values v become v >> 8
+    (65535 → 255). Mode "I" is taken as 16-bit too: Pillow opens 16-bit PGMs so (scaled to
+    65535). 48-bit RGB and 16-bit LA/RGBA PNGs Pillow already reads as 8-bit RGB(A), correctly."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(im).astype(np.int64)  # decodes; "I;16B" arrives big-endian, "I" as int32
+        im = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # mode "L"
+    return im.convert("RGB")
+
+
 def load_image(path: str | Path, image_size: int) -> Tensor:
-    """Decode, convert to RGB, centre-crop, resize: uint8 (3, S, S) in [0, 255]. Raises on bad files."""
+    """Decode, convert to 8-bit RGB, centre-crop, resize: uint8 (3, S, S) in [0, 255]. Raises on
+    bad files, and on what is not a regular file (a FIFO swapped in after listing) before opening it."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"not a regular file (a FIFO, socket or device): {path}")
     with Image.open(path) as im:
-        im = im.convert("RGB")  # forces a full decode: truncation and corruption raise here
+        im = to_rgb(im)  # forces a full decode: truncation and corruption raise here
     return square_resize(im, image_size)
 
 
@@ -242,6 +328,7 @@ class ImageFolderDataset(ListedFolder):
         if not entries:
             raise ValueError(f"imagefolder: split {split!r} of {self.root} is empty (val_fraction={self.val_fraction})")
         self.entries: list[FileEntry] = entries
+        self.skipped_files = len(listing.skipped)  # links and special files passed over when listing
         self._labels = torch.tensor([f.label for f in entries], dtype=torch.int64)
         self._warned: set[str] = set()
         self._fingerprint: str | None = None

@@ -175,7 +175,7 @@ class VideoFolderDataset(ListedFolder):
         self.class_names: list[str] = listing.class_names
         self.num_classes = len(self.class_names)
         self.info: dict[str, VideoInfo] = {}
-        self.skipped_files = 0  # files whose metadata could not be read (not listed)
+        self.skipped_files = len(listing.skipped)  # paths passed over, then files whose metadata could not be read
         self.entries: list[ClipEntry] = self._list_clips(listing.files)
         if not self.entries:
             raise ValueError(

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.request
@@ -44,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from lmgen.files import plain_data
+from lmgen.files import atomic_write, plain_data
 from lmgen.metrics.probe import EXTRACTOR_NAME, FEATURE_LAYER, Probe, per_class_accuracy, registered_probe
 from lmgen.metrics.refcache import ReferenceCache, inception_space_id, probe_space_id, reference_digest
 
@@ -131,21 +130,14 @@ def _resolve_host(host: str, timeout: float) -> None:
 def _download(url: str, dst: Path, timeout: float) -> None:
     """Fetch ``url`` to ``dst`` atomically, checking the SHA-256 prefix in the file name (torch.hub's convention)."""
     _resolve_host(urlparse(url).hostname or "", timeout)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+    with atomic_write(dst) as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
         match = re.search(r"-([a-f0-9]+)\.", dst.name)
-        if match and not digest.hexdigest().startswith(match.group(1)):
+        if match and not digest.hexdigest().startswith(match.group(1)):  # raising here leaves dst untouched
             raise OSError(f"checksum mismatch for {url}: got {digest.hexdigest()[:16]}, expected {match.group(1)}")
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _plain(path: Path) -> Path:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import pickle
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,6 +39,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from lmgen.concurrency import file_lock
 from lmgen.datasets import iter_batches
 from lmgen.datasets.base import short_hash
+from lmgen.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +188,9 @@ class Probe:
         return cls(net, info)
 
     def save(self, path: Path) -> None:
-        """Write atomically (temp file in the same folder + ``os.replace``): readers never see half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        """Write atomically (``lmgen.files.atomic_write``): readers never see half a file."""
+        with atomic_write(path) as out:
+            torch.save(self.state_dict(), out)
 
     @classmethod
     def load(cls, path: Path) -> Probe:

@@ -44,13 +44,10 @@ from torch import Tensor
 from torch_fidelity.utils import resolve_feature_layer_for_metric
 
 from lmgen.concurrency import file_lock
-from lmgen.files import safe_load
+from lmgen.files import file_digest, safe_load
 from lmgen.metrics.probe import Probe
 
 log = logging.getLogger(__name__)
-
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> SHA-256: hash a weights file once
-
 
 def reference_digest(images: Tensor) -> str:
     """SHA-256 (64 hex) of uint8 (N, 3, H, W) images: their shape and exact pixel bytes, in order.
@@ -66,19 +63,6 @@ def reference_digest(images: Tensor) -> str:
     digest = hashlib.sha256(f"uint8{tuple(images.shape)}:".encode())
     digest.update(images.detach().cpu().contiguous().numpy())  # the buffer itself: no extra copy of a large set
     return digest.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 (64 hex) of a file's bytes, remembered per (path, size, mtime) for this process."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        _FILE_DIGESTS[key] = digest.hexdigest()
-    return _FILE_DIGESTS[key]
 
 
 def probe_space_id(probe: Probe) -> str:
