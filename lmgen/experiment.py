@@ -147,7 +147,8 @@ def _run_experiment(cfg: ExperimentConfig, resume: bool, preemption: Preemption)
             tracker.log_params(run_id, {**budget.params(),
                                         "resolved.precision": resolve_precision(t.precision, t.accelerator)})
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
-        _train(t, budget, module, datamodule, MlflowMetricLogger(tracker, run_id),
+        spill = checkpoint_path(home, run_id).parent / "pending_metrics.jsonl" if lead else None  # outage's keep
+        _train(t, budget, module, datamodule, MlflowMetricLogger(tracker, run_id, spill),
                checkpoint_path(home, run_id) if t.checkpoint else None, preemption, resume_from or None)
         if not lead:  # the other ranks' part ends with training; rank 0 evaluates
             return RunSummary(run_id, run_name(cfg), tracker.experiment, uri, stage1.run_id, "",

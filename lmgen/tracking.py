@@ -8,6 +8,7 @@ Default store: ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlar
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -219,12 +220,15 @@ class Tracker:
         self.client.log_text(run_id, text, name)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.log_metric_values(run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])  # NaN stays
+
+    def log_metric_values(self, run_id: str, values: list[Metric]) -> None:
+        """``values`` as they are (keys, steps and timestamps), in batches MLflow accepts."""
         if not self.writes:
             return
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]  # NaN stays visible
-        for start in range(0, len(batch), BATCH_LIMIT * 10):
-            self.client.log_batch(run_id, metrics=batch[start : start + BATCH_LIMIT * 10])
+        for start in range(0, len(values), BATCH_LIMIT * 10):
+            self.client.log_batch(run_id, metrics=values[start : start + BATCH_LIMIT * 10])
 
     def log_image(self, run_id: str, image: np.ndarray, name: str) -> None:
         """(H, W, 3) uint8 image as a PNG artifact."""
@@ -331,17 +335,52 @@ def _alive(pid: int) -> bool:
         return True  # no /proc (macOS): it answered the signal
 
 
+def _lines(values: list[Metric]) -> str:
+    return "".join(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
+                   for m in values)
+
+
+@contextlib.contextmanager
+def quick_requests(timeout: float = 5.0) -> Iterator[None]:
+    """MLflow's HTTP calls in the block try once with a ``timeout``-second limit, instead of its
+    default of 7 retries with exponential backoff (minutes against a dead server)."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class MlflowMetricLogger(Logger):
     """Lightning logger that writes metrics into an existing MLflow run (rank 0 only).
 
     Unlike Lightning's ``MLFlowLogger`` it neither logs hyperparameters (the resolved config
     is already there) nor ends the run at the end of ``fit``: sampling and evaluation still
     log into the same run afterwards.
+
+    A tracking server that stops answering does not stop training: each log call tries once,
+    briefly (``quick_requests``); what fails is kept, in memory and in ``spill`` (beside the
+    checkpoint), and sent with its original steps and timestamps once the server is back —
+    retried at most every ``retry_every`` seconds meanwhile. At the end of fit the rest is
+    sent with MLflow's full retries; what still cannot be sent stays in ``spill``, and the
+    logger of a resumed run sends it first: no step's metrics are lost.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
+    def __init__(self, tracker: Tracker, run_id: str, spill: Path | None = None, retry_every: float = 30.0) -> None:
         super().__init__()
-        self.tracker, self._run_id = tracker, run_id
+        self.tracker, self._run_id, self.spill, self.retry_every = tracker, run_id, spill, retry_every
+        self.pending: list[Metric] = []
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        if spill is not None and spill.is_file():  # left by an earlier process of this run
+            self.pending = [Metric(**json.loads(line)) for line in spill.read_text().splitlines() if line.strip()]
+            log.info("%d metric values a tracking outage kept in %s will be logged first", len(self.pending), spill)
 
     @property
     def name(self) -> str:
@@ -362,5 +401,50 @@ class MlflowMetricLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if k != "epoch"}
-        self.tracker.log_metrics(self._run_id, clean, step=step or 0)
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if k != "epoch"]
+        self.pending += values
+        if self._down_since is None or time.monotonic() - self._last_try >= self.retry_every:
+            self.flush(patient=False)
+        elif self.spill is not None:  # still down, not yet time to try again: keep these on disk too
+            with open(self.spill, "a") as out:
+                out.write(_lines(values))
+
+    def flush(self, patient: bool) -> bool:
+        """Send what is pending; ``patient``: with MLflow's full retries. True when nothing is left."""
+        if not self.pending or not self.tracker.writes:
+            return True
+        self._last_try = time.monotonic()
+        try:
+            with contextlib.nullcontext() if patient else quick_requests():
+                self.tracker.log_metric_values(self._run_id, self.pending)
+        except Exception as err:  # any failure of the store: keep the values, train on
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("tracking store %s did not take metrics (%s: %s); training goes on, metrics are kept "
+                            "(%s) and sent when it is back", self.tracker.uri, type(err).__name__,
+                            str(err).splitlines()[0][:200] if str(err) else "", self.spill or "in memory")
+            self._write_spill()
+            return False
+        if self._down_since is not None:
+            log.warning("tracking store %s is back after %.0f s: %d kept metric values logged", self.tracker.uri,
+                        time.monotonic() - self._down_since, len(self.pending))
+            self._down_since = None
+        self.pending = []
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)
+        return True
+
+    def _write_spill(self) -> None:
+        if self.spill is None:
+            return
+        from lmgen.files import atomic_write
+
+        with atomic_write(self.spill) as out:
+            out.write(_lines(self.pending).encode())
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if not self.flush(patient=True):
+            log.error("tracking store %s is still unreachable at the end of fit: %d metric values are kept in %s "
+                      "and logged when the run is resumed", self.tracker.uri, len(self.pending), self.spill)

@@ -414,3 +414,51 @@ def test_videofolder_h264_run_counts_unreadable_files(lmgen_home, tmp_path):
     assert lm.info.status == "FINISHED"
     assert lm.data.metrics["data/skipped"] == 1.0
     assert lm.data.metrics["data/train_items"] == 6 * 3  # 6 readable train files of 3 clips each
+
+
+def test_a_tracking_server_that_dies_mid_run_costs_no_step(lmgen_home, tmp_path):
+    """The run's `mlflow server` is killed while the Llama trains and comes back: training goes
+    on (each log call tries once, briefly), the values logged meanwhile are kept and sent with
+    their steps once it is back, and the run finishes with every step's loss logged once."""
+    import time
+
+    from proctools import free_port, start_mlflow_server, stop_mlflow_server
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    env = {**os.environ, "LMGEN_HOME": str(lmgen_home), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = tmp_path / "run.out"
+    steps = 150
+    with open(out, "w") as stdout:
+        run = subprocess.Popen([sys.executable, "-m", "lmgen", "run", BASE, "tokenizer=pixels_palette64", *TINY,
+                                "data.train_size=256", f"train.max_steps={steps}", "train.val_every=50",
+                                "train.val_batches=1", "sample.num_samples=0", "metrics.prefix_samples=0",
+                                "metrics.probe=false", f"tracking.uri={uri}"], env=env, stdout=stdout,
+                               stderr=subprocess.STDOUT)
+    client = MlflowClient(uri)
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until training has logged a few steps
+            experiment = client.get_experiment_by_name("base")
+            lm = client.search_runs([experiment.experiment_id], "tags.`lmgen.stage` = 'lm'") if experiment else []
+            if lm and len(client.get_metric_history(lm[0].info.run_id, "lm/train_loss")) >= 5:
+                break
+            assert run.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.2)
+        stop_mlflow_server(server, signal.SIGKILL)  # dead at once, mid-training
+        time.sleep(2)
+        assert run.poll() is None, out.read_text()[-3000:]  # training goes on without it
+        server = start_mlflow_server(tmp_path, port)  # back, on the same store
+        assert run.wait(timeout=300) == 0, out.read_text()[-3000:]
+        text = out.read_text()
+        assert "did not take metrics" in text and "is back after" in text, text[-3000:]
+        finished = client.get_run(lm[0].info.run_id)
+        logged = [m.step for m in client.get_metric_history(finished.info.run_id, "lm/train_loss")]
+        assert finished.info.status == "FINISHED" and sorted(logged) == list(range(steps))
+        assert not (lmgen_home / "checkpoints" / finished.info.run_id / "pending_metrics.jsonl").exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+        stop_mlflow_server(server)
