@@ -141,6 +141,9 @@ class TrackingConfig:
     run_name: str | None = None  # None: "<preset or tokenizer>-<lm.size>-s<seed>"
     parent_run_id: str | None = None  # set by `lmgen sweep`: the sweep's parent run (mlflow.parentRunId)
     sweep: str | None = None  # set by `lmgen sweep`: tag lmgen.sweep
+    # the LM's final weights (model/weights.pt) and a learned tokenizer's state (tokenizer/state.pt)
+    # as run artifacts, so `lmgen eval` and `export-hf` work from any machine on the same server
+    log_weights: bool = True
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lmgen.ar_module import ARModule, OptimConfig, SpeedConfig, position_loss_csv
 from lmgen.budget import Budget, resolve_budget, world_size
-from lmgen.checkpointing import AtomicCheckpointIO, Preemption, usable_checkpoint
+from lmgen.checkpointing import AtomicCheckpointIO, Preemption, previous_checkpoint, usable_checkpoint
 from lmgen.concurrency import is_global_zero, share_from_rank_zero
 from lmgen.config import (
     ConfigError,
@@ -49,7 +49,15 @@ from lmgen.stage1 import (
     tokenizer_state_path,
 )
 from lmgen.tokenizers import ImageTokenizer, tokenizer_for
-from lmgen.tracking import MlflowMetricLogger, Tracker, check_tracking, lmgen_home, owner_tags, resolve_tracking_uri
+from lmgen.tracking import (
+    MlflowMetricLogger,
+    Tracker,
+    check_tracking,
+    fetch_artifact,
+    lmgen_home,
+    owner_tags,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +162,8 @@ def _run_experiment(cfg: ExperimentConfig, resume: bool, preemption: Preemption)
             return RunSummary(run_id, run_name(cfg), tracker.experiment, uri, stage1.run_id, "",
                               time.perf_counter() - start)
         tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
+        if cfg.tracking.log_weights:
+            _log_weights(tracker, run_id, module)
         evaluate_model(Generator.for_run(cfg, module.model, layout, tokenizer),
                        Scoring.for_run(cfg, train_ds, val_ds, probe, tracker, run_id, home))
     return _summary(tracker, run_id, time.perf_counter() - start)
@@ -242,6 +252,17 @@ def _train(t: TrainConfig, budget: Budget, module: ARModule, datamodule: TokenDa
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if checkpoint is not None:  # last.ckpt holds the final weights whatever val_every was (lmgen eval reads it)
         trainer.save_checkpoint(checkpoint, weights_only=False)  # the whole state: weights, optimizer, loops
+
+
+WEIGHTS_ARTIFACT = "model/weights.pt"  # the LM's final weights on its run (tracking.log_weights)
+
+
+def _log_weights(tracker: Tracker, run_id: str, module: ARModule) -> None:
+    """The final weights, without the optimizer's state, as the run's artifact ``WEIGHTS_ARTIFACT``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(WEIGHTS_ARTIFACT).name
+        torch.save({"state_dict": module.state_dict(), "global_step": module.global_step}, path)
+        tracker.log_file(run_id, path, str(Path(WEIGHTS_ARTIFACT).parent))
 
 
 def checkpoint_path(home: Path, run_id: str) -> Path:
@@ -334,11 +355,12 @@ def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None
     if original.info.status != "FINISHED":  # a KILLED or FAILED run's checkpoint is a half-trained model
         raise ValueError(f"run {run_id} is {original.info.status}, not FINISHED: its checkpoint is not the trained "
                          "model; finish it first (lmgen run --resume, or the sweep again)")
-    ckpt = usable_checkpoint(checkpoint_path(home, run_id))
+    ckpt = usable_checkpoint(checkpoint_path(home, run_id)) or fetch_artifact(
+        client, run_id, WEIGHTS_ARTIFACT, checkpoint_path(home, run_id).parent / "weights.pt")  # trained elsewhere
     if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint for run {run_id} at {checkpoint_path(home, run_id)}: it was trained "
-                                "with train.checkpoint=false "
-                                "or under another LMGEN_HOME")
+        raise FileNotFoundError(f"no checkpoint for run {run_id} at {checkpoint_path(home, run_id)} and no "
+                                f"{WEIGHTS_ARTIFACT} artifact: it was trained with train.checkpoint=false and "
+                                "tracking.log_weights=false, or under another LMGEN_HOME")
     trained, cfg = _eval_config(client, run_id, overrides or [])
     train_ds, val_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val")
     tokenizer = tokenizer_for(cfg)
@@ -347,12 +369,14 @@ def restore_run(run_id: str, overrides: list[str] | None = None, uri: str | None
         raise ValueError(f"run {run_id} used tokenizer {tags['lmgen.tokenizer_hash']} but its config now hashes to "
                          f"{key}: the dataset or lmgen's cache format changed since it was trained")
     state = tokenizer_state_path(home, key)
+    if not state.is_file() and tags.get("lmgen.tokenizer_run_id"):  # made on another machine: its run has it
+        fetch_artifact(client, tags["lmgen.tokenizer_run_id"], "tokenizer/state.pt", state)
     load_tokenizer_state(tokenizer, state)
     layout = sequence_layout(cfg.lm, tokenizer, train_ds.num_classes)
     module = ARModule(model_config(cfg.lm, tokenizer, layout), layout, OptimConfig())
     checkpoint = safe_load(ckpt)
     module.load_state_dict(checkpoint["state_dict"])
-    if ckpt.name != checkpoint_path(home, run_id).name:
+    if ckpt == previous_checkpoint(checkpoint_path(home, run_id)):
         log.warning("run %s: last.ckpt is damaged; restoring %s (step %s) instead, which the results will say",
                     run_id, ckpt.name, checkpoint.get("global_step"))
     return RestoredRun(run=original, client=client, uri=uri, home=home, trained=trained, cfg=cfg, train_ds=train_ds,

@@ -68,12 +68,14 @@ class Stage1Job:
     trainer: TrainConfig
     metrics: MetricsConfig
     seed: int
+    log_state: bool = True  # state.pt as the stage-1 run's artifact tokenizer/state.pt (tracking.log_weights)
 
     @classmethod
     def for_run(cls, cfg: ExperimentConfig, tokenizer: ImageTokenizer, train_ds: ImageDataset, val_ds: ImageDataset,
                 home: Path) -> Stage1Job:
         """The stage 1 of an experiment's tokenizer."""
-        return cls(tokenizer, cfg.tokenizer, cfg.data, train_ds, val_ds, home, cfg.train, cfg.metrics, cfg.seed)
+        return cls(tokenizer, cfg.tokenizer, cfg.data, train_ds, val_ds, home, cfg.train, cfg.metrics, cfg.seed,
+                   cfg.tracking.log_weights)
 
     @functools.cached_property
     def key(self) -> str:
@@ -165,6 +167,8 @@ def _prepare(job: Stage1Job, tracker: Tracker, tags: dict[str, str], probe: Prob
             tracker.log_params(run_id, {"resolved.precision": resolve_precision(job.config.precision,
                                                                                 job.trainer.accelerator)})
         fit_stats = _fit_or_load(job, (tracker, run_id))
+        if job.log_state:  # for evaluations on machines that never made it
+            tracker.log_file(run_id, job.directory / "state.pt", "tokenizer")
         caches = _caches(job)
         metrics = {**fit_stats, **_evaluate(job, caches["val"], tracker, run_id, probe)}
         if isinstance(tokenizer, nn.Module):

@@ -248,6 +248,12 @@ class Tracker:
             first.save(path, save_all=True, append_images=rest, duration=round(1000 / fps), loop=0, optimize=False)
             self.client.log_artifact(run_id, str(path))
 
+    def log_file(self, run_id: str, path: Path, folder: str) -> None:
+        """The file at ``path`` as artifact ``folder/<its name>``."""
+        if not self.writes:
+            return
+        self.client.log_artifact(run_id, str(path), folder)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         if not self.writes:
             return
@@ -448,3 +454,26 @@ class MlflowMetricLogger(Logger):
         if not self.flush(patient=True):
             log.error("tracking store %s is still unreachable at the end of fit: %d metric values are kept in %s "
                       "and logged when the run is resumed", self.tracker.uri, len(self.pending), self.spill)
+
+
+def fetch_artifact(client: MlflowClient, run_id: str, artifact: str, dst: Path) -> Path | None:
+    """Artifact ``artifact`` of ``run_id`` copied to ``dst`` (atomically; kept for next time), or
+    None where the run has no such artifact: how a run trained on another machine is evaluated here."""
+    from mlflow.exceptions import MlflowException
+
+    from lmgen.files import atomic_write
+
+    folder, _, name = artifact.rpartition("/")
+    if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run_id, artifact, tmp))
+        except (MlflowException, OSError) as err:
+            log.warning("run %s: artifact %s could not be fetched: %s", run_id, artifact, err)
+            return None
+        with atomic_write(dst) as out, open(local, "rb") as src:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+    log.info("run %s: fetched %s into %s", run_id, artifact, dst)
+    return dst

@@ -416,21 +416,22 @@ def test_videofolder_h264_run_counts_unreadable_files(lmgen_home, tmp_path):
     assert lm.data.metrics["data/train_items"] == 6 * 3  # 6 readable train files of 3 clips each
 
 
-def test_a_tracking_server_that_dies_mid_run_costs_no_step(lmgen_home, tmp_path):
-    """The run's `mlflow server` is killed while the Llama trains and comes back: training goes
-    on (each log call tries once, briefly), the values logged meanwhile are kept and sent with
-    their steps once it is back, and the run finishes with every step's loss logged once."""
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """One `lmgen run` against a real `mlflow server` that is SIGKILLed while the Llama trains and
+    then comes back on the same store: (uri, LM run id, its home, its console output, steps)."""
     import time
+    from types import SimpleNamespace
 
     from proctools import free_port, start_mlflow_server, stop_mlflow_server
 
-    port = free_port()
+    tmp = tmp_path_factory.mktemp("served")
+    home, port, steps = tmp / "home", free_port(), 150
     uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(tmp_path, port)
-    env = {**os.environ, "LMGEN_HOME": str(lmgen_home), "OMP_NUM_THREADS": "1"}
+    server = start_mlflow_server(tmp, port)
+    env = {**os.environ, "LMGEN_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = tmp_path / "run.out"
-    steps = 150
+    out = tmp / "run.out"
     with open(out, "w") as stdout:
         run = subprocess.Popen([sys.executable, "-m", "lmgen", "run", BASE, "tokenizer=pixels_palette64", *TINY,
                                 "data.train_size=256", f"train.max_steps={steps}", "train.val_every=50",
@@ -450,15 +451,38 @@ def test_a_tracking_server_that_dies_mid_run_costs_no_step(lmgen_home, tmp_path)
         stop_mlflow_server(server, signal.SIGKILL)  # dead at once, mid-training
         time.sleep(2)
         assert run.poll() is None, out.read_text()[-3000:]  # training goes on without it
-        server = start_mlflow_server(tmp_path, port)  # back, on the same store
+        server = start_mlflow_server(tmp, port)  # back, on the same store
         assert run.wait(timeout=300) == 0, out.read_text()[-3000:]
-        text = out.read_text()
-        assert "did not take metrics" in text and "is back after" in text, text[-3000:]
-        finished = client.get_run(lm[0].info.run_id)
-        logged = [m.step for m in client.get_metric_history(finished.info.run_id, "lm/train_loss")]
-        assert finished.info.status == "FINISHED" and sorted(logged) == list(range(steps))
-        assert not (lmgen_home / "checkpoints" / finished.info.run_id / "pending_metrics.jsonl").exists()
+        yield SimpleNamespace(uri=uri, run_id=lm[0].info.run_id, home=home, output=out.read_text(), steps=steps)
     finally:
         if run.poll() is None:
             run.kill()
         stop_mlflow_server(server)
+
+
+def test_a_tracking_server_that_dies_mid_run_costs_no_step(served_run):
+    """Training goes on without the server (each log call tries once, briefly); the values
+    logged meanwhile are kept and sent with their steps once it is back, and the run finishes
+    with every step's loss logged once."""
+    assert "did not take metrics" in served_run.output and "is back after" in served_run.output, served_run.output
+    client = MlflowClient(served_run.uri)
+    finished = client.get_run(served_run.run_id)
+    logged = [m.step for m in client.get_metric_history(served_run.run_id, "lm/train_loss")]
+    assert finished.info.status == "FINISHED" and sorted(logged) == list(range(served_run.steps))
+    assert not (served_run.home / "checkpoints" / served_run.run_id / "pending_metrics.jsonl").exists()
+
+
+def test_eval_and_export_from_another_home_against_the_same_server(served_run, lmgen_home, tmp_path):
+    """A colleague's machine: an empty $LMGEN_HOME and the server's URI. The run's weights and its
+    stage-1 tokenizer state travel as artifacts, so `lmgen eval` and `export-hf` work there."""
+    assert not lmgen_home.exists()
+    uri, run_id = served_run.uri, served_run.run_id
+    assert main(["eval", run_id, "sample.num_samples=4", "--uri", uri]) == 0
+    assert (lmgen_home / "checkpoints" / run_id / "weights.pt").is_file()  # fetched, kept for next time
+    assert list((lmgen_home / "tokenizers").glob("*/state.pt"))
+    client = MlflowClient(uri)
+    (child,) = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.`lmgen.eval_of` = '{run_id}'")
+    assert child.info.status == "FINISHED" and child.data.tags["lmgen.scored_checkpoint"] == (
+        f"weights.pt (step {served_run.steps})")
+    assert main(["export-hf", run_id, str(tmp_path / "hf"), "--uri", uri]) == 0
+    assert (tmp_path / "hf" / "tokenizer_state.pt").is_file() and (tmp_path / "hf" / "config.json").is_file()
