@@ -39,6 +39,7 @@ from lmgen.metrics.fidelity import KINDS, FidelityResult, class_accuracy, fideli
 from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd
 from lmgen.metrics.probe import Probe
 from lmgen.perf import resolve_precision
+from lmgen.progress import phase
 from lmgen.sampling import generate
 from lmgen.stage1 import as_frames, log_fidelity_context, reference_cache, to_grid
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
@@ -349,10 +350,12 @@ def evaluate_model(gen: Generator, scoring: Scoring) -> dict[str, float]:
     settings = scoring.metrics
     if gen.sample.num_samples > 0:
         reference = load_batch(scoring.val_ds, settings.num_reference, scoring.encode_batch_size)
-        metrics.update(evaluate_samples(scoring, sample_images(gen), gen.layout, reference))
+        with phase(f"sampling and scoring {gen.sample.num_samples} images"):
+            metrics.update(evaluate_samples(scoring, sample_images(gen), gen.layout, reference))
     if settings.prefix_samples > 0 and settings.prefix_ratios:
         originals = load_batch(scoring.val_ds, settings.prefix_samples, scoring.encode_batch_size)
-        metrics.update(evaluate_prefixes(gen, scoring, originals))
+        with phase(f"prefix completion of {len(originals)} val images at ratios {list(settings.prefix_ratios)}"):
+            metrics.update(evaluate_prefixes(gen, scoring, originals))
     metrics["gen/eval_seconds"] = time.perf_counter() - start
     scoring.tracker.log_metrics(scoring.run_id, {"gen/eval_seconds": metrics["gen/eval_seconds"]})
     return metrics

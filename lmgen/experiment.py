@@ -40,6 +40,7 @@ from lmgen.files import safe_load
 from lmgen.llama import Llama, LlamaConfig, llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.perf import resolve_precision
+from lmgen.progress import StepProgress
 from lmgen.stage1 import (
     Stage1Job,
     Stage1Result,
@@ -233,7 +234,7 @@ def _train(t: TrainConfig, budget: Budget, module: ARModule, datamodule: TokenDa
     """Fit ``module`` for ``budget.steps``, validating every ``budget.val_every`` steps and at the
     end; with ``checkpoint``, ``last.ckpt`` is written there (atomically) along the way and
     holds the final weights at the end."""
-    callbacks: list[L.Callback] = [preemption]
+    callbacks: list[L.Callback] = [preemption, StepProgress("lm", loss_key="lm/train_loss")]
     if checkpoint is not None:
         preemption.checkpoint = checkpoint
         callbacks.append(ModelCheckpoint(dirpath=checkpoint.parent, save_last=True, save_top_k=0,
@@ -246,7 +247,8 @@ def _train(t: TrainConfig, budget: Budget, module: ARModule, datamodule: TokenDa
         val_check_interval=budget.val_every, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches or 1.0, log_every_n_steps=t.log_every,
         logger=logger, callbacks=callbacks, num_sanity_val_steps=0,
-        enable_model_summary=False, default_root_dir=str(lmgen_home()), enable_checkpointing=checkpoint is not None)
+        enable_model_summary=False, default_root_dir=str(lmgen_home()), enable_checkpointing=checkpoint is not None,
+        enable_progress_bar=False)  # StepProgress: plain lines, steps to max_steps, no control characters in logs
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)  # lmgen writes plain data
     if budget.steps % budget.val_every:  # always end on a validation of the final weights
         trainer.validate(module, datamodule=datamodule, verbose=False)

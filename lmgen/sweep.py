@@ -64,6 +64,7 @@ from lmgen.config import (
 )
 from lmgen.launchers import LocalLauncher, PointEvents, local_launcher, slurm_launcher
 from lmgen.processes import stopping
+from lmgen.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -371,11 +372,6 @@ class SweepStopped(Exception):
         self.signum, self.results = signum, results
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class Progress(PointEvents):
     """One console line as each point starts (with its log) and as it ends (status, wall time,
     headline metric, and the time the rest should take at the pace so far); its result is read
@@ -400,8 +396,8 @@ class Progress(PointEvents):
             headline = next((f"{k} {result.metrics[k]:.4g}" for k in ("gen/fd_probe", "lm/val_bits_per_image")
                              if k in result.metrics), "")
             pace = (time.perf_counter() - self.start) / done
-            eta = f"; {left} left, about {_duration(pace * left)} more" if left else "; all done"
-            print(f"[{done}/{self.total} done] {result.status} {name} in {_duration(result.seconds)}"
+            eta = f"; {left} left, about {duration(pace * left)} more" if left else "; all done"
+            print(f"[{done}/{self.total} done] {result.status} {name} in {duration(result.seconds)}"
                   f"{'  ' + headline if headline else ''}{eta}", flush=True)
 
 

@@ -36,6 +36,7 @@ from lmgen.ar_module import OptimConfig, lr_lambda
 from lmgen.checkpointing import AtomicCheckpointIO, previous_checkpoint, usable_checkpoint
 from lmgen.metrics import psnr
 from lmgen.perf import resolve_precision
+from lmgen.progress import StepProgress
 from lmgen.tokenizers.autoencoder import to_uint8, to_unit
 from lmgen.tokenizers.learned import LearnedConfig, LearnedTokenizer
 from lmgen.tokenizers.quantizers import code_stats
@@ -261,7 +262,7 @@ def train_tokenizer(tokenizer: LearnedTokenizer, train_images: Tensor, val_image
         raise ValueError("tokenizer.adversarial_weight > 0 needs precision 32-true or bf16-mixed, not 16-mixed")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = TokenizerModule(tokenizer, PerceptualLoss(weights) if weights is not None else None)
-    callbacks, resume = [], None
+    callbacks, resume = [StepProgress("stage 1", loss_key="tok/train_loss")], None
     if checkpoint_dir is not None:
         # No version counter: a restart from scratch over a torn last.ckpt must write last.ckpt, not last-v1.ckpt.
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
@@ -271,7 +272,8 @@ def train_tokenizer(tokenizer: LearnedTokenizer, train_images: Tensor, val_image
         max_steps=cfg.steps, accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes, strategy=trainer_cfg.strategy, precision=precision,
         val_check_interval=min(cfg.val_every, cfg.steps), check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(25, cfg.steps // 20)), logger=logger, callbacks=callbacks, enable_checkpointing=bool(callbacks),
+        log_every_n_steps=max(1, min(25, cfg.steps // 20)), logger=logger, callbacks=callbacks,
+        enable_checkpointing=checkpoint_dir is not None,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=str(checkpoint_dir or "."),
         plugins=[AtomicCheckpointIO()])  # the LM's checkpoint IO: temp file + rename, last.prev.ckpt kept
     start = time.perf_counter()

@@ -360,6 +360,21 @@ def test_the_sweep_logs_its_report_to_the_parent_run(tiny_sweep):
     assert (home / "reports" / "tinyplot" / "report.md").is_file()
 
 
+def test_point_logs_read_as_plain_text_with_steps_counted_to_the_end(tiny_sweep):
+    """A sweep point's log is what its console said: plain lines (no progress-bar control
+    characters), training counted in steps to max_steps, stage 1 and sampling announced."""
+    home, _ = tiny_sweep
+    logs = sorted((home / "sweeps" / "tinyplot").glob("*.log"))
+    assert len(logs) == 5
+    for path in logs:
+        text = path.read_text()
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), f"{path.name} has control characters"
+        steps = re.findall(r"lm: step (\d+)/(\d+)", text)
+        assert steps and steps[-1][0] == steps[-1][1], f"{path.name}: no step count to the end"
+        assert "sampling and scoring" in text
+    assert any("stage 1: step" in p.read_text() for p in logs)  # the learned tokenizer's stage 1
+
+
 def test_real_runs_load_typed_and_every_figure_draws_or_says_why(tiny_sweep):
     _, uri = tiny_sweep
     data = load_run_data("tinyplot", uri)

@@ -40,6 +40,7 @@ from lmgen.concurrency import file_lock
 from lmgen.datasets import iter_batches
 from lmgen.datasets.base import short_hash
 from lmgen.files import atomic_write
+from lmgen.progress import phase
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,8 @@ def train_probe(train_ds: Any, val_ds: Any, cfg: ProbeConfig, device: str | torc
         torch.manual_seed(cfg.seed)
         net = ProbeNet(num_classes, cfg.feature_dim, cfg.width)
     net = net.to(device=device, memory_format=torch.channels_last)
-    _fit(net, images, labels, cfg, device)
+    with phase(f"probe: training on {len(images)} images"):
+        _fit(net, images, labels, cfg, device)
     net = net.to(memory_format=torch.contiguous_format)
     accuracy, per_class = _evaluate(net, val_images, val_labels, num_classes)
     info = ProbeInfo(
