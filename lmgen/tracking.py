@@ -3,6 +3,10 @@
 Default store: ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlartifacts``,
 ``<home>`` = ``$LMGEN_HOME`` or ``./lmgen-runs``. ``tracking.uri`` or
 ``$MLFLOW_TRACKING_URI`` point at a real ``mlflow server`` instead. Only rank 0 logs.
+
+Every client comes from ``tracking_client``: an SQLite store is created (or migrated) by one
+process at a time, under a lock beside it, so runs started together on a fresh home do not
+race MLflow's migration.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import numpy as np
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from lmgen.concurrency import file_lock
 from lmgen.config import flatten
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,23 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{lmgen_home() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+def tracking_client(uri: str) -> MlflowClient:
+    """``MlflowClient`` on ``uri``. Creating one creates or migrates an SQLite store, which two
+    processes must not do at once (the second fails in alembic with "table ... already
+    exists"): it happens under an exclusive lock on ``<db>.lock``. A store in a read-only
+    folder is opened unlocked (it cannot be created or migrated there anyway)."""
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(db.with_name(db.name + ".lock"), optional=True):
+        return MlflowClient(tracking_uri=uri)
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
@@ -89,7 +112,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, writes: bool = True) -> None:
         self.uri = uri
         self.writes = writes
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = tracking_client(uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment = experiment
         if found is not None:
@@ -102,8 +125,13 @@ class Tracker:
             location = None
             if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
-                                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            except MlflowException as err:  # another process created it since we looked
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
 
     def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
         """Create a RUNNING run with the standard tags; returns its id."""
@@ -267,7 +295,7 @@ def latest_experiment(uri: str, name: str | None = None) -> tuple[str, str] | No
     """(id, name) of experiment ``name`` in the store at ``uri``, else of the one updated last
     (MLflow's empty ``Default`` only if it is all there is); None for an empty store or an
     unknown ``name``."""
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking_client(uri)
     if name is not None:
         found = client.get_experiment_by_name(name)
         return None if found is None else (found.experiment_id, found.name)
