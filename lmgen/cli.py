@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmgen.config import ConfigError, load_config, to_dict
+from lmgen.paths import safe_component
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -141,6 +142,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     formats = [f for f in args.formats.split(",") if f]
     try:
+        if args.out is None:  # the report's folder is $LMGEN_HOME/reports/<experiment>
+            safe_component("--experiment", args.experiment)
         report = plot_experiment(args.experiment, args.out, tracking_uri=args.uri, formats=formats, dpi=args.dpi,
                                  log_to_mlflow=not args.no_log)
     except ValueError as err:

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lmgen.checks import check_choices, check_interval, choices
+from lmgen.paths import printable, safe_component
 from lmgen.perf import PRECISIONS
 from lmgen.sampling import CFG_SCHEDULES
 from lmgen.tokenizers.learned import Stage1Config
@@ -238,8 +239,8 @@ def _layers(path: str | Path | None, overrides: Sequence[str]) -> list[tuple[str
     for override in overrides:
         try:
             layers.append((override, OmegaConf.from_dotlist([_quote_sexagesimal(override)])))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"bad override {override!r}: {err}") from None
+        except Exception as err:  # OmegaConf's own errors, and YAML's (a NUL or control character in the value)
+            raise ConfigError(f"bad override {override!r}: {_first_line(err)}") from None
     for where, layer in layers:
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{where}: a config is a mapping of sections ({', '.join(_SECTIONS)}), "
@@ -337,7 +338,7 @@ def _quote_sexagesimal(override: str) -> str:
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Check registry names, string choices, finite floats, numeric ``RANGES``, the budget, the
+    """Check names that become paths, registry names, string choices, finite floats, numeric ``RANGES``, the budget, the
     data block (its dataset's own ``check``), the stage-1 recipe and the tokenizer block (built
     here, cheaply, so its own checks run); raises ``ConfigError`` naming the key."""
     from lmgen.llama import LLAMA_SIZES
@@ -345,6 +346,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.lm.size not in LLAMA_SIZES:
         raise ConfigError(_choice_message("lm.size", cfg.lm.size, LLAMA_SIZES))
     try:
+        _check_names(cfg)
         check_choices("", cfg)  # every section, the data, tokenizer and stage1 blocks included
         for key, interval in RANGES.items():
             section, _, leaf = key.rpartition(".")
@@ -360,6 +362,18 @@ def validate(cfg: ExperimentConfig) -> None:
     if bad:
         raise ConfigError(f"metrics.prefix_ratios must lie in (0, 1), got {bad}")
     _check_tokenizer(cfg)
+
+
+def _check_names(cfg: ExperimentConfig) -> None:
+    """Names that become folders under $LMGEN_HOME (the experiment's: its artifacts, its report)
+    are one safe path component (``lmgen.paths.safe_component``: no ``/``, ``..`` or control
+    characters); names only shown (a run's, which MLflow files by run id) are printable."""
+    safe_component("name", cfg.name)
+    if cfg.tracking.experiment is not None:
+        safe_component("tracking.experiment", cfg.tracking.experiment)
+    for key in ("run_name", "sweep", "parent_run_id"):
+        if getattr(cfg.tracking, key) is not None:
+            printable(f"tracking.{key}", getattr(cfg.tracking, key))
 
 
 def _check_budget(train: TrainConfig) -> None:
@@ -438,6 +452,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[full] = value
     return out
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's first line, or its class where it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _choice_message(key: str, value: Any, valid: Any) -> str:

@@ -21,7 +21,8 @@ preset in its own ``overrides``).
 Every key is a dotlist override (a preset group such as ``tokenizer`` takes a preset's name);
 an ``experiment`` axis swaps the base file itself. ``expand`` is a pure function of the file:
 the same points in the same order with the same readable names every time (axes that vary,
-``leaf=value`` joined by ``,``; a preset or experiment axis by its name). A key that only
+``leaf=value`` joined by ``,``; a preset or experiment axis by its name; a point's log file
+is its name made a safe file name, ``lmgen.paths.file_slug``). A key that only
 changes speed (``config.SPEED_KEYS``) is refused as an axis. ``recipe_differences`` is the
 one-recipe invariant: what differs between points outside the axes the sweep declares.
 
@@ -58,6 +59,7 @@ from lmgen.config import (
     to_dict,
 )
 from lmgen.launchers import local_launcher, slurm_launcher
+from lmgen.paths import file_slug, safe_component
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: unknown sweep key(s) {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
     if not raw.get("name"):
         raise ConfigError(f"{path}: 'name' is required (the MLflow experiment of the sweep)")
+    try:  # it names the sweep's folder of point logs and its experiment's artifact folder
+        safe_component("name", str(raw.name))
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if raw.get("blocks"):
         if raw.get("grid") or raw.get("zip"):
             raise ConfigError(f"{path}: use either top-level grid/zip or blocks, not both")
@@ -377,7 +383,7 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
         argv = [str(p.experiment), *point_config(spec, p, parent)]
         if uri != resolve_tracking_uri(None):
             argv.append(f"tracking.uri={uri}")
-        jobs.append((p.name, argv, home / "sweeps" / spec.name / f"{p.name}.log"))
+        jobs.append((p.name, argv, point_log(home, spec, p)))
     log.info("sweep %s: %d points, %d already FINISHED, %d to run (%s)", spec.name, len(points),
              len(points) - len(jobs), len(jobs), launcher)
     if launcher == "slurm":
@@ -390,6 +396,13 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
     ordered = [results[p.name] for p in points]
     _finish(tracker, parent, ordered, time.perf_counter() - start)
     return ordered
+
+
+def point_log(home: Path, spec: SweepSpec, point: SweepPoint) -> Path:
+    """The log file of ``point``: ``<home>/sweeps/<sweep name>/<point name as a file name>.log``.
+    A point's name holds its grid values (``root=/data/a``), so it is made a safe file name
+    (``lmgen.paths.file_slug``); the sweep's name was checked to be one path component."""
+    return home / "sweeps" / spec.name / f"{file_slug(point.name)}.log"
 
 
 def _parent_run(tracker, spec: SweepSpec, points: Sequence[SweepPoint], hashes: dict[str, str], launcher: str) -> str:

@@ -6,7 +6,8 @@ Default store: ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlar
 
 Every client comes from ``tracking_client``: an SQLite store is created (or migrated) by one
 process at a time, under a lock beside it, so runs started together on a fresh home do not
-race MLflow's migration.
+race MLflow's migration. Tag values go into MLflow filter strings through ``filter_literal``,
+and each match is checked in Python too, so a sweep named ``it's`` finds its runs.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
 # table, not on the GenAI traces page (which an untagged experiment of LM runs can be taken for).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 BATCH_LIMIT = 100  # MLflow's limit on params per log_batch call
+SEARCH_PAGE = 1000  # runs per search_runs page
 
 
 def lmgen_home() -> Path:
@@ -74,6 +76,20 @@ def tracking_client(uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri=uri)
     with file_lock(db.with_name(db.name + ".lock"), optional=True):
         return MlflowClient(tracking_uri=uri)
+
+
+def filter_literal(value: str) -> str | None:
+    """``value`` as a string literal of an MLflow filter string, or None where the grammar has
+    none. MLflow keeps what lies between the quotes verbatim (no escape sequences: ``'it''s'``
+    would search for ``it''s``), so the literal takes the quote ``value`` does not hold; the
+    filter's tokenizer (sqlparse) reads a backslash before the closing quote as escaping it, so
+    a value ending in a backslash, or holding both quotes, has no literal."""
+    if value.endswith("\\"):
+        return None
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
@@ -143,20 +159,32 @@ class Tracker:
 
     def find_run(self, tags: Mapping[str, str], status: str | None = None) -> str | None:
         """Id of the newest run of this experiment carrying all ``tags`` (and ``status``, if given)."""
-        if self.experiment_id is None:
-            return None
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        clauses += [f"attributes.status = '{status}'"] if status else []
-        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses),
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
+        found = self._search(tags, status, newest_only=True)
+        return found[0] if found else None
 
     def find_runs(self, tags: Mapping[str, str], status: str) -> list[str]:
         """Ids of every run of this experiment carrying all ``tags`` with ``status``."""
+        return self._search(tags, status)
+
+    def _search(self, tags: Mapping[str, str], status: str | None, newest_only: bool = False) -> list[str]:
+        """Ids of this experiment's runs carrying exactly ``tags`` (and ``status``), newest first.
+        Each tag with a ``filter_literal`` narrows the search in the store; every match is then
+        checked here, value for value, so a value the filter grammar cannot write is found too."""
         if self.experiment_id is None:
             return []
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"]
-        return [r.info.run_id for r in self.client.search_runs([self.experiment_id], " and ".join(clauses))]
+        literals = {key: filter_literal(str(value)) for key, value in tags.items()}
+        clauses = [f"tags.`{key}` = {literal}" for key, literal in literals.items() if literal is not None]
+        clauses += [f"attributes.status = '{status}'"] if status else []
+        exact = None not in literals.values()
+        found, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], " and ".join(clauses),
+                                           order_by=["attributes.start_time DESC"],
+                                           max_results=1 if newest_only and exact else SEARCH_PAGE, page_token=token)
+            found += [r.info.run_id for r in page if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
+            token = page.token
+            if not token or (newest_only and found):
+                return found[:1] if newest_only else found
 
     def reconcile(self, tags: Mapping[str, str]) -> list[str]:
         """End as KILLED the RUNNING runs carrying ``tags`` whose process is gone (a SIGKILL, an

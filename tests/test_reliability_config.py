@@ -92,6 +92,16 @@ BAD = [
     (["tokenizer.name=crt", "tokenizer.crt_weight=nan"], "tokenizer.crt_weight"),
     (["data.num_workers=-2"], "data.num_workers"),
     (["data.val_fraction=1.0"], "data.val_fraction"),
+    # names that become folders under $LMGEN_HOME are one path component (issue 24, item 9) ...
+    (["name=../../x"], "name"),
+    (["name=.."], "name"),
+    (["name=" + "x" * 256], "name"),  # past a file name's 255 bytes
+    (["tracking.experiment=a/b"], "tracking.experiment"),
+    (["tracking.experiment=a\\b"], "tracking.experiment"),
+    # ... and every name is printable: no NUL or control character
+    (["name=a\tb"], "name"),
+    (["tracking.run_name=a\tb"], "tracking.run_name"),
+    (["name=a\x00b"], "name=a"),  # YAML refuses it in the override itself
 ]
 
 

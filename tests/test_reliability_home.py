@@ -17,9 +17,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from lmgen.tracking import Tracker, resolve_tracking_uri
+from lmgen.cli import main
+from lmgen.paths import file_slug
+from lmgen.sweep import expand, load_sweep, plan_sweep, point_log
+from lmgen.tracking import Tracker, filter_literal, resolve_tracking_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = str(ROOT / "experiments/base.yaml")
+TINY = ["tokenizer=jpeg_q25", "data.train_size=16", "data.val_size=8", "data.image_size=16", "lm.size=nano",
+        "train.budget=steps", "train.max_steps=2", "train.batch_size=8", "train.warmup_steps=1",
+        "sample.num_samples=0", "metrics.probe=false", "metrics.prefix_samples=0"]
+
+
+def _one_error_line(err: str) -> str:
+    """The single line ``err`` holds (stderr of a failed command): no traceback, nothing else."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
 
 # --- item 8: runs started together on a fresh home ---------------------------------------------
 
@@ -61,3 +79,74 @@ def test_runs_started_together_on_a_fresh_home_both_open_its_store(memory_dir):
         assert [p.exitcode for p in processes] == [0, 0], f"attempt {attempt}: a process failed to open the store"
         client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
         assert [e.name for e in client.search_experiments()].count("race") == 1
+
+
+# --- item 9: names stay inside $LMGEN_HOME; any name is found in MLflow ------------------------
+
+
+@pytest.fixture()
+def memory_home(memory_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh $LMGEN_HOME in memory (its MLflow store is made in ~1 s), no outside server."""
+    monkeypatch.setenv("LMGEN_HOME", str(memory_dir / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return memory_dir / "home"
+
+
+def test_a_name_that_would_leave_the_home_is_refused_before_anything_is_written(lmgen_home, tmp_path, capsys):
+    """``name=../../x`` named the experiment's artifact folder $LMGEN_HOME/mlartifacts/../../x."""
+    assert main(["run", BASE, "name=../../escaped", *TINY]) == 2
+    assert "config error: name: '../../escaped' holds a path separator" in _one_error_line(capsys.readouterr().err)
+    assert main(["sweep", str(_sweep(tmp_path, "../../escaped", {"seed": [0]}))]) == 2
+    assert "name: '../../escaped' holds a path separator" in _one_error_line(capsys.readouterr().err)
+    assert not lmgen_home.exists() and not (tmp_path / "escaped").exists()
+
+
+def _sweep(folder: Path, name: str, grid: dict, overrides: tuple[str, ...] = ()) -> Path:
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "experiment": BASE, "overrides": [*TINY, *overrides],
+                                    "grid": grid}, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("value", ["../../../../escaped", "/etc/passwd", "a\\b", ".hidden", "x" * 300, "é/ü"])
+def test_a_point_log_stays_in_the_sweeps_folder_whatever_its_grid_values(tmp_path, value):
+    """A point's name holds its grid values; its log file is that name made a file name, inside
+    $LMGEN_HOME/sweeps/<sweep>, distinct for distinct names."""
+    spec = load_sweep(_sweep(tmp_path, "logs", {"tracking.run_name": [value, "plain"]}))
+    home = tmp_path / "home"
+    logs = [point_log(home, spec, point) for point in expand(spec)]
+    for log in logs:
+        assert log.resolve().parent == (home / "sweeps" / "logs").resolve() and len(log.name.encode()) <= 255
+    assert len(set(logs)) == 2 and logs[1].name == "run_name=plain.log"
+    assert [file_slug(n) for n in ("size=nano,seed=0", "a/b", "a_b")] == ["size=nano,seed=0", "a_b-" + file_slug(
+        "a/b").rsplit("-", 1)[1], "a_b"]
+
+
+def test_a_sweep_named_with_quotes_finds_its_runs(memory_home, tmp_path, capsys):
+    """``it's`` was pasted into an MLflow filter string unescaped: the sweep crashed. Its one
+    point already FINISHED (a run of that config hash), so the sweep skips it; run again, it
+    reopens the same parent run, found by its name."""
+    name = "it's"
+    path = _sweep(tmp_path, name, {"seed": [0]})
+    _, points, hashes = plan_sweep(path)
+    tracker = Tracker(resolve_tracking_uri(None), name)
+    done = tracker.start_run("earlier", {"lmgen.stage": "lm", "lmgen.config_hash": hashes[points[0].name]})
+    tracker.end_run(done)
+    for _ in range(2):
+        assert main(["sweep", str(path), "--no-plot"]) == 0
+        assert "| it's | SKIPPED |" in capsys.readouterr().out  # one point: named by the sweep
+    parents = [r for r in tracker.client.search_runs([tracker.experiment_id]) if r.data.tags["lmgen.stage"] == "sweep"]
+    assert len(parents) == 1 and parents[0].data.tags["lmgen.sweep"] == name and parents[0].info.status == "FINISHED"
+
+
+def test_runs_are_found_by_any_tag_value_the_filter_grammar_can_or_cannot_write(memory_home):
+    """Quotes of either kind, both, a trailing backslash, LIKE wildcards: each value finds its run
+    and only its run (values without a filter literal are matched in Python)."""
+    tracker = Tracker(resolve_tracking_uri(None), "values")
+    values = ["it's", 'say "hi"', "both ' and \"", "trailing\\", "a\\b", "100%_", "plain", ""]
+    ids = {v: tracker.start_run("r", {"lmgen.sweep": v, "lmgen.stage": "lm"}) for v in values}
+    for value, run_id in ids.items():
+        assert tracker.find_run({"lmgen.sweep": value, "lmgen.stage": "lm"}) == run_id, value
+        assert tracker.find_runs({"lmgen.sweep": value}, "RUNNING") == [run_id], value
+    assert [filter_literal(v) for v in ("it's", 'say "hi"', "both ' and \"", "trailing\\")] == [
+        "\"it's\"", "'say \"hi\"'", None, None]
