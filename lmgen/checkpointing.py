@@ -30,6 +30,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lmgen.paths import writing
+
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT = 128 + signal.SIGTERM  # the shell's code for "terminated by SIGTERM": 143
@@ -55,7 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as out:
+            with writing(path), open(tmp, "wb") as out:  # a full disk: DiskFull naming last.ckpt
                 torch.save(checkpoint, out)
                 out.flush()
                 os.fsync(out.fileno())

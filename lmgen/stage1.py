@@ -34,6 +34,7 @@ from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim, token_statisti
 from lmgen.metrics.bootstrap import bootstrap_fd
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
+from lmgen.paths import writing
 from lmgen.perf import resolve_precision
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import MlflowMetricLogger, Tracker
@@ -200,7 +201,8 @@ def _fit_or_load(job: Stage1Job, logging_to: tuple[Tracker, str] | None) -> dict
         stats = tokenizer.fit(images)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".state-{os.getpid()}.pt"
-    torch.save(tokenizer.state_dict(), tmp)
+    with writing(state_path):  # a full disk: DiskFull naming the state, not torch's "unexpected pos"
+        torch.save(tokenizer.state_dict(), tmp)
     os.replace(tmp, state_path)  # atomic: a concurrent reader never sees half a file
     return dict(stats)
 

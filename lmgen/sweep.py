@@ -55,17 +55,21 @@ from lmgen.config import (
     config_hash,
     flatten,
     load_config,
+    read_yaml,
     run_config_hash,
     to_dict,
 )
 from lmgen.launchers import local_launcher, slurm_launcher
-from lmgen.paths import file_slug, safe_component
+from lmgen.paths import check_inputs, file_slug, safe_component
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_AXIS = "experiment"
 SWEEP_KEYS = ("name", "experiment", "overrides", "grid", "zip", "blocks", "max_parallel", "slurm")
 BLOCK_KEYS = ("experiment", "overrides", "grid", "zip")
+# What each key of a sweep file (and of a block) holds: a value of another kind is refused naming it.
+SHAPES = {"name": "text", "experiment": "text", "overrides": "a list of text", "grid": "a mapping",
+          "zip": "a list of mappings", "blocks": "a list of mappings", "max_parallel": "an integer", "slurm": "a mapping"}
 SLURM_KEYS = ("gpus_per_node", "nodes", "timeout_min", "partition", "cpus_per_task", "mem_gb", "account",
               "constraint", "max_num_timeout")
 SUMMARY_METRICS = ("tok/bits_per_image", "tok/psnr", "lm/params", "lm/val_bits_per_image", "gen/fd_probe",
@@ -143,17 +147,35 @@ def _block(raw: DictConfig, path: Path, where: str, default_experiment: Any = No
                  overrides=tuple(str(o) for o in (raw.get("overrides") or [])), grid=grid, zips=tuple(zips))
 
 
+def _check_shapes(raw: DictConfig, path: Path, where: str) -> None:
+    """ConfigError naming the key of ``raw`` whose value is not of its ``SHAPES`` kind (null = unset)."""
+    for key in raw:
+        node, kind = raw._get_node(key), SHAPES.get(str(key))
+        if kind is None or node._is_none():
+            continue
+        items = [node._get_node(i) for i in range(len(node))] if isinstance(node, ListConfig) else []
+        containers = (DictConfig, ListConfig)
+        ok = {"text": not isinstance(node, containers), "a mapping": isinstance(node, DictConfig),
+              "an integer": not isinstance(node, containers) and type(node._value()) is int,
+              "a list of text": isinstance(node, ListConfig) and not any(isinstance(v, containers) for v in items),
+              "a list of mappings": isinstance(node, ListConfig) and all(isinstance(v, DictConfig) for v in items)}[kind]
+        if not ok:
+            shown = OmegaConf.to_container(node, resolve=False) if isinstance(node, containers) else node._value()
+            raise ConfigError(f"{path}: {where}{key}: must be {kind}, got {shown!r}")
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Parse and check a sweep file; ConfigError naming the key for anything malformed."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = OmegaConf.load(path)
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
+    raw = read_yaml(path, f"a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
+    _check_shapes(raw, path, "")
+    for i, block in enumerate(raw.get("blocks") or []):
+        _check_shapes(block, path, f"blocks[{i}].")
     if not raw.get("name"):
         raise ConfigError(f"{path}: 'name' is required (the MLflow experiment of the sweep)")
     try:  # it names the sweep's folder of point logs and its experiment's artifact folder
@@ -351,6 +373,11 @@ def plan_sweep(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str,
     """The sweep in ``path``, its points, and each point's run config hash; every point's config is
     validated here (ConfigError naming the point and the key), before anything runs. A point
     differing from another outside the declared axes (``recipe_differences``) is warned about."""
+    spec, points, configs = _plan(path)
+    return spec, points, {name: run_config_hash(cfg) for name, cfg in configs.items()}
+
+
+def _plan(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str, ExperimentConfig]]:
     spec = load_sweep(path)
     points = expand(spec)
     configs = validate_points(spec, points)
@@ -358,20 +385,39 @@ def plan_sweep(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str,
     if confounds:
         log.warning("sweep %s varies more than its axes declare (a confound in a comparison): %s", spec.name,
                     "; ".join(f"{k}: {v}" for k, v in confounds.items()))
-    return spec, points, {name: run_config_hash(cfg) for name, cfg in configs.items()}
+    return spec, points, configs
+
+
+def _preflight(spec: SweepSpec, configs: dict[str, ExperimentConfig], launcher: str) -> Path:
+    """``$LMGEN_HOME`` takes a file, and — for points run here (the local launcher) — each point's
+    inputs exist (``lmgen.paths.check_inputs``); returns the home. ConfigError naming the point
+    and the key otherwise, before the sweep's parent run or any point exists."""
+    from lmgen.tracking import writable_home
+
+    for name, cfg in configs.items() if launcher == "local" else ():
+        try:
+            check_inputs(cfg.data, cfg.tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"sweep {spec.name}, point {name!r}: {err}") from None
+    try:
+        return writable_home()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | None = None,
               uri: str | None = None, slurm_cluster: str = "slurm") -> list[PointResult]:
     """Expand, validate, and run the sweep in ``path``; returns one result per point (see module docstring)."""
-    from lmgen.tracking import Tracker, check_tracking, lmgen_home, resolve_tracking_uri
+    from lmgen.tracking import Tracker, check_tracking, resolve_tracking_uri
 
     if launcher not in ("local", "slurm"):
         raise ConfigError(f"unknown launcher {launcher!r}; valid choices: local, slurm")
-    spec, points, hashes = plan_sweep(path)
+    spec, points, configs = _plan(path)
+    hashes = {name: run_config_hash(cfg) for name, cfg in configs.items()}
+    home = _preflight(spec, configs, launcher)
     uri = resolve_tracking_uri(uri)
     check_tracking(uri)
-    tracker, home, start = Tracker(uri, spec.name), lmgen_home(), time.perf_counter()
+    tracker, start = Tracker(uri, spec.name), time.perf_counter()
     parent = _parent_run(tracker, spec, points, hashes, launcher)
     results: dict[str, PointResult] = {}
     jobs = []

@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from lmgen.concurrency import file_lock
 from lmgen.config import flatten
+from lmgen.paths import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,22 @@ BATCH_LIMIT = 100  # MLflow's limit on params per log_batch call
 SEARCH_PAGE = 1000  # runs per search_runs page
 
 
+def home_path() -> Path:
+    """``$LMGEN_HOME`` or ``./lmgen-runs``, absolute; not created."""
+    return Path(os.environ.get("LMGEN_HOME", "lmgen-runs")).resolve()
+
+
 def lmgen_home() -> Path:
-    """``$LMGEN_HOME`` or ``./lmgen-runs``, created on first use."""
-    home = Path(os.environ.get("LMGEN_HOME", "lmgen-runs")).resolve()
+    """``home_path()``, created on first use."""
+    home = home_path()
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def writable_home() -> Path:
+    """``home_path()``, created if missing, once a file could be written there; ValueError naming
+    ``LMGEN_HOME`` and the path otherwise (``lmgen run`` and ``lmgen sweep`` check it first)."""
+    return check_writable(home_path())
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -233,13 +245,23 @@ class Tracker:
         try:
             yield
         except (KeyboardInterrupt, SystemExit):
-            self.end_run(run_id, "KILLED")
+            self._end_anyway(run_id, "KILLED", {})
             raise
         except BaseException as err:
-            self.set_tags(run_id, {"lmgen.error": f"{type(err).__name__}: {err}"})
-            self.end_run(run_id, "FAILED")
+            self._end_anyway(run_id, "FAILED", {"lmgen.error": f"{type(err).__name__}: {err}"})
             raise
         self.end_run(run_id, "FINISHED")
+
+    def _end_anyway(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        """End ``run_id`` as ``status`` with ``tags`` while an exception is on its way out; if the
+        store cannot take it (the disk that filled up holds ``mlflow.db`` too), say so in the log
+        and let that exception, the cause, go on."""
+        try:
+            self.set_tags(run_id, tags)
+            self.end_run(run_id, status)
+        except Exception as err:
+            log.warning("run %s could not be marked %s in %s (%s: %s)", run_id, status, self.uri,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
 
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """Id of the newest FINISHED run of this experiment carrying all ``tags``."""

@@ -9,19 +9,24 @@ without write permission for anyone else), else the test is skipped.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from lmgen.cli import main
-from lmgen.paths import file_slug
+from lmgen.config import load_config
+from lmgen.paths import DiskFull, file_slug
 from lmgen.sweep import expand, load_sweep, plan_sweep, point_log
 from lmgen.tracking import Tracker, filter_literal, resolve_tracking_uri
 
@@ -150,3 +155,118 @@ def test_runs_are_found_by_any_tag_value_the_filter_grammar_can_or_cannot_write(
         assert tracker.find_runs({"lmgen.sweep": value}, "RUNNING") == [run_id], value
     assert [filter_literal(v) for v in ("it's", 'say "hi"', "both ' and \"", "trailing\\")] == [
         "\"it's\"", "'say \"hi\"'", None, None]
+
+
+# --- item 10: a home that cannot be written, a full disk, inputs that are not there --------------
+
+
+@pytest.fixture()
+def mount() -> Iterator:
+    """``mount(folder, options)``: a tmpfs with ``options`` at ``folder`` (created), unmounted
+    after the test; the test is skipped where this process may not mount one."""
+    mounted: list[Path] = []
+
+    def _mount(folder: Path, options: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield _mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture()
+def read_only_home(tmp_path: Path, mount, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$LMGEN_HOME on a read-only folder: a read-only tmpfs (root ignores permission bits), or a
+    folder without write permission for a user that is not root."""
+    home = tmp_path / "read-only-home"
+    if os.geteuid() != 0:
+        home.mkdir()
+        home.chmod(0o555)
+    else:
+        mount(home, "ro,size=64k")
+    monkeypatch.setenv("LMGEN_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield home
+    if os.geteuid() != 0:
+        home.chmod(0o755)  # so that pytest can remove it
+
+
+def _fill(folder: Path) -> None:
+    """Write to ``folder``'s filesystem until it has no byte left (a real ENOSPC)."""
+    fd = os.open(folder / ".filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_a_read_only_home_fails_at_once_naming_the_path(read_only_home, tmp_path, capsys):
+    """It used to take 112 s of the tracking store's retries, then a traceback without the path."""
+    for argv in (["run", BASE, *TINY], ["sweep", str(_sweep(tmp_path, "ro", {"seed": [0]}))]):
+        start = time.perf_counter()
+        assert main(argv) == 2
+        assert time.perf_counter() - start < 1.0
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"config error: LMGEN_HOME: {read_only_home} is not writable" in line, line
+    assert list(read_only_home.iterdir()) == []
+
+
+def test_inputs_that_are_not_there_fail_before_the_store_is_created(lmgen_home, tmp_path, capsys):
+    """A missing data.root (or tokenizer.checkpoint) left a traceback and an empty mlflow.db."""
+    missing = tmp_path / "no-such-folder"
+    cases = [(["data.name=imagefolder", f"data.root={missing}"], f"data.root: {missing} is not a folder"),
+             (["tokenizer=vq_1k", f"tokenizer.checkpoint={missing}.ckpt"], f"tokenizer.checkpoint: no file at {missing}")]
+    for overrides, message in cases:
+        assert main(["run", BASE, *TINY, *overrides]) == 2
+        assert f"config error: {message}" in _one_error_line(capsys.readouterr().err)
+        sweep = _sweep(tmp_path, "inputs", {"seed": [0, 1]}, tuple(overrides))
+        assert main(["sweep", str(sweep)]) == 2
+        assert f"point 'seed=0': {message}" in _one_error_line(capsys.readouterr().err)
+    assert not lmgen_home.exists()
+
+
+def test_a_full_disk_fails_a_checkpoint_write_naming_it_and_keeps_the_last_one(tmp_path, mount):
+    from lmgen.checkpointing import AtomicCheckpointIO, intact
+
+    folder = mount(tmp_path / "checkpoints", "size=256k")
+    last = folder / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.zeros(1000)}, last)
+    with pytest.raises(DiskFull, match=rf"disk full writing {last}"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(100_000)}, last)  # 400 kB on a 256 kB disk
+    assert intact(last) and torch.load(last, weights_only=True)["step"] == 1
+
+
+def test_a_full_disk_fails_a_token_cache_write_naming_it(tmp_path, mount):
+    from lmgen.data import TokenCache
+    from lmgen.datasets import build_dataset
+    from lmgen.tokenizers import tokenizer_for
+
+    cfg = load_config(BASE, TINY)
+    caches = mount(tmp_path / "cache", "size=64k")
+    _fill(caches)
+    with pytest.raises(DiskFull, match=rf"disk full writing {caches / 'val-key'}"):
+        TokenCache.build_or_load(caches, "val-key", build_dataset(cfg.data, "val"), tokenizer_for(cfg))
+    assert [p.name for p in caches.iterdir()] == [".filler"]  # the half-written cache was removed
+
+
+def test_a_full_disk_fails_the_run_in_one_line_naming_the_file(memory_home, mount, capsys):
+    """torch.save of the stage-1 state onto a full disk said only "unexpected pos N vs M"."""
+    _fill(mount(memory_home / "tokenizers", "size=64k"))
+    assert main(["run", BASE, *TINY]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"lmgen: disk full writing {memory_home / 'tokenizers'}/") and "state.pt (torch: " in line
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(None))
+    (stage1,) = client.search_runs([client.get_experiment_by_name("base").experiment_id])
+    assert stage1.info.status == "FAILED" and "DiskFull: disk full writing" in stage1.data.tags["lmgen.error"]
