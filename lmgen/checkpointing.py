@@ -30,6 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmgen.files import atomic_write
+from lmgen.paths import writing
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = Path(path)
-        with atomic_write(path, keep_previous=previous_checkpoint(path)) as out:
+        with writing(path), atomic_write(path, keep_previous=previous_checkpoint(path)) as out:  # full disk: DiskFull
             torch.save(checkpoint, out)
 
 

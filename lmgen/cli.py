@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lmgen.config import ConfigError, load_config, to_dict
+from lmgen.config import ConfigError, ExperimentConfig, load_config, to_dict
+from lmgen.paths import as_disk_full, check_inputs, safe_component
 from lmgen.processes import die_with_parent
 
 
@@ -46,14 +47,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    try:
+        home = preflight(cfg)
+    except ConfigError as err:
+        print(f"lmgen: config error: {err}", file=sys.stderr)
+        return 2
     from lmgen.concurrency import is_global_zero
     from lmgen.experiment import run_experiment  # heavy imports only when something runs
 
-    summary = run_experiment(cfg, resume=args.resume)
+    try:
+        summary = run_experiment(cfg, resume=args.resume)
+    except OSError as err:
+        full = as_disk_full(err, home)
+        if full is None:
+            raise
+        print(f"lmgen: {full}", file=sys.stderr)  # the run is FAILED in MLflow, with this as its lmgen.error
+        return 1
     if is_global_zero():  # the other ranks of a distributed run have nothing of their own to report
         print("\n" + summary.format())
         print(f"\nopen the MLflow UI with: lmgen ui   (store: {summary.tracking_uri})")
     return 0
+
+
+def preflight(cfg: ExperimentConfig) -> Path:
+    """What a run needs from this machine, checked before anything is created: the inputs its
+    config names exist (``lmgen.paths.check_inputs``) and ``$LMGEN_HOME`` takes a file; returns
+    the home. ConfigError naming the key (or ``LMGEN_HOME``) and the path otherwise."""
+    from lmgen.tracking import writable_home
+
+    try:
+        check_inputs(cfg.data, cfg.tokenizer)
+        return writable_home()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _on_a_run(command: str, action: Callable[[], Any], errors: tuple[type[Exception], ...] = ()) -> tuple[int, Any]:
@@ -113,6 +139,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"\nlmgen sweep: {stopped}; the sweep's run and its stopped points are KILLED. Rerun the same command "
               "to resume them (finished points are skipped).", file=sys.stderr)
         return 128 + stopped.signum
+    except OSError as err:  # the sweep's own writes (point logs, its parent run's summary)
+        from lmgen.tracking import home_path
+
+        full = as_disk_full(err, home_path())
+        if full is None:
+            raise
+        print(f"lmgen: {full}", file=sys.stderr)
+        return 1
     print("\n" + summary_table(results))
     if not args.no_plot:
         from lmgen.sweep import load_sweep
@@ -147,6 +181,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     formats = [f for f in args.formats.split(",") if f]
     try:
+        if args.out is None:  # the report's folder is $LMGEN_HOME/reports/<experiment>
+            safe_component("--experiment", args.experiment)
         report = plot_experiment(args.experiment, args.out, tracking_uri=args.uri, formats=formats, dpi=args.dpi,
                                  log_to_mlflow=not args.no_log)
     except ValueError as err:

@@ -7,7 +7,9 @@
   rank 0's decisions (the run id) to the others, ``barrier`` waits for its writes.
 - Processes. Sweep points run side by side and may need the same stage-1 tokenizer or probe:
   ``file_lock`` (``fcntl.flock``, released by the kernel if the holder dies) makes the first one
-  build it and the others wait, then find it built.
+  build it and the others wait, then find it built. Runs started together on a fresh
+  ``$LMGEN_HOME`` create (and migrate) its SQLite tracking store the same way, one at a time
+  (``lmgen.tracking.tracking_client``).
 """
 
 from __future__ import annotations
@@ -61,10 +63,21 @@ def barrier() -> None:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing, never truncated), blocking until it is ours."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as f:
+def file_lock(path: Path, optional: bool = False) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing, never truncated), blocking until it
+    is ours. ``optional``: where the lock file cannot be created (a read-only folder, someone
+    else's), the block runs unlocked — for work that writes nothing there either."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "ab")  # noqa: SIM115 -- closed below, after the lock is released
+    except OSError:
+        if not optional:
+            raise
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -35,13 +35,16 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from lmgen.checks import check_choices, check_interval, choices
+from lmgen.paths import printable, safe_component
 from lmgen.perf import PRECISIONS
 from lmgen.sampling import CFG_SCHEDULES
 from lmgen.tokenizers.learned import Stage1Config
+from lmgen.yamlfile import YamlFileError, read_mapping
 
 BUDGETS = ("images", "tokens", "flops", "steps")
 DEFAULT_TOKENIZER = "pixels"
@@ -174,7 +177,8 @@ _SECTION_TYPES = {name for name in _SECTIONS if name not in ("name", "seed")}  #
 
 # The interval (lmgen.checks.check_interval) each numeric field of the fixed sections must lie in:
 # "[" and "]" closed ends, "(" and ")" open ones. The data, tokenizer and stage1 blocks check
-# themselves (their Config's ``check``). Every float must also be finite (check_choices).
+# themselves (their Config's ``check``; ``DATA_RANGES`` adds the upper bounds the datasets share).
+# Every float must also be finite (check_choices).
 RANGES: dict[str, str] = {
     "seed": "[0, 4294967295]",  # Lightning's seed_everything raises outside uint32 — after stage 1
     "train.images": "[0, inf)", "train.tokens": "[0, inf)", "train.flops": "[0, inf)", "train.max_steps": "[0, inf)",
@@ -187,6 +191,15 @@ RANGES: dict[str, str] = {
     "sample.num_samples": "[0, inf)", "sample.batch_size": "[1, inf)", "sample.temperature": "[0, inf)",
     "sample.top_k": "[0, inf)", "sample.top_p": "(0, 1]", "sample.cfg_scale": "[0, inf)",
     "metrics.num_reference": "[0, inf)", "metrics.prefix_samples": "[0, inf)", "metrics.bootstrap_resamples": "[0, inf)",
+}
+# Bounds every dataset with the field shares (its own check gives the lower ones): past them a
+# value is a typo, not an experiment, and would be found only by a MemoryError or an overflow.
+DATA_RANGES = {
+    # 4096 px: past every AR image model here (LlamaGen, VAR: <= 512); one 4096² RGB image is
+    # 48 MiB, and shapes renders float32 planes of it
+    "image_size": "[1, 4096]",
+    "frames": "[1, 1024]",  # 34 s at 30 fps (AVC-LM: 15 frames); H.264 encodes a probe clip of it when validating
+    "fps": "(0, 1000]",  # a high-speed camera's; the codec's time base is its reciprocal
 }
 
 
@@ -204,10 +217,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"{unset[0]} is ??? (a required value) and nothing sets it; give it on the command "
                           f"line: {unset[0]}=<value>" + (f" (also unset: {', '.join(unset[1:])})" if unset[1:] else ""))
     name = OmegaConf.select(loose, "tokenizer.name", default=DEFAULT_TOKENIZER)
-    if name not in TOKENIZERS:
+    if not isinstance(name, str) or name not in TOKENIZERS:  # a list or mapping there is no name either
         raise ConfigError(_choice_message("tokenizer.name", name, TOKENIZERS))
     dataset = OmegaConf.select(loose, "data.name", default=DEFAULT_DATASET)
-    if dataset not in DATASETS:
+    if not isinstance(dataset, str) or dataset not in DATASETS:
         raise ConfigError(_choice_message("data.name", dataset, DATASETS))
     schema = OmegaConf.structured(ExperimentConfig(tokenizer=TOKENIZERS[name].Config(),
                                                    data=DATASETS[dataset].Config()))
@@ -219,6 +232,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(_type_message(err)) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{err.full_key or '?'}: {err.msg}") from None
+    except TypeError:  # OmegaConf cannot merge a mapping into a list (or a list into a mapping)
+        raise ConfigError(_shape_message(schema, loose)) from None
     _check_resolves(cfg)
     typed: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if hasattr(typed.tokenizer, "with_recipe"):  # a learned tokenizer: the shared stage-1 recipe
@@ -233,21 +248,25 @@ def _layers(path: str | Path | None, overrides: Sequence[str]) -> list[tuple[str
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except Exception as err:  # YAML syntax, a duplicate key, bytes that are not UTF-8 ...
-            raise ConfigError(f"{path}: not a readable YAML mapping ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        layers.append((str(path), read_yaml(path, f"a config is a mapping of sections ({', '.join(_SECTIONS)})")))
     for override in overrides:
         try:
             layers.append((override, OmegaConf.from_dotlist([_quote_sexagesimal(override)])))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"bad override {override!r}: {err}") from None
+        except Exception as err:  # OmegaConf's own errors, and YAML's (a NUL or control character in the value)
+            raise ConfigError(f"bad override {override!r}: {_first_line(err)}") from None
     for where, layer in layers:
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{where}: a config is a mapping of sections ({', '.join(_SECTIONS)}), "
                               f"got {type(layer).__name__}")
     return layers
+
+
+def read_yaml(path: str | Path, what: str) -> DictConfig:
+    """``lmgen.yamlfile.read_mapping``, its refusals as ConfigErrors (they name the path)."""
+    try:
+        return read_mapping(path, what)
+    except YamlFileError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _compose(layers: Sequence[tuple[str, DictConfig]], preset_dirs: Sequence[Path]) -> tuple[DictConfig, dict]:
@@ -268,11 +287,14 @@ def _compose(layers: Sequence[tuple[str, DictConfig]], preset_dirs: Sequence[Pat
                 if before is not None and value["name"] != before:  # another tokenizer/dataset
                     _keep_shared_fields(loose, section, value["name"])
                     presets[section] = None
-            elif section in _SECTION_TYPES and not isinstance(value, dict) and value is not None:
+            elif section in _SECTION_TYPES and not isinstance(value, dict):
                 raise ConfigError(f"{where}: {section} is a section of keys ({section}.<key>=...), not a value: "
                                   f"got {section}={value!r}" + (f"; or name a preset: {section}=<name>"
                                                                 if section in PRESET_GROUPS else ""))
-        loose = OmegaConf.merge(loose, layer)
+        try:
+            loose = OmegaConf.merge(loose, layer)
+        except TypeError:  # a list where a mapping was set so far, or the reverse
+            raise ConfigError(f"{where}: {_shape_message(loose, layer)}") from None
     return loose, presets
 
 
@@ -283,7 +305,7 @@ def _keep_shared_fields(loose: DictConfig, section: str, name: Any) -> None:
     from lmgen.tokenizers import TOKENIZERS
 
     registry = {"tokenizer": TOKENIZERS, "data": DATASETS}[section]
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         return  # the unknown name fails with its valid choices once the layers are merged
     valid = {f.name for f in fields(registry[name].Config)}
     loose[section] = {k: v for k, v in OmegaConf.to_container(loose[section], resolve=False).items() if k in valid}
@@ -306,11 +328,8 @@ def _preset_block(group: str, name: str, preset_dirs: Sequence[Path]) -> DictCon
         for directory in preset_dirs:
             candidate = directory / PRESET_GROUPS[group] / f"{name}.yaml"
             if candidate.is_file():
-                try:
-                    doc = OmegaConf.load(candidate)
-                except Exception as err:  # YAML syntax, a duplicate key, bytes that are not UTF-8 ...
-                    raise ConfigError(f"preset {candidate}: not readable YAML ({type(err).__name__})") from None
-                if not isinstance(doc, DictConfig) or set(doc.keys()) != {group} or not isinstance(doc[group], DictConfig):
+                doc = read_yaml(candidate, f"a preset holds exactly one '{group}:' block")
+                if set(doc.keys()) != {group} or not isinstance(doc[group], DictConfig):
                     raise ConfigError(f"preset {candidate} must hold exactly one '{group}:' block")
                 return doc[group]
     valid = preset_names(group, preset_dirs)
@@ -340,7 +359,7 @@ def _quote_sexagesimal(override: str) -> str:
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Check registry names, string choices, finite floats, numeric ``RANGES``, the budget, the
+    """Check names that become paths, registry names, string choices, finite floats, numeric ``RANGES``, the budget, the
     data block (its dataset's own ``check``), the stage-1 recipe and the tokenizer block (built
     here, cheaply, so its own checks run); raises ``ConfigError`` naming the key."""
     from lmgen.llama import LLAMA_SIZES
@@ -348,10 +367,15 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.lm.size not in LLAMA_SIZES:
         raise ConfigError(_choice_message("lm.size", cfg.lm.size, LLAMA_SIZES))
     try:
+        _check_names(cfg)
         check_choices("", cfg)  # every section, the data, tokenizer and stage1 blocks included
         for key, interval in RANGES.items():
             section, _, leaf = key.rpartition(".")
             check_interval(key, getattr(getattr(cfg, section) if section else cfg, leaf), interval)
+        for leaf, interval in DATA_RANGES.items():
+            if hasattr(cfg.data, leaf):
+                check_interval(f"data.{leaf}", getattr(cfg.data, leaf), interval)
+        _check_flat_lists("", cfg)
         cfg.stage1.check("stage1")
         cfg.data.check()
     except ValueError as err:
@@ -359,10 +383,33 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.train.devices < 1 and cfg.train.devices != -1:
         raise ConfigError(f"train.devices must be >= 1, or -1 for every device, got {cfg.train.devices}")
     _check_budget(cfg.train)
-    bad = [r for r in cfg.metrics.prefix_ratios if not 0.0 < r < 1.0]
+    bad = [r for r in cfg.metrics.prefix_ratios if not isinstance(r, (int, float)) or not 0.0 < r < 1.0]
     if bad:
         raise ConfigError(f"metrics.prefix_ratios must lie in (0, 1), got {bad}")
     _check_tokenizer(cfg)
+
+
+def _check_flat_lists(prefix: str, node: Any) -> None:
+    """ValueError naming the key of a list field (``metrics.prefix_ratios``, ``tokenizer.levels``)
+    holding a list or mapping: OmegaConf lets ``[[1]]`` through a ``list[int]``."""
+    for f in fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise ValueError(f"{key}: a list of numbers or names, got {value!r}")
+        if is_dataclass(value) and not isinstance(value, type):
+            _check_flat_lists(f"{key}.", value)
+
+
+def _check_names(cfg: ExperimentConfig) -> None:
+    """Names that become folders under $LMGEN_HOME (the experiment's: its artifacts, its report)
+    are one safe path component (``lmgen.paths.safe_component``: no ``/``, ``..`` or control
+    characters); names only shown (a run's, which MLflow files by run id) are printable."""
+    safe_component("name", cfg.name)
+    if cfg.tracking.experiment is not None:
+        safe_component("tracking.experiment", cfg.tracking.experiment)
+    for key in ("run_name", "sweep", "parent_run_id"):
+        if getattr(cfg.tracking, key) is not None:
+            printable(f"tracking.{key}", getattr(cfg.tracking, key))
 
 
 def _check_budget(train: TrainConfig) -> None:
@@ -380,12 +427,14 @@ def _check_budget(train: TrainConfig) -> None:
 
 
 def _check_tokenizer(cfg: ExperimentConfig) -> None:
-    """Construct the tokenizer (cheap) so its own checks fail now, keyed ``tokenizer.<field>``."""
+    """Construct the tokenizer so its own checks fail now, keyed ``tokenizer.<field>`` — on the
+    ``meta`` device, so no weight is allocated (validation never builds the model)."""
     from lmgen.tokenizers import tokenizer_for
     from lmgen.tokenizers.base import MAX_VOCAB_SIZE
 
     try:
-        tokenizer = tokenizer_for(cfg)
+        with torch.device("meta"):  # weights without memory: a 2^31-code codebook is 137 GB, a check is not
+            tokenizer = tokenizer_for(cfg)
     except (ValueError, RuntimeError) as err:
         message = re.sub(rf"\b{re.escape(cfg.tokenizer.name)}\.", "tokenizer.", str(err))
         named = message.startswith(("tokenizer.", "data."))
@@ -443,6 +492,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    """An error's first line, or its class where it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _choice_message(key: str, value: Any, valid: Any) -> str:
     names = sorted(map(str, valid))
     hint = difflib.get_close_matches(str(value), names, n=1)
@@ -461,6 +516,23 @@ def _unknown_key_message(err: ConfigKeyError) -> str:
     did = f" (did you mean {(parent + '.' if parent else '') + hint[0]!r}?)" if hint else ""
     where = f"under {parent!r}" if parent else "at the top level"
     return f"unknown config key {full_key!r}{did}; valid keys {where}: {', '.join(valid)}"
+
+
+def _shape_message(base: DictConfig, layer: DictConfig, prefix: str = "") -> str:
+    """Where merging ``layer`` into ``base`` (the schema, or the layers so far) meets a mapping
+    where ``base`` has a list, or the reverse: the first such key, what it is and what it got."""
+    for key in layer:
+        mine, theirs = layer._get_node(key), base._get_node(key) if key in base else None
+        full = f"{prefix}{key}"
+        if isinstance(mine, DictConfig) and isinstance(theirs, ListConfig):
+            return f"{full}: a list, got a mapping {OmegaConf.to_container(mine, resolve=False)!r}"
+        if isinstance(mine, ListConfig) and isinstance(theirs, DictConfig):
+            return f"{full}: a section of keys, got a list {OmegaConf.to_container(mine, resolve=False)!r}"
+        if isinstance(mine, DictConfig) and isinstance(theirs, DictConfig):
+            found = _shape_message(theirs, mine, f"{full}.")
+            if found:
+                return found
+    return "" if prefix else "a list and a mapping do not merge (a key set to the wrong kind of value)"
 
 
 def _type_message(err: ValidationError) -> str:

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from lmgen.datasets import ImageBatch, collate_images, iter_batches
 from lmgen.datasets.base import Item
 from lmgen.files import atomic_write, manifest, mismatch
+from lmgen.paths import writing
 from lmgen.tokenizers.base import ImageTokenizer
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,8 @@ class TokenCache(Dataset):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:
-            _write_cache(tmp, dataset, tokenizer, batch_size, num_workers, shard_size)
+            with writing(final):  # a full disk: DiskFull naming the cache
+                _write_cache(tmp, dataset, tokenizer, batch_size, num_workers, shard_size)
             try:
                 os.rename(tmp, final)
             except OSError:  # another process finished the same cache first: keep theirs

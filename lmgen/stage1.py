@@ -34,6 +34,7 @@ from lmgen.metrics import code_metrics, psnr, rate_metrics, ssim, token_statisti
 from lmgen.metrics.bootstrap import bootstrap_fd
 from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
+from lmgen.paths import writing
 from lmgen.perf import resolve_precision
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import MlflowMetricLogger, Tracker
@@ -212,7 +213,7 @@ def _fit_or_load(job: Stage1Job, logging_to: tuple[Tracker, str] | None) -> dict
     else:
         images = load_images(job.train_ds, job.data.fit_images, job.data.encode_batch_size, job.data.num_workers)
         stats = tokenizer.fit(images)
-    with atomic_write(state_path) as out:  # a concurrent reader, or a rerun after a crash, never sees half a file
+    with writing(state_path), atomic_write(state_path) as out:  # whole or not at all; a full disk: DiskFull
         torch.save(tokenizer.state_dict(), out)
     return dict(stats)
 

@@ -21,7 +21,8 @@ preset in its own ``overrides``).
 Every key is a dotlist override (a preset group such as ``tokenizer`` takes a preset's name);
 an ``experiment`` axis swaps the base file itself. ``expand`` is a pure function of the file:
 the same points in the same order with the same readable names every time (axes that vary,
-``leaf=value`` joined by ``,``; a preset or experiment axis by its name). A key that only
+``leaf=value`` joined by ``,``; a preset or experiment axis by its name; a point's log file
+is its name made a safe file name, ``lmgen.paths.file_slug``). A key that only
 changes speed (``config.SPEED_KEYS``) is refused as an axis. ``recipe_differences`` is the
 one-recipe invariant: what differs between points outside the axes the sweep declares.
 
@@ -59,10 +60,12 @@ from lmgen.config import (
     config_hash,
     flatten,
     load_config,
+    read_yaml,
     run_config_hash,
     to_dict,
 )
 from lmgen.launchers import LocalLauncher, PointEvents, local_launcher, slurm_launcher
+from lmgen.paths import check_inputs, file_slug, safe_component
 from lmgen.processes import stopping
 from lmgen.progress import duration
 
@@ -71,6 +74,9 @@ log = logging.getLogger(__name__)
 EXPERIMENT_AXIS = "experiment"
 SWEEP_KEYS = ("name", "experiment", "overrides", "grid", "zip", "blocks", "max_parallel", "slurm")
 BLOCK_KEYS = ("experiment", "overrides", "grid", "zip")
+# What each key of a sweep file (and of a block) holds: a value of another kind is refused naming it.
+SHAPES = {"name": "text", "experiment": "text", "overrides": "a list of text", "grid": "a mapping",
+          "zip": "a list of mappings", "blocks": "a list of mappings", "max_parallel": "an integer", "slurm": "a mapping"}
 SLURM_KEYS = ("gpus_per_node", "nodes", "timeout_min", "partition", "cpus_per_task", "mem_gb", "account",
               "constraint", "max_num_timeout")
 SUMMARY_METRICS = ("tok/bits_per_image", "tok/psnr", "lm/params", "lm/val_bits_per_image", "gen/fd_probe",
@@ -148,19 +154,41 @@ def _block(raw: DictConfig, path: Path, where: str, default_experiment: Any = No
                  overrides=tuple(str(o) for o in (raw.get("overrides") or [])), grid=grid, zips=tuple(zips))
 
 
+def _check_shapes(raw: DictConfig, path: Path, where: str) -> None:
+    """ConfigError naming the key of ``raw`` whose value is not of its ``SHAPES`` kind (null = unset)."""
+    for key in raw:
+        node, kind = raw._get_node(key), SHAPES.get(str(key))
+        if kind is None or node._is_none():
+            continue
+        items = [node._get_node(i) for i in range(len(node))] if isinstance(node, ListConfig) else []
+        containers = (DictConfig, ListConfig)
+        ok = {"text": not isinstance(node, containers), "a mapping": isinstance(node, DictConfig),
+              "an integer": not isinstance(node, containers) and type(node._value()) is int,
+              "a list of text": isinstance(node, ListConfig) and not any(isinstance(v, containers) for v in items),
+              "a list of mappings": isinstance(node, ListConfig) and all(isinstance(v, DictConfig) for v in items)}[kind]
+        if not ok:
+            shown = OmegaConf.to_container(node, resolve=False) if isinstance(node, containers) else node._value()
+            raise ConfigError(f"{path}: {where}{key}: must be {kind}, got {shown!r}")
+
+
 def load_sweep(path: str | Path) -> SweepSpec:
     """Parse and check a sweep file; ConfigError naming the key for anything malformed."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = OmegaConf.load(path)
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
+    raw = read_yaml(path, f"a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
+    _check_shapes(raw, path, "")
+    for i, block in enumerate(raw.get("blocks") or []):
+        _check_shapes(block, path, f"blocks[{i}].")
     if not raw.get("name"):
         raise ConfigError(f"{path}: 'name' is required (the MLflow experiment of the sweep)")
+    try:  # it names the sweep's folder of point logs and its experiment's artifact folder
+        safe_component("name", str(raw.name))
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if raw.get("blocks"):
         if raw.get("grid") or raw.get("zip"):
             raise ConfigError(f"{path}: use either top-level grid/zip or blocks, not both")
@@ -353,6 +381,11 @@ def plan_sweep(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str,
     """The sweep in ``path``, its points, and each point's run config hash; every point's config is
     validated here (ConfigError naming the point and the key), before anything runs. A point
     differing from another outside the declared axes (``recipe_differences``) is warned about."""
+    spec, points, configs = _plan(path)
+    return spec, points, {name: run_config_hash(cfg) for name, cfg in configs.items()}
+
+
+def _plan(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str, ExperimentConfig]]:
     spec = load_sweep(path)
     points = expand(spec)
     configs = validate_points(spec, points)
@@ -360,7 +393,24 @@ def plan_sweep(path: str | Path) -> tuple[SweepSpec, list[SweepPoint], dict[str,
     if confounds:
         log.warning("sweep %s varies more than its axes declare (a confound in a comparison): %s", spec.name,
                     "; ".join(f"{k}: {v}" for k, v in confounds.items()))
-    return spec, points, {name: run_config_hash(cfg) for name, cfg in configs.items()}
+    return spec, points, configs
+
+
+def _preflight(spec: SweepSpec, configs: dict[str, ExperimentConfig], launcher: str) -> Path:
+    """``$LMGEN_HOME`` takes a file, and — for points run here (the local launcher) — each point's
+    inputs exist (``lmgen.paths.check_inputs``); returns the home. ConfigError naming the point
+    and the key otherwise, before the sweep's parent run or any point exists."""
+    from lmgen.tracking import writable_home
+
+    for name, cfg in configs.items() if launcher == "local" else ():
+        try:
+            check_inputs(cfg.data, cfg.tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"sweep {spec.name}, point {name!r}: {err}") from None
+    try:
+        return writable_home()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 class SweepStopped(Exception):
@@ -407,14 +457,16 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
     docstring). SIGTERM, SIGINT or SIGHUP stops it: the running points stop as ``lmgen run`` does
     on SIGTERM (checkpoint, KILLED), no other point starts, the parent run ends KILLED, and
     ``SweepStopped`` carries the results; a second signal kills the points outright."""
-    from lmgen.tracking import Tracker, check_tracking, lmgen_home, resolve_tracking_uri
+    from lmgen.tracking import Tracker, check_tracking, resolve_tracking_uri
 
     if launcher not in ("local", "slurm"):
         raise ConfigError(f"unknown launcher {launcher!r}; valid choices: local, slurm")
-    spec, points, hashes = plan_sweep(path)
+    spec, points, configs = _plan(path)
+    hashes = {name: run_config_hash(cfg) for name, cfg in configs.items()}
+    home = _preflight(spec, configs, launcher)
     uri = resolve_tracking_uri(uri)
     check_tracking(uri)
-    tracker, home, start = Tracker(uri, spec.name), lmgen_home(), time.perf_counter()
+    tracker, start = Tracker(uri, spec.name), time.perf_counter()
     parent = _parent_run(tracker, spec, points, hashes, launcher)
     results: dict[str, PointResult] = {}
     jobs = []
@@ -426,7 +478,7 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
         argv = [str(p.experiment), *point_config(spec, p, parent)]
         if uri != resolve_tracking_uri(None):
             argv.append(f"tracking.uri={uri}")
-        jobs.append((p.name, argv, home / "sweeps" / spec.name / f"{p.name}.log"))
+        jobs.append((p.name, argv, point_log(home, spec, p)))
     parallel = 1 if launcher == "slurm" else max_parallel or spec.max_parallel
     print(f"sweep {spec.name}: {len(points)} points, {len(points) - len(jobs)} already FINISHED, {len(jobs)} to run "
           f"({launcher}{f', {parallel} at a time' if launcher == 'local' else ''}); logs in "
@@ -460,6 +512,13 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
     if signals:
         raise SweepStopped(signals[0], ordered)
     return ordered
+
+
+def point_log(home: Path, spec: SweepSpec, point: SweepPoint) -> Path:
+    """The log file of ``point``: ``<home>/sweeps/<sweep name>/<point name as a file name>.log``.
+    A point's name holds its grid values (``root=/data/a``), so it is made a safe file name
+    (``lmgen.paths.file_slug``); the sweep's name was checked to be one path component."""
+    return home / "sweeps" / spec.name / f"{file_slug(point.name)}.log"
 
 
 def _parent_run(tracker, spec: SweepSpec, points: Sequence[SweepPoint], hashes: dict[str, str], launcher: str) -> str:

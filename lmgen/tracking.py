@@ -3,6 +3,11 @@
 Default store: ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/mlartifacts``,
 ``<home>`` = ``$LMGEN_HOME`` or ``./lmgen-runs``. ``tracking.uri`` or
 ``$MLFLOW_TRACKING_URI`` point at a real ``mlflow server`` instead. Only rank 0 logs.
+
+Every client comes from ``tracking_client``: an SQLite store is created (or migrated) by one
+process at a time, under a lock beside it, so runs started together on a fresh home do not
+race MLflow's migration. Tag values go into MLflow filter strings through ``filter_literal``,
+and each match is checked in Python too, so a sweep named ``it's`` finds its runs.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import numpy as np
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from lmgen.concurrency import file_lock
 from lmgen.config import flatten
+from lmgen.paths import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +45,25 @@ PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
 # table, not on the GenAI traces page (which an untagged experiment of LM runs can be taken for).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 BATCH_LIMIT = 100  # MLflow's limit on params per log_batch call
+SEARCH_PAGE = 1000  # runs per search_runs page
+
+
+def home_path() -> Path:
+    """``$LMGEN_HOME`` or ``./lmgen-runs``, absolute; not created."""
+    return Path(os.environ.get("LMGEN_HOME", "lmgen-runs")).resolve()
 
 
 def lmgen_home() -> Path:
-    """``$LMGEN_HOME`` or ``./lmgen-runs``, created on first use."""
-    home = Path(os.environ.get("LMGEN_HOME", "lmgen-runs")).resolve()
+    """``home_path()``, created on first use."""
+    home = home_path()
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def writable_home() -> Path:
+    """``home_path()``, created if missing, once a file could be written there; ValueError naming
+    ``LMGEN_HOME`` and the path otherwise (``lmgen run`` and ``lmgen sweep`` check it first)."""
+    return check_writable(home_path())
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -52,6 +72,37 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{lmgen_home() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
+def tracking_client(uri: str) -> MlflowClient:
+    """``MlflowClient`` on ``uri``. Creating one creates or migrates an SQLite store, which two
+    processes must not do at once (the second fails in alembic with "table ... already
+    exists"): it happens under an exclusive lock on ``<db>.lock``. A store in a read-only
+    folder is opened unlocked (it cannot be created or migrated there anyway)."""
+    db = sqlite_path(uri)
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(db.with_name(db.name + ".lock"), optional=True):
+        return MlflowClient(tracking_uri=uri)
+
+
+def filter_literal(value: str) -> str | None:
+    """``value`` as a string literal of an MLflow filter string, or None where the grammar has
+    none. MLflow keeps what lies between the quotes verbatim (no escape sequences: ``'it''s'``
+    would search for ``it''s``), so the literal takes the quote ``value`` does not hold; the
+    filter's tokenizer (sqlparse) reads a backslash before the closing quote as escaping it, so
+    a value ending in a backslash, or holding both quotes, has no literal."""
+    if value.endswith("\\"):
+        return None
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
@@ -90,7 +141,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, writes: bool = True) -> None:
         self.uri = uri
         self.writes = writes
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = tracking_client(uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment = experiment
         if found is not None:
@@ -103,8 +154,13 @@ class Tracker:
             location = None
             if uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
                 location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / experiment).as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
-                                                               tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                                   tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            except MlflowException as err:  # another process created it since we looked
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
 
     def start_run(self, run_name: str, tags: Mapping[str, str]) -> str:
         """Create a RUNNING run with the standard tags; returns its id."""
@@ -116,20 +172,32 @@ class Tracker:
 
     def find_run(self, tags: Mapping[str, str], status: str | None = None) -> str | None:
         """Id of the newest run of this experiment carrying all ``tags`` (and ``status``, if given)."""
-        if self.experiment_id is None:
-            return None
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        clauses += [f"attributes.status = '{status}'"] if status else []
-        runs = self.client.search_runs([self.experiment_id], " and ".join(clauses),
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-        return runs[0].info.run_id if runs else None
+        found = self._search(tags, status, newest_only=True)
+        return found[0] if found else None
 
     def find_runs(self, tags: Mapping[str, str], status: str) -> list[str]:
         """Ids of every run of this experiment carrying all ``tags`` with ``status``."""
+        return self._search(tags, status)
+
+    def _search(self, tags: Mapping[str, str], status: str | None, newest_only: bool = False) -> list[str]:
+        """Ids of this experiment's runs carrying exactly ``tags`` (and ``status``), newest first.
+        Each tag with a ``filter_literal`` narrows the search in the store; every match is then
+        checked here, value for value, so a value the filter grammar cannot write is found too."""
         if self.experiment_id is None:
             return []
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"]
-        return [r.info.run_id for r in self.client.search_runs([self.experiment_id], " and ".join(clauses))]
+        literals = {key: filter_literal(str(value)) for key, value in tags.items()}
+        clauses = [f"tags.`{key}` = {literal}" for key, literal in literals.items() if literal is not None]
+        clauses += [f"attributes.status = '{status}'"] if status else []
+        exact = None not in literals.values()
+        found, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], " and ".join(clauses),
+                                           order_by=["attributes.start_time DESC"],
+                                           max_results=1 if newest_only and exact else SEARCH_PAGE, page_token=token)
+            found += [r.info.run_id for r in page if all(r.data.tags.get(k) == str(v) for k, v in tags.items())]
+            token = page.token
+            if not token or (newest_only and found):
+                return found[:1] if newest_only else found
 
     def reconcile(self, tags: Mapping[str, str]) -> list[str]:
         """End as KILLED the RUNNING runs carrying ``tags`` whose process is gone (a SIGKILL, an
@@ -178,13 +246,23 @@ class Tracker:
         try:
             yield
         except (KeyboardInterrupt, SystemExit):
-            self.end_run(run_id, "KILLED")
+            self._end_anyway(run_id, "KILLED", {})
             raise
         except BaseException as err:
-            self.set_tags(run_id, {"lmgen.error": f"{type(err).__name__}: {err}"})
-            self.end_run(run_id, "FAILED")
+            self._end_anyway(run_id, "FAILED", {"lmgen.error": f"{type(err).__name__}: {err}"})
             raise
         self.end_run(run_id, "FINISHED")
+
+    def _end_anyway(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        """End ``run_id`` as ``status`` with ``tags`` while an exception is on its way out; if the
+        store cannot take it (the disk that filled up holds ``mlflow.db`` too), say so in the log
+        and let that exception, the cause, go on."""
+        try:
+            self.set_tags(run_id, tags)
+            self.end_run(run_id, status)
+        except Exception as err:
+            log.warning("run %s could not be marked %s in %s (%s: %s)", run_id, status, self.uri,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
 
     def find_finished(self, tags: Mapping[str, str]) -> str | None:
         """Id of the newest FINISHED run of this experiment carrying all ``tags``."""
@@ -277,7 +355,7 @@ def latest_experiment(uri: str, name: str | None = None) -> tuple[str, str] | No
     """(id, name) of experiment ``name`` in the store at ``uri``, else of the one updated last
     (MLflow's empty ``Default`` only if it is all there is); None for an empty store or an
     unknown ``name``."""
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking_client(uri)
     if name is not None:
         found = client.get_experiment_by_name(name)
         return None if found is None else (found.experiment_id, found.name)

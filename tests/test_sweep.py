@@ -161,6 +161,17 @@ def test_a_speed_key_cannot_be_an_axis(tmp_path):
     ({"name": "x", "experiment": PIXELS, "gird": {}}, "gird"),
     ({"experiment": PIXELS}, "name"),
     ({"name": "x", "experiment": PIXELS, "slurm": {"gpus": 2}}, "gpus"),
+    # a key holding the wrong kind of value (issue 24, item 10): one line naming it, no traceback
+    ({"name": "x", "experiment": PIXELS, "grid": 5}, "grid: must be a mapping"),
+    ({"name": "x", "experiment": PIXELS, "zip": [5]}, r"zip: must be a list of mappings"),
+    ({"name": "x", "blocks": 5}, "blocks: must be a list of mappings"),
+    ({"name": "x", "blocks": [{"experiment": PIXELS, "overrides": 5}]}, r"blocks\[0\]\.overrides: must be a list"),
+    ({"name": "x", "experiment": PIXELS, "overrides": {"lm.size": "nano"}}, "overrides: must be a list of text"),
+    ({"name": "x", "experiment": PIXELS, "max_parallel": "many"}, "max_parallel: must be an integer"),
+    ({"name": "x", "experiment": PIXELS, "slurm": 5}, "slurm: must be a mapping"),
+    ({"name": ["x"], "experiment": PIXELS}, "name: must be text"),
+    ({"name": "x", "experiment": [PIXELS]}, "experiment: must be text"),
+    ({"name": "../x", "experiment": PIXELS}, "name: '../x' holds a path separator"),
 ])
 def test_malformed_sweep_files_fail_naming_the_key(tmp_path, body, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -221,7 +232,8 @@ def _image_folder(root: Path) -> None:
 
 
 def test_a_failing_point_does_not_stop_the_others_and_a_rerun_runs_only_it(tmp_path, lmgen_home, capsys):
-    folder = tmp_path / "images"  # missing on the first pass: that point fails at run time
+    folder = tmp_path / "images"  # empty on the first pass (no class folders): that point fails at run time
+    folder.mkdir()  # (a missing root would fail the whole sweep before launching: tests/test_reliability_home.py)
     path = write_sweep(tmp_path, {"name": "mixed", "experiment": PIXELS, "overrides": TINY, "blocks": [
         {"overrides": ["data.name=shapes"]},
         {"overrides": ["data.name=imagefolder", f"data.root={folder}", "data.train_size=0", "data.val_size=0",
