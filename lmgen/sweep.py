@@ -437,7 +437,7 @@ class Progress(PointEvents):
     def started(self, name: str, log_path: Path) -> None:
         with self._lock:
             self.logs[name] = log_path
-            print(f"[{len(self.results)}/{self.total} done] started {name}  (log: {log_path})", flush=True)
+            log.info("[%d/%d done] started %s  (log: %s)", len(self.results), self.total, name, log_path)
 
     def ended(self, name: str, code: int | None) -> None:
         with self._lock:  # one MLflow read at a time, and whole lines
@@ -447,8 +447,8 @@ class Progress(PointEvents):
                              if k in result.metrics), "")
             pace = (time.perf_counter() - self.start) / done
             eta = f"; {left} left, about {duration(pace * left)} more" if left else "; all done"
-            print(f"[{done}/{self.total} done] {result.status} {name} in {duration(result.seconds)}"
-                  f"{'  ' + headline if headline else ''}{eta}", flush=True)
+            log.info("[%d/%d done] %s %s in %s%s%s", done, self.total, result.status, name,
+                     duration(result.seconds), "  " + headline if headline else "", eta)
 
 
 def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | None = None,
@@ -480,9 +480,9 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
             argv.append(f"tracking.uri={uri}")
         jobs.append((p.name, argv, point_log(home, spec, p)))
     parallel = 1 if launcher == "slurm" else max_parallel or spec.max_parallel
-    print(f"sweep {spec.name}: {len(points)} points, {len(points) - len(jobs)} already FINISHED, {len(jobs)} to run "
-          f"({launcher}{f', {parallel} at a time' if launcher == 'local' else ''}); logs in "
-          f"{home / 'sweeps' / spec.name}", flush=True)
+    log.info("sweep %s: %d points, %d already FINISHED, %d to run (%s%s); logs in %s", spec.name, len(points),
+             len(points) - len(jobs), len(jobs), launcher, f", {parallel} at a time" if launcher == "local" else "",
+             home / "sweeps" / spec.name)
     if launcher == "slurm":
         launch = slurm_launcher(spec.slurm, home / "sweeps" / spec.name / "slurm", cluster=slurm_cluster)
     else:
@@ -494,9 +494,8 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
         signals.append(signum)
         if not isinstance(launch, LocalLauncher):
             raise KeyboardInterrupt  # out of the wait for SLURM's jobs, which SLURM keeps running
-        print(f"\nsweep {spec.name}: {signal.Signals(signum).name} — stopping the running points "
-              f"({'killing them' if len(signals) > 1 else 'each checkpoints and ends KILLED; a rerun resumes'})",
-              flush=True)
+        log.warning("sweep %s: %s — stopping the running points (%s)", spec.name, signal.Signals(signum).name,
+                    "killing them" if len(signals) > 1 else "each checkpoints and ends KILLED; a rerun resumes")
         launch.stop(force=len(signals) > 1)
 
     with contextlib.suppress(KeyboardInterrupt), stopping(stop):

@@ -266,7 +266,7 @@ def test_a_full_disk_fails_the_run_in_one_line_naming_the_file(memory_home, moun
     _fill(mount(memory_home / "tokenizers", "size=64k"))
     assert main(["run", BASE, *TINY]) == 1
     line = _one_error_line(capsys.readouterr().err)
-    assert line.startswith(f"lmgen: disk full writing {memory_home / 'tokenizers'}/") and "state.pt (torch: " in line
+    assert line.startswith(f"lmgen: disk full writing {memory_home / 'tokenizers'}/") and "state.pt (" in line
     client = MlflowClient(tracking_uri=resolve_tracking_uri(None))
     (stage1,) = client.search_runs([client.get_experiment_by_name("base").experiment_id])
     assert stage1.info.status == "FAILED" and "DiskFull: disk full writing" in stage1.data.tags["lmgen.error"]
