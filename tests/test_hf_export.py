@@ -143,8 +143,10 @@ def test_export_hf_end_to_end(lmgen_home, tmp_path, capsys) -> None:
     for bad, why in [("0123456789abcdef", "no run"), (tok.info.run_id, "not an lmgen LM run")]:
         assert main(["export-hf", bad, str(tmp_path / "never")]) == 2
         assert why in capsys.readouterr().err
-    for name in ("last.ckpt", "last.prev.ckpt"):  # the previous one would stand in for a lost last.ckpt
+    for name in ("last.ckpt", "last.prev.ckpt"):  # gone from this disk: the run's own weights artifact stands in
         (lmgen_home / "checkpoints" / run_id / name).unlink(missing_ok=True)
-    assert main(["export-hf", run_id, str(tmp_path / "never")]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "never").exists()
+    assert main(["export-hf", run_id, str(tmp_path / "again")]) == 0
+    assert (lmgen_home / "checkpoints" / run_id / "weights.pt").is_file()
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert torch.equal(again(seq).logits, hf(seq).logits)  # the same weights as the checkpoint held
