@@ -120,9 +120,12 @@ def display_name(cfg: ExperimentConfig) -> str:
     if not t.sweep:
         return t.run_name or lead
     flat = flatten(to_dict(cfg))
-    said = {cfg.preset.tokenizer, cfg.tokenizer.name}
-    extra = [label for label in point_labels(t.run_name or "")
-             if label not in said and not (axis_keys(label, flat) and set(axis_keys(label, flat)) <= set(LEAD_KEYS))]
+
+    def said(label: str) -> bool:  # by the lead: its preset, or an axis over seed or LM size
+        keys = axis_keys(label, flat)
+        return label in (cfg.preset.tokenizer, cfg.tokenizer.name) or bool(keys) and set(keys) <= set(LEAD_KEYS)
+
+    extra = [label for label in point_labels(t.run_name or "") if not said(label)]
     return f"{lead} · {', '.join(extra)}" if extra else lead
 
 
