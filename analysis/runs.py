@@ -1,9 +1,11 @@
 """MLflow → pandas: the one loader every figure and table reads (STYLE.md rule 15).
 
 ``load_runs(name)`` returns one row per FINISHED LM run of an experiment or sweep: tags as
-named columns, every metric under its MLflow key (``gen/fd_probe``), every param under its
-dotted key parsed back to a Python value (``lm.size`` → "micro", ``tokenizer.codebook_size``
-→ 1024), and the columns the figures group by:
+named columns, every metric under its MLflow key (``gen/fd_probe``), every setting of the run's
+resolved config (its ``config.yaml``, flattened: the params show only a curated part of it)
+and every param, under dotted keys, as Python values (``lm.size`` → "micro",
+``tokenizer.codebook_size`` → 1024, ``resolved.steps`` → 150), and the columns the figures
+group by:
 
 - ``tokenizer``: the family (the registry name: jpeg, vq, lfq, ...);
 - ``tokenizer_label``: the preset-style name the tokenizer's config gives itself
@@ -35,9 +37,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from lmgen.config import flatten
 from lmgen.llama import LLAMA_SIZES
 from lmgen.tokenizers import TOKENIZERS
 from lmgen.tracking import resolve_tracking_uri
@@ -52,8 +57,9 @@ ID_COLUMNS = ["run_id", "run_name", "tokenizer", "tokenizer_label", "lm_size", "
 # block also carries it as ``tokenizer.seed``).
 SEED_COLUMNS = ("seed", "stage1.seed", "tokenizer.seed")
 # Params that say where a run was logged or how a metric was computed, not what was compared.
-# ``resolved.*`` (what a run's budget came to) follows from its config: never an arm of its own.
-_NOT_ARM_PREFIXES = ("tracking.", "gen.", "gen/", "tok.", "tok/", "sweep.", "metrics.bootstrap", "resolved.")
+# ``resolved.*`` (what a run's budget came to) follows from its config: never an arm of its own;
+# ``eval.*`` names the feature spaces its metrics were computed in (older runs: ``gen.*``, ``tok.*``).
+_NOT_ARM_PREFIXES = ("tracking.", "eval.", "gen.", "gen/", "tok.", "tok/", "sweep.", "metrics.bootstrap", "resolved.")
 _TAGS = {"lmgen.stage": "stage", "lmgen.sweep": "sweep", "lmgen.tokenizer": "tokenizer",
          "lmgen.tokenizer_hash": "tokenizer_hash", "lmgen.config_hash": "config_hash",
          "lmgen.git_sha": "git_sha", "mlflow.parentRunId": "parent_run_id", "lmgen.eval_of": "eval_of",
@@ -112,8 +118,20 @@ def _search(client: MlflowClient, name: str, where: str = "") -> list:
             return runs
 
 
-def _row(run) -> dict[str, Any]:
-    params = {k: parse_param(v) for k, v in run.data.params.items()}
+def run_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """Run ``run_id``'s resolved config (its ``config.yaml``) flattened to dotted keys; {} for a
+    run without one (logged by other code)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text())
+    except (OSError, MlflowException, yaml.YAMLError):
+        return {}
+    return flatten(tree) if isinstance(tree, dict) else {}
+
+
+def _row(run, config: dict[str, Any]) -> dict[str, Any]:
+    """A run's row: ``config`` (``run_config``) under its params, tags, metrics and the derived columns."""
+    params = {**config, **{k: parse_param(v) for k, v in run.data.params.items()}}
     row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                            "status": run.info.status, "start_time": run.info.start_time}
     row.update({column: run.data.tags.get(tag) for tag, column in _TAGS.items()})
@@ -171,15 +189,17 @@ def load_runs(name: str, tracking_uri: str | None = None, *, statuses: Iterable[
     runs = _search(client, name)
     if not runs:
         raise ValueError(f"no MLflow experiment or sweep named {name!r} at {resolve_tracking_uri(tracking_uri)}")
-    rows = pd.DataFrame([_row(r) for r in runs])
     statuses = set(statuses)
+    configs = {r.info.run_id: run_config(client, r.info.run_id) for r in runs
+               if r.data.tags.get("lmgen.stage") == "lm" and r.info.status in statuses}
+    rows = pd.DataFrame([_row(r, configs.get(r.info.run_id, {})) for r in runs])
     lm = rows[(rows["stage"] == "lm") & rows["status"].isin(statuses)]
     evals = rows[(rows["stage"] == "eval") & (rows["status"] == "FINISHED")]
     if lm.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "lm_flops", "scored_by", "arm_tokenizer", "arm_context"])
     lm = lm.sort_values("start_time", ascending=False).drop_duplicates("config_hash")
     lm = _fold_rescorings(lm.dropna(axis=1, how="all"), evals)
-    params = sorted({k for r in runs for k in r.data.params} & set(lm.columns))
+    params = sorted(({k for r in runs for k in r.data.params} | {k for c in configs.values() for k in c}) & set(lm.columns))
     # Nullable dtypes keep a param's type where some runs lack it (codebook_size: Int64, not float).
     lm[params] = lm[params].convert_dtypes(convert_string=False, convert_floating=False)
     return assign_arms(_sort(lm), params)

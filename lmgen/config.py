@@ -141,7 +141,7 @@ class MetricsConfig:
 class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under $LMGEN_HOME
     experiment: str | None = None  # None: the experiment's `name`
-    run_name: str | None = None  # None: "<preset or tokenizer>-<lm.size>-s<seed>"
+    run_name: str | None = None  # `lmgen sweep`: the point (run_page.display_name); None: "<preset> · <size> · s<seed>"
     parent_run_id: str | None = None  # set by `lmgen sweep`: the sweep's parent run (mlflow.parentRunId)
     sweep: str | None = None  # set by `lmgen sweep`: tag lmgen.sweep
     # the LM's final weights (model/weights.pt) and a learned tokenizer's state (tokenizer/state.pt)

@@ -6,7 +6,9 @@
   stream can be continued: a row of the token grid, a JPEG restart marker) and samples the
   rest; the completions are scored against the originals.
 - ``evaluate_model``: both, with every ``gen/*`` metric, ``samples.png``,
-  ``prefix_completion.png`` and ``per_class.csv`` logged to one MLflow run.
+  ``prefix_completion.png`` (each also an image chart, ``gen/samples`` and
+  ``gen/prefix_completion`` at the run's step) and ``per_class.csv`` (also an MLflow table,
+  ``per_class.json``) logged to one MLflow run.
 
 Clips (video tokenizers) are scored frame by frame: probe FD, class accuracy and the
 per-class view compare the frames a decoder really produced with the frames of val clips;
@@ -41,7 +43,7 @@ from lmgen.metrics.probe import Probe
 from lmgen.perf import resolve_precision
 from lmgen.progress import phase
 from lmgen.sampling import generate
-from lmgen.stage1 import as_frames, log_fidelity_context, reference_cache, to_grid
+from lmgen.stage1 import as_frames, log_fidelity_context, log_fidelity_settings, reference_cache, to_grid
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import Tracker
 
@@ -108,7 +110,8 @@ class Generator:
 class Scoring:
     """What samples are scored with and where the scores go: the scoring settings, the run's
     seed, the data (val images are the reference; train class frequencies the long-tail axis),
-    the probe, the MLflow run and the reference-statistics cache."""
+    the probe, the MLflow run, the reference-statistics cache and the training step the model
+    reached (the step of the run's image charts)."""
 
     metrics: MetricsConfig
     seed: int
@@ -120,12 +123,13 @@ class Scoring:
     cache_dir: Path | None = None
     encode_batch_size: int = 256
     fps: float = 3.0  # samples.gif of clips
+    step: int = 0
 
     @classmethod
     def for_run(cls, cfg: ExperimentConfig, train_ds: ImageDataset, val_ds: ImageDataset, probe: Probe | None,  # noqa: PLR0913
-                tracker: Tracker, run_id: str, home: Path) -> Scoring:
+                tracker: Tracker, run_id: str, home: Path, step: int = 0) -> Scoring:
         return cls(cfg.metrics, cfg.seed, train_ds, val_ds, probe, tracker, run_id, reference_cache(home),
-                   cfg.data.encode_batch_size, getattr(cfg.data, "fps", 3.0))
+                   cfg.data.encode_batch_size, getattr(cfg.data, "fps", 3.0), step)
 
     def bootstrap(self) -> BootstrapConfig:
         """How this run's bootstrap intervals resample (``metrics.bootstrap_resamples``, the run's seed)."""
@@ -244,7 +248,8 @@ def _fidelity(scoring: Scoring, generated: Tensor, reference: ImageBatch, prefix
 
 def evaluate_samples(scoring: Scoring, samples: SampleSet, layout: SequenceLayout,
                      reference: ImageBatch) -> dict[str, float]:
-    """gen/* metrics of the decodable samples against ``reference`` (val images); samples.png; per_class.csv.
+    """gen/* metrics of the decodable samples against ``reference`` (val images); samples.png (and
+    the image chart ``gen/samples``); per_class.csv.
 
     Undecodable samples are counted (``gen/num_invalid``) and left out of every fidelity
     metric — never replaced.
@@ -280,11 +285,13 @@ def evaluate_samples(scoring: Scoring, samples: SampleSet, layout: SequenceLayou
     nrow = min(layout.num_classes if layout.class_conditional else 8, len(samples.images))
     if samples.images.dim() == 5:  # clips: a row of frames per clip, and the whole set playing as a GIF
         strip = samples.images[:SAMPLE_STRIP_CLIPS]
-        tracker.log_image(run_id, to_grid(strip.flatten(0, 1), nrow=strip.shape[1]), "samples.png")
+        grid = to_grid(strip.flatten(0, 1), nrow=strip.shape[1])
         frames = np.stack([to_grid(samples.images[:, t], nrow=nrow) for t in range(samples.images.shape[1])])
         tracker.log_animation(run_id, frames, "samples.gif", fps=scoring.fps)
     else:
-        tracker.log_image(run_id, to_grid(samples.images, nrow=nrow), "samples.png")
+        grid = to_grid(samples.images, nrow=nrow)
+    tracker.log_image(run_id, grid, "samples.png")  # what analysis reads
+    tracker.log_image_at(run_id, grid, "gen/samples", scoring.step)  # what the compare view shows side by side
     return metrics
 
 
@@ -328,10 +335,12 @@ def evaluate_prefixes(gen: Generator, scoring: Scoring, originals: ImageBatch) -
     if skipped:  # one file for every ratio: why a prefix metric is missing
         log.warning("prefix completion: %d metric(s) skipped (first: %s: %s)", len(skipped), *next(iter(skipped.items())))
         tracker.log_text(run_id, json.dumps(skipped, indent=1), "gen_prefix_skipped.json")
-    tracker.log_params(run_id, params)
+    log_fidelity_settings(tracker, run_id, params, "gen_prefix")  # once for every ratio
     tracker.log_metrics(run_id, metrics)
     if len(rows) > 1:
-        tracker.log_image(run_id, to_grid(torch.cat(rows), nrow=len(rows[0])), "prefix_completion.png")
+        sheet = to_grid(torch.cat(rows), nrow=len(rows[0]))
+        tracker.log_image(run_id, sheet, "prefix_completion.png")
+        tracker.log_image_at(run_id, sheet, "gen/prefix_completion", scoring.step)
     return metrics
 
 
@@ -368,12 +377,15 @@ def _per_class_metrics(scoring: Scoring, images: Tensor, labels: Tensor, referen
     Samples are class-balanced (round-robin), so per-class FD rests on ~N / num_classes
     images per class: noisy and biased upwards with a handful (NaN below 2); the rank
     correlations with frequency are only worth reading with tens of samples per class.
-    Logs ``per_class.csv``; returns the ``gen/*`` metrics.
+    Logs ``per_class.csv`` (analysis reads it) and the same as the MLflow table ``per_class.json``;
+    returns the ``gen/*`` metrics.
     """
     probe, train_ds = scoring.probe, scoring.train_ds
     acc = class_accuracy(probe, images, labels)
     fd = per_class_fd(probe, images, labels, reference.images, reference.labels, probe.num_classes)
-    scoring.tracker.log_text(scoring.run_id, _per_class_csv(train_ds, acc, fd), "per_class.csv")
+    table = _per_class_csv(train_ds, acc, fd)
+    scoring.tracker.log_text(scoring.run_id, table, "per_class.csv")
+    scoring.tracker.log_table(scoring.run_id, table, "per_class.json")
     counts = train_ds.class_counts().double()
     return {"gen/class_accuracy": acc["accuracy"], "gen/class_accuracy_balanced": acc["balanced_accuracy"],
             **longtail_metrics(counts / counts.sum(), fd.fd, acc["per_class_accuracy"], prefix="gen")}

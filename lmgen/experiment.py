@@ -8,6 +8,7 @@ same for every tokenizer: nothing here looks at a tokenizer's name.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -41,6 +42,7 @@ from lmgen.llama import Llama, LlamaConfig, llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
 from lmgen.perf import resolve_precision
 from lmgen.progress import StepProgress
+from lmgen.run_page import Filing, dataset_inputs, display_name, eval_description, lm_description, lm_params
 from lmgen.stage1 import (
     Stage1Job,
     Stage1Result,
@@ -150,23 +152,32 @@ def _run_experiment(cfg: ExperimentConfig, resume: bool, preemption: Preemption)
     if lead:
         run_id, resume_from = _open_lm_run(cfg, tracker, stage1, run_hash, home, resume)
     run_id, resume_from = share_from_rank_zero("LMGEN_LM_RUN", f"{run_id}\n{resume_from}" if lead else None).split("\n")
+    resolved = {**budget.params(), "resolved.precision": resolve_precision(t.precision, t.accelerator)}
+    # what the description says before the run has metrics of its own: stage 1's, and the Llama's size
+    known = {**stage1.metrics, "lm/params": float(module.model.num_params())}
+    describe = functools.partial(lm_description, cfg, resolved, tracker.experiment_id, stage1.run_id)
     with tracker.ending(run_id):  # KILLED on Ctrl-C or SIGTERM (Preempted, Lightning's SIGTERMException)
         if not resume_from:
-            tracker.log_config(run_id, to_dict(cfg))
-            tracker.log_params(run_id, {**budget.params(),
-                                        "resolved.precision": resolve_precision(t.precision, t.accelerator)})
-        tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith(("tok/", "data/"))})
+            tracker.log_config(run_id, to_dict(cfg), lm_params(cfg, resolved))
+            tracker.log_inputs(run_id, dataset_inputs(cfg.data, cfg.preset.data,
+                                                      {"training": train_ds, "validation": val_ds}))
+            tracker.set_description(run_id, describe(known))
+        # tok/* only: data/* stay on the stage-1 run (and in the description), so the LM run's charts open on gen/*
+        tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith("tok/")})
         spill = checkpoint_path(home, run_id).parent / "pending_metrics.jsonl" if lead else None  # outage's keep
         _train(t, budget, module, datamodule, MlflowMetricLogger(tracker, run_id, spill),
                checkpoint_path(home, run_id) if t.checkpoint else None, preemption, resume_from or None)
         if not lead:  # the other ranks' part ends with training; rank 0 evaluates
-            return RunSummary(run_id, run_name(cfg), tracker.experiment, uri, stage1.run_id, "",
+            return RunSummary(run_id, display_name(cfg), tracker.experiment, uri, stage1.run_id, "",
                               time.perf_counter() - start)
-        tracker.log_text(run_id, position_loss_csv(module.val_loss_per_position), "val_loss_per_position.csv")
+        position_loss = position_loss_csv(module.val_loss_per_position)
+        tracker.log_text(run_id, position_loss, "val_loss_per_position.csv")
+        tracker.log_table(run_id, position_loss, "val_loss_per_position.json")
         if cfg.tracking.log_weights:
             _log_weights(tracker, run_id, module)
         evaluate_model(Generator.for_run(cfg, module.model, layout, tokenizer),
-                       Scoring.for_run(cfg, train_ds, val_ds, probe, tracker, run_id, home))
+                       Scoring.for_run(cfg, train_ds, val_ds, probe, tracker, run_id, home, step=budget.steps))
+        tracker.set_description(run_id, describe({**known, **tracker.metrics(run_id)}))
     return _summary(tracker, run_id, time.perf_counter() - start)
 
 
@@ -183,12 +194,6 @@ def _optim(train: TrainConfig, budget: Budget, seed: int) -> OptimConfig:
     return OptimConfig(lr=train.lr, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2),
                        warmup_steps=train.warmup_steps, max_steps=budget.steps, min_lr_ratio=train.min_lr_ratio,
                        class_dropout=train.class_dropout, max_bad_steps=train.max_bad_steps, seed=seed)
-
-
-def run_name(cfg: ExperimentConfig) -> str:
-    """A run's name: ``tracking.run_name`` (a sweep point's name), else what it is made of, the
-    preset (or tokenizer) first: ``vq_1k-micro-s0``."""
-    return cfg.tracking.run_name or f"{cfg.preset.tokenizer or cfg.tokenizer.name}-{cfg.lm.size}-s{cfg.seed}"
 
 
 def _open_lm_run(cfg: ExperimentConfig, tracker: Tracker, stage1: Stage1Result, run_hash: str,  # noqa: PLR0913
@@ -211,14 +216,11 @@ def _open_lm_run(cfg: ExperimentConfig, tracker: Tracker, stage1: Stage1Result, 
             tracker.set_tags(earlier, {**owner_tags(), "lmgen.resumed_from": ckpt.name})
             return earlier, str(ckpt)
     tags = {"lmgen.stage": "lm", "lmgen.tokenizer": cfg.tokenizer.name, "lmgen.config_hash": run_hash,
-            "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key, **owner_tags()}
+            "lmgen.tokenizer_run_id": stage1.run_id, "lmgen.tokenizer_hash": stage1.key, **owner_tags(),
+            **Filing.for_run(cfg).tags()}  # sweep, parent run, source
     if cfg.preset.tokenizer:
         tags["lmgen.tokenizer_preset"] = cfg.preset.tokenizer
-    if cfg.tracking.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    if cfg.tracking.sweep:
-        tags["lmgen.sweep"] = cfg.tracking.sweep
-    return tracker.start_run(run_name(cfg), tags), ""
+    return tracker.start_run(display_name(cfg), tags), ""
 
 
 def _summary(tracker: Tracker, run_id: str, seconds: float) -> RunSummary:
@@ -405,18 +407,21 @@ def eval_run(run_id: str, overrides: list[str] | None = None, uri: str | None = 
 
     tracker = Tracker(restored.uri, restored.client.get_experiment(original.info.experiment_id).name)
     name = cfg.tracking.run_name if cfg.tracking.run_name != restored.trained.tracking.run_name else None
-    name = name or f"{original.info.run_name}-eval-n{cfg.sample.num_samples}-s{cfg.seed}"
+    name = name or f"{original.info.run_name} · eval n{cfg.sample.num_samples} s{cfg.seed}"
     child_tags = {**{k: v for k, v in tags.items() if k.startswith("lmgen.")}, "lmgen.stage": "eval",
+                  **Filing(command="lmgen eval").tags(),
                   "lmgen.eval_of": run_id, "mlflow.parentRunId": run_id,
                   # which weights were scored: last.ckpt, or the one before it where last.ckpt was torn
                   "lmgen.scored_checkpoint": f"{restored.checkpoint.name} (step {restored.step})"}
     eval_id = tracker.start_run(name, child_tags)
+    tracker.set_description(eval_id, eval_description(original, restored.checkpoint.name, restored.step, cfg))
     with tracker.ending(eval_id):
-        tracker.log_config(eval_id, to_dict(cfg))
+        resolved = {k: v for k, v in original.data.params.items() if k.startswith("resolved.")}  # what was trained
+        tracker.log_config(eval_id, to_dict(cfg), lm_params(cfg, resolved))
         tracker.log_metrics(eval_id, {k: v for k, v in original.data.metrics.items() if k.startswith(("tok/", "lm/"))})
         L.seed_everything(cfg.seed, verbose=False)
         evaluate_model(Generator.for_run(cfg, model, restored.layout, restored.tokenizer),
-                       Scoring.for_run(cfg, train_ds, val_ds, probe, tracker, eval_id, restored.home))
+                       Scoring.for_run(cfg, train_ds, val_ds, probe, tracker, eval_id, restored.home, restored.step))
     return RunSummary(run_id=eval_id, run_name=name, experiment=tracker.experiment, tracking_uri=restored.uri,
                       tokenizer_run_id=tags.get("lmgen.tokenizer_run_id", ""), artifact_uri=tracker.artifact_dir(eval_id),
                       wall_time_s=time.perf_counter() - start, metrics=tracker.metrics(eval_id))

@@ -6,7 +6,9 @@ have (a palette, BPE merges, or nothing) on the train split. The resulting state
 under ``<home>/tokenizers/<key>/state.pt`` and reused by every later run with the same key;
 then every tokenizer is measured the same way on the val split's token cache.
 Stage 1 is its own MLflow run (tag ``lmgen.stage=tokenizer``); LM runs point at it through
-the tag ``lmgen.tokenizer_run_id``, and a second LM run with the same tokenizer reuses it.
+the tag ``lmgen.tokenizer_run_id``, and a second LM run with the same tokenizer reuses it. Made
+by a sweep's point, it is tagged with the sweep and nested under the sweep's parent run; its
+description links the LM runs on its tokens (``lmgen.run_page``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lmgen.metrics.fidelity import FidelityResult, rfid_metrics
 from lmgen.metrics.probe import Probe
 from lmgen.paths import writing
 from lmgen.perf import resolve_precision
+from lmgen.run_page import Filing, dataset_inputs, eval_params, stage1_description, stage1_name, stage1_params
 from lmgen.tokenizers import ImageTokenizer, TokenBatch
 from lmgen.tracking import MlflowMetricLogger, Tracker
 
@@ -58,7 +61,8 @@ class Stage1Result:
 class Stage1Job:
     """One tokenizer's stage 1: the tokenizer, the data it sees and how it is read, where its
     state and caches live, how a learned one trains (``trainer``: the run's accelerator,
-    devices, nodes and strategy) and how its reconstructions are scored (``metrics``, ``seed``)."""
+    devices, nodes and strategy), how its reconstructions are scored (``metrics``, ``seed``)
+    and where a new stage-1 run is filed (``filing``: its sweep, the command, the presets)."""
 
     tokenizer: ImageTokenizer
     config: Any  # the tokenizer's resolved config block (a learned one's recipe filled in)
@@ -69,6 +73,7 @@ class Stage1Job:
     trainer: TrainConfig
     metrics: MetricsConfig
     seed: int
+    filing: Filing = Filing()
     log_state: bool = True  # state.pt as the stage-1 run's artifact tokenizer/state.pt (tracking.log_weights)
 
     @classmethod
@@ -76,7 +81,7 @@ class Stage1Job:
                 home: Path) -> Stage1Job:
         """The stage 1 of an experiment's tokenizer."""
         return cls(tokenizer, cfg.tokenizer, cfg.data, train_ds, val_ds, home, cfg.train, cfg.metrics, cfg.seed,
-                   cfg.tracking.log_weights)
+                   Filing.for_run(cfg), cfg.tracking.log_weights)
 
     @functools.cached_property
     def key(self) -> str:
@@ -161,9 +166,14 @@ def _prepare(job: Stage1Job, tracker: Tracker, tags: dict[str, str], probe: Prob
         _fit_or_load(job, None)
         caches = _caches(job)
         return Stage1Result(tokenizer, job.key, run_id, tracker.metrics(run_id), caches["train"], caches["val"])
-    run_id = tracker.start_run(f"tokenizer-{job.config.name}-{job.key[:6]}", tags)
+    run_id = tracker.start_run(stage1_name(job.config, job.key), {**tags, **job.filing.tags()})
     with tracker.ending(run_id):  # never left RUNNING
-        tracker.log_config(run_id, {"tokenizer": to_dict(job.config), "data": to_dict(job.data)})
+        tracker.log_config(run_id, {"tokenizer": to_dict(job.config), "data": to_dict(job.data)},
+                           stage1_params(job.config, job.data, job.filing))
+        describe = functools.partial(stage1_description, job.config, job.data, job.filing, tracker.experiment_id, run_id)
+        tracker.set_description(run_id, describe({}))
+        tracker.log_inputs(run_id, dataset_inputs(job.data, job.filing.data_preset,
+                                                  {"training": job.train_ds, "validation": job.val_ds}))
         if tokenizer.learned:
             tracker.log_params(run_id, {"resolved.precision": resolve_precision(job.config.precision,
                                                                                 job.trainer.accelerator)})
@@ -183,6 +193,7 @@ def _prepare(job: Stage1Job, tracker: Tracker, tags: dict[str, str], probe: Prob
         listed_out = sum(getattr(ds, "skipped_files", 0) for ds in (job.train_ds, job.val_ds))
         metrics["data/skipped"] = float(caches["train"].skipped + caches["val"].skipped + listed_out)
         tracker.log_metrics(run_id, metrics)
+        tracker.set_description(run_id, describe(metrics))
     return Stage1Result(tokenizer, job.key, run_id, metrics, caches["train"], caches["val"])
 
 
@@ -276,15 +287,31 @@ def _evaluate(job: Stage1Job, val_cache: TokenCache, tracker: Tracker, run_id: s
             interval = bootstrap_fd(probe.features(recon_frames), probe.features(original_frames), paired=True,
                                     n_resamples=job.metrics.bootstrap_resamples, seed=job.seed)
             metrics.update(interval.ci_metrics("tok/rfid_probe"))
-    tracker.log_image(run_id, _pairs_grid(originals_t[:RECON_IMAGES], recons_t[:RECON_IMAGES]), "recon.png")
+    grid = _pairs_grid(originals_t[:RECON_IMAGES], recons_t[:RECON_IMAGES])
+    tracker.log_image(run_id, grid, "recon.png")
+    tracker.log_image_at(run_id, grid, "tok/recon", step=0)
     return metrics
 
 
 def log_fidelity_context(tracker: Tracker, run_id: str, result: FidelityResult, prefix: str) -> None:
-    """Params saying how a fidelity metric was computed, and why any metric was skipped."""
-    tracker.log_params(run_id, result.params)
+    """How a fidelity metric was computed (``<prefix>_fidelity.json``; the feature spaces as the
+    ``eval.*`` params), and why any metric was skipped (``<prefix>_metrics_skipped.json``)."""
+    log_fidelity_settings(tracker, run_id, result.params, prefix)
     if result.skipped:  # lmgen.metrics.fidelity has already logged each reason
         tracker.log_text(run_id, json.dumps(result.skipped, indent=1), f"{prefix}_metrics_skipped.json")
+
+
+def log_fidelity_settings(tracker: Tracker, run_id: str, params: dict[str, str], scope: str) -> None:
+    """``FidelityResult.params`` of one or more metric prefixes: the two every metric of a run
+    shares as params (``run_page.eval_params``), all of them, by prefix, in ``<scope>_fidelity.json``."""
+    if not params:
+        return
+    tracker.log_params(run_id, eval_params(params))
+    by_prefix: dict[str, dict[str, str]] = {}
+    for key, value in sorted(params.items()):
+        prefix, _, setting = key.partition(".")
+        by_prefix.setdefault(prefix, {})[setting] = value
+    tracker.log_text(run_id, json.dumps(by_prefix, indent=1), f"{scope}_fidelity.json")
 
 
 def as_frames(images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -508,6 +508,7 @@ def run_sweep(path: str | Path, launcher: str = "local", max_parallel: int | Non
                              else PointResult(name, "NOT STARTED"))
     ordered = [results[p.name] for p in points]
     _finish(tracker, parent, ordered, time.perf_counter() - start, stopped=bool(signals))
+    tracker.set_description(parent, _description(tracker, spec, points, ordered))
     if signals:
         raise SweepStopped(signals[0], ordered)
     return ordered
@@ -528,9 +529,19 @@ def _parent_run(tracker, spec: SweepSpec, points: Sequence[SweepPoint], hashes: 
     if parent is not None:
         tracker.reopen_run(parent)
         return parent
-    parent = tracker.start_run(f"sweep-{spec.name}", tags)
+    parent = tracker.start_run(f"sweep-{spec.name}", {**tags, "mlflow.source.name": f"lmgen sweep {spec.name}",
+                                                     "mlflow.source.type": "LOCAL"})  # as its points (run_page.Filing)
     tracker.log_params(parent, {"sweep.file": str(spec.path), "sweep.points": len(points), "sweep.launcher": launcher})
+    tracker.set_description(parent, _description(tracker, spec, points))
     return parent
+
+
+def _description(tracker, spec: SweepSpec, points: Sequence[SweepPoint], results: Sequence[PointResult] = ()) -> str:
+    """The parent run's description (``lmgen.run_page.sweep_description``): axes and points; the results once it ends."""
+    from lmgen.run_page import sweep_description
+
+    return sweep_description(spec.name, str(spec.path), sorted(declared_axes(spec)), [p.name for p in points],
+                             tracker.experiment_id, results)
 
 
 def _result(tracker, name: str, run_hash: str, code: int | None, log_path: Path) -> PointResult:

@@ -51,6 +51,8 @@ SEARCH_PAGE = 1000  # runs per search_runs page
 def home_path() -> Path:
     """``$LMGEN_HOME`` or ``./lmgen-runs``, absolute; not created."""
     return Path(os.environ.get("LMGEN_HOME", "lmgen-runs")).resolve()
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # the UI's query for its model-training (not GenAI) view
+DESCRIPTION_TAG, TAG_VALUE_LIMIT = "mlflow.note.content", 8000  # a run's description; MLflow's limit on a tag
 
 
 def lmgen_home() -> Path:
@@ -166,7 +168,10 @@ class Tracker:
         """Create a RUNNING run with the standard tags; returns its id."""
         if not self.writes:
             return f"rank-{os.getpid()}-{run_name}"
-        all_tags = {"lmgen.git_sha": git_sha(), **tags}
+        sha = git_sha()
+        all_tags = {"lmgen.git_sha": sha, **tags}
+        if sha != "unknown":  # the Source column's commit (a dirty tree's is the commit it started from)
+            all_tags["mlflow.source.git.commit"] = sha.removesuffix("-dirty")
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         return run.info.run_id
 
@@ -276,13 +281,14 @@ class Tracker:
         if self.writes:
             self.client.update_run(run_id, status="RUNNING")
 
-    def log_config(self, run_id: str, config: dict[str, Any]) -> None:
-        """The resolved config as flattened params and as ``config.yaml``."""
+    def log_config(self, run_id: str, config: dict[str, Any], params: Mapping[str, Any] | None = None) -> None:
+        """The resolved config as ``config.yaml`` (all of it) and ``params``: what the runs table
+        shows of it (``lmgen.run_page``); None logs the whole config flattened."""
         if not self.writes:
             return
         import yaml
 
-        self.log_params(run_id, flatten(config))
+        self.log_params(run_id, flatten(config) if params is None else params)
         self.client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -345,10 +351,36 @@ class Tracker:
     def artifact_dir(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.artifact_uri
 
+    def set_description(self, run_id: str, text: str) -> None:
+        """The run's description (markdown; the UI's Description column shows its first line)."""
+        if self.writes:
+            self.client.set_tag(run_id, DESCRIPTION_TAG, text[:TAG_VALUE_LIMIT])
+
+    def log_inputs(self, run_id: str, inputs: list) -> None:
+        """``mlflow.entities.DatasetInput`` s of the run (the Dataset column)."""
+        if self.writes:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_table(self, run_id: str, csv_text: str, name: str) -> None:
+        """A CSV table as an MLflow table (``name``, a ``.json`` artifact the UI shows as a table)."""
+        if not self.writes:
+            return
+        import io
+
+        import pandas as pd
+
+        self.client.log_table(run_id, pd.read_csv(io.StringIO(csv_text)), name)
+
+    def log_image_at(self, run_id: str, image: np.ndarray, key: str, step: int) -> None:
+        """(H, W, 3) uint8 image under ``key`` at ``step``: the run's image charts, which the
+        compare view shows side by side across runs."""
+        if self.writes:
+            self.client.log_image(run_id, image, key=key, step=step)
+
 
 def runs_table_url(base: str, experiment_id: str) -> str:
     """The MLflow UI's runs table of an experiment, in its model-training view."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
 
 
 def latest_experiment(uri: str, name: str | None = None) -> tuple[str, str] | None:

@@ -1,6 +1,6 @@
 """Bad data is skipped and counted, never fatal and never hidden (issue 10, item 5): corrupt,
 truncated and zero-byte files of a folder dataset, in either split, all reach the stage-1
-MLflow run as ``data/skipped`` (which the LM run copies; tests/test_e2e.py checks that end) —
+MLflow run as ``data/skipped`` (which the LM run's description reports; tests/test_e2e.py checks that end) —
 and so do the dangling, self and looping links and FIFOs the listing passes over (issue 24, item 6).
 
 Unit of the count: an unreadable item (an image, or one clip of a video that broke after it was

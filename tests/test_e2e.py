@@ -76,7 +76,7 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, preset, capsys):
         assert rows[0] == "class,name,train_frequency,num_samples,class_accuracy,fd_probe,num_reference"
     if valid >= 2:  # fidelity needs >= 2 decodable samples, and has this run's own bootstrap interval
         assert PROBE_KEYS <= set(run.data.metrics)
-        assert run.data.params["gen.reference"] == "val" and "gen.num_samples" in run.data.params
+        assert _json(client, run.info.run_id, "gen_fidelity.json")["gen"]["reference"] == "val"  # how it was computed
         m = run.data.metrics
         for key in ("gen/fd_probe", "gen/kid_probe", "gen/precision_probe", "tok/rfid_probe"):
             assert m[f"{key}_ci_low"] <= m[f"{key}_ci_high"], key
@@ -85,6 +85,7 @@ def test_lmgen_run_writes_a_complete_mlflow_run(lmgen_home, preset, capsys):
         assert "gen_metrics_skipped.json" in _artifacts(client, run.info.run_id)
     assert tok[0].info.status == "FINISHED" and TOK_KEYS <= set(tok[0].data.metrics)
     assert "recon.png" in _artifacts(client, tok[0].info.run_id)
+    _check_run_page(client, run, tok[0])
     assert {"tok/codebook_usage", "tok/perplexity", "tok/unigram_kl_uniform", "tok/bigram_kl_uniform"} <= set(tok[0].data.metrics)
     if preset in LEARNED:  # trained by gradient: its curves are in the stage-1 run
         history = client.get_metric_history(tok[0].info.run_id, "tok/train_loss")
@@ -103,10 +104,60 @@ def _check_composition(run, preset: str) -> None:
     """The preset the run was composed from, on the run and in its name; what its budget resolved to."""
     params = run.data.params
     assert params["preset.tokenizer"] == run.data.tags["lmgen.tokenizer_preset"] == preset
-    assert run.info.run_name == f"{preset}-nano-s0"
-    assert {"resolved.steps": "6", "resolved.images": "48", "resolved.val_every": "4",
-            "resolved.precision": "32-true"}.items() <= params.items()
+    assert run.info.run_name == f"{preset} · nano · s0"
+    assert {"resolved.steps": "6", "resolved.images": "48", "resolved.precision": "32-true"}.items() <= params.items()
     assert float(params["resolved.flops"]) > 0 and float(params["resolved.tokens"]) > 0
+
+
+def _json(client: MlflowClient, run_id: str, path: str):
+    import json
+
+    return json.loads(Path(client.download_artifacts(run_id, path)).read_text())
+
+
+def _check_run_page(client: MlflowClient, run, tok) -> None:
+    """How the runs read in the MLflow UI: curated params (what a researcher filters by, each setting
+    once; the whole config in config.yaml), a description on both runs, the dataset, the source,
+    the tables and image charts; the stage-1 run's description links the LM runs on its tokens."""
+    import json
+    import re
+    from collections import Counter
+    from urllib.parse import unquote
+
+    import pandas as pd
+    import yaml
+
+    params, m = run.data.params, run.data.metrics
+    assert len(params) <= 40, sorted(params)
+    leaves = Counter((re.split(r"[./]", k)[-1], v) for k, v in params.items())
+    assert [k for k, n in leaves.items() if n > 1] == []  # no setting twice (per prefix ratio, copies)
+    assert all("/" not in k for k in params)  # one separator: dots
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
+    assert config["train"]["warmup_steps"] == 2 and "train.warmup_steps" not in params  # not a param, not lost
+    assert not any(k.startswith("data/") for k in run.data.metrics)  # on the stage-1 run: gen/* opens the charts
+    note, tok_note = run.data.tags["mlflow.note.content"], tok.data.tags["mlflow.note.content"]
+    headline = note.splitlines()[0]  # what the Description column shows: the finished run's headline
+    assert " · nano (" in headline and "bits/image" in headline and ("FD probe" in headline) == ("gen/fd_probe" in m)
+    assert f"runs/{tok.info.run_id}?" in note and "Budget" in note and "48 images" in note  # stage 1 linked
+    assert "Results" in note and "written here when" not in note
+    assert "lmgen.tokenizer_run_id" in unquote(tok_note) and tok.info.run_id in tok_note  # its LM runs, linked
+    assert tok_note.startswith("Stage 1 of") and "Reconstruction" in tok_note
+    for r in (run, tok):
+        splits = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs}
+        assert sorted(splits) == ["training", "validation"] and {d.name for d in splits.values()} == {"shapes32"}
+        assert len(splits["training"].digest) == 16 != splits["validation"].digest  # the splits' fingerprints
+        assert r.data.tags["mlflow.source.name"] == "lmgen run base" and r.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.git.commit"] in run.data.tags["lmgen.git_sha"]
+    if "gen_fidelity.json" in _artifacts(client, run.info.run_id):  # the feature space, once, as a param
+        assert params["eval.probe"] == _json(client, run.info.run_id, "gen_fidelity.json")["gen"]["probe.space_id"]
+    tables = {t["path"] for t in json.loads(run.data.tags["mlflow.loggedArtifacts"]) if t["type"] == "table"}
+    for table in ("val_loss_per_position", "per_class"):  # the CSVs analysis reads, also as MLflow tables
+        if f"{table}.csv" in _artifacts(client, run.info.run_id):  # (client.load_table searches the global store)
+            assert f"{table}.json" in tables
+            csv = pd.read_csv(client.download_artifacts(run.info.run_id, f"{table}.csv"))
+            assert _json(client, run.info.run_id, f"{table}.json")["columns"] == list(csv.columns)
+    images = {Path(a.path).name.split("+")[0] for a in client.list_artifacts(run.info.run_id, "images")}
+    assert "gen~samples" in images and run.data.tags["mlflow.loggedImages"] == "True"
 
 
 PREFIX_KEYS = [f"gen/prefix_r{p}/{k}" for p in (25, 50, 75) for k in ("decode_valid_rate", "num_invalid")]
@@ -128,7 +179,8 @@ def _check_prefix_completion(client: MlflowClient, run, originals: int = 16) -> 
             continue
         assert {f"{key}/decode_valid_rate", f"{key}/num_invalid", f"{key}/prompt_fraction"} <= set(metrics)
         if metrics[f"{key}/decode_valid_rate"] * originals >= 2:  # TINY: 16 val images completed, FD against them
-            assert f"{key}/fd_probe" in metrics and run.data.params[f"{key}.reference"] == "prefix originals"
+            assert f"{key}/fd_probe" in metrics
+            assert _json(client, run.info.run_id, "gen_prefix_fidelity.json")[key]["reference"] == "prefix originals"
         if f"{key}/fid" not in metrics:  # offline: Inception skipped with its reason (or nothing to score)
             assert "Inception" in skipped.get(f"{key}/fid", "") or "decodable" in skipped[f"{key}/fd_probe"]
         assert "prefix_completion.png" in artifacts
@@ -269,8 +321,11 @@ def test_imagefolder_run_skips_and_counts_corrupt_files(lmgen_home, tmp_path):
     _, runs = _runs(lmgen_home)
     lm = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm")
     assert lm.info.status == "FINISHED"
-    assert lm.data.metrics["data/skipped"] == 1.0
-    assert lm.data.metrics["data/train_items"] + 1 + 6 == 25  # 25 files: 1 corrupt, 6 in val
+    tok = next(r for r in runs if r.data.tags["lmgen.stage"] == "tokenizer")
+    assert tok.data.metrics["data/skipped"] == 1.0
+    assert tok.data.metrics["data/train_items"] + 1 + 6 == 25  # 25 files: 1 corrupt, 6 in val
+    assert "18 train items, 1 unreadable skipped" in lm.data.tags["mlflow.note.content"]  # said on the LM run
+    assert lm.inputs.dataset_inputs[0].dataset.source_type == "local"  # the folder
 
 
 def test_unconditional_model_with_cfg_off(lmgen_home):
@@ -412,8 +467,9 @@ def test_videofolder_h264_run_counts_unreadable_files(lmgen_home, tmp_path):
     _, runs = _runs(lmgen_home, "video")
     lm = next(r for r in runs if r.data.tags["lmgen.stage"] == "lm")
     assert lm.info.status == "FINISHED"
-    assert lm.data.metrics["data/skipped"] == 1.0
-    assert lm.data.metrics["data/train_items"] == 6 * 3  # 6 readable train files of 3 clips each
+    tok = next(r for r in runs if r.data.tags["lmgen.stage"] == "tokenizer")
+    assert tok.data.metrics["data/skipped"] == 1.0
+    assert tok.data.metrics["data/train_items"] == 6 * 3  # 6 readable train files of 3 clips each
 
 
 @pytest.fixture(scope="module")

@@ -168,7 +168,7 @@ def test_evaluate_prefixes_logs_metrics_and_skips_with_a_reason(tmp_path) -> Non
     assert metrics["gen/prefix_r25/decode_valid_rate"] == 1.0
     assert metrics["gen/prefix_r25/prompt_fraction"] == 0.25 and metrics["gen/prefix_r75/prompt_fraction"] == 0.75
     client = MlflowClient(tracker.uri)
-    assert {a.path for a in client.list_artifacts(run_id)} == {"prefix_completion.png"}
+    assert {a.path for a in client.list_artifacts(run_id)} == {"prefix_completion.png", "images"}  # + its chart
     assert "gen/prefix_r75/num_invalid" in client.get_run(run_id).data.metrics
 
     tok = build_tokenizer({"name": "jpeg", "restart_markers": False}, (16, 16))

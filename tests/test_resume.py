@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from lmgen.ar_module import ARModule, NonFiniteLossError, OptimConfig
@@ -138,13 +139,14 @@ def test_checkpoints_are_written_atomically_and_a_torn_one_falls_back(tmp_path):
 
 def test_a_resume_never_relogs_params_with_another_value(lmgen_home, monkeypatch):
     """Keys outside the config hash (speed switches) may differ on resume: the run keeps the
-    params it was started with, and MLflow never sees a second value for a key."""
+    config (config.yaml) and params it was started with, and MLflow never sees a second value for a key."""
     _run(lmgen_home, "params", crash_at=6, monkeypatch=monkeypatch)
     resumed = _run(lmgen_home, "params", resume=True, extra=("train.peak_flops=1e12", "train.fused_adamw=false"))
     client = MlflowClient(f"sqlite:///{lmgen_home / 'mlflow.db'}")
     run = client.get_run(resumed.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["lmgen.resumed_from"] == "last.ckpt"
-    assert run.data.params["train.peak_flops"] == "0.0" and run.data.params["train.fused_adamw"] == "True"
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml")).read_text())
+    assert config["train"]["peak_flops"] == 0.0 and config["train"]["fused_adamw"] is True  # as it started
 
 
 def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_torn(lmgen_home, monkeypatch):

@@ -202,7 +202,9 @@ def test_an_unreachable_tracking_server_fails_the_sweep_before_anything_runs(tmp
 
 def test_concurrent_points_share_one_stage1_and_nest_under_the_sweep(tmp_path, lmgen_home, capsys):
     """Two points at once that need the same tokenizer: one stage-1 run (the other waited on the
-    lock), two LM runs as children of the sweep's parent run, a summary on the parent."""
+    lock), two LM runs as children of the sweep's parent run, a summary on the parent. In the
+    MLflow UI the stage-1 run sits under the parent too, the LM runs are named preset first, and
+    every run has a description (the parent's: each point linked, with its results)."""
     path = write_sweep(tmp_path, {"name": "pair", "experiment": PIXELS, "overrides": TINY,
                                   "grid": {"lm.size": ["nano", "micro"]}, "max_parallel": 2})
     assert main(["sweep", str(path), "--no-plot"]) == 0
@@ -212,10 +214,16 @@ def test_concurrent_points_share_one_stage1_and_nest_under_the_sweep(tmp_path, l
     assert len(by_stage["tokenizer"]) == 1 and len(by_stage["sweep"]) == 1 and len(by_stage["lm"]) == 2
     parent = by_stage["sweep"][0]
     assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/finished"] == 2
-    for run in by_stage["lm"]:
+    assert parent.data.tags["mlflow.source.name"] == "lmgen sweep pair"
+    for run in [*by_stage["lm"], *by_stage["tokenizer"]]:
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.tags["lmgen.sweep"] == "pair" and run.info.run_name in ("size=nano", "size=micro")
+        assert run.data.tags["lmgen.sweep"] == "pair" and run.data.tags["mlflow.source.name"] == "lmgen sweep pair"
+        assert "Sweep**: `pair`" in run.data.tags["mlflow.note.content"]
+    for run in by_stage["lm"]:
+        assert run.info.run_name in ("pixels_palette64 · nano · s0", "pixels_palette64 · micro · s0")
         assert run.data.tags["lmgen.tokenizer_run_id"] == by_stage["tokenizer"][0].info.run_id
+        point = f"[size={run.data.params['lm.size']}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?"
+        assert f"| {point}" in parent.data.tags["mlflow.note.content"]  # the parent's table links each point
     artifacts = {a.path for a in MlflowClient(sqlite(lmgen_home)).list_artifacts(parent.info.run_id)}
     assert {"summary.md", "summary.json"} <= artifacts
     assert (lmgen_home / "sweeps" / "pair" / "size=nano.log").is_file()
@@ -336,7 +344,8 @@ def test_two_process_ddp_logs_one_run_with_the_single_process_keys(lmgen_home):
         return {k for k in run.data.metrics if not k.startswith("gen/longtail_")}
 
     assert keys(lm) == keys(single[0])
-    assert lm.data.params["train.devices"] == "2"
+    config = yaml.safe_load(Path(MlflowClient(sqlite(lmgen_home)).download_artifacts(lm.info.run_id, "config.yaml")).read_text())
+    assert config["train"]["devices"] == 2
 
 
 def _free_port() -> int:
