@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from analysis import (
+    gen_curves,
     longtail,
     loss_curves,
     page,
@@ -56,6 +57,7 @@ FIGURES = [
     FigureSpec("model_scaling", scaling.TITLE, "runs", scaling.scaling_figure),
     FigureSpec("tokens_per_image", tokens.TITLE, "runs", tokens.tokens_figure),
     FigureSpec("loss_curves", loss_curves.TITLE, "histories", loss_curves.loss_curves_figure),
+    FigureSpec("gen_curves", gen_curves.TITLE, "histories", gen_curves.gen_curves_figure),
     FigureSpec("token_statistics", token_stats.TITLE, "runs", token_stats.token_stats_figure),
     FigureSpec("position_loss", position_loss.TITLE, "positions", position_loss.position_loss_figure),
     FigureSpec("long_tail", longtail.TITLE, "per_class", longtail.longtail_figure),
@@ -80,7 +82,7 @@ def load_run_data(name: str, tracking_uri: str | None = None) -> RunData:
     """The FINISHED LM runs of experiment or sweep ``name``, their curves and their artifacts."""
     runs = load_runs(name, tracking_uri)
     return RunData(runs=runs,
-                   histories=load_histories(runs, loss_curves.KEYS, tracking_uri),
+                   histories=load_histories(runs, (*loss_curves.KEYS, *gen_curves.KEYS), tracking_uri),
                    positions=load_table(runs, "val_loss_per_position.csv", tracking_uri),
                    per_class=load_table(runs, "per_class.csv", tracking_uri),
                    samples=load_images(runs, "samples.png", tracking_uri))

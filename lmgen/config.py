@@ -135,6 +135,10 @@ class MetricsConfig:
     # reference) of probe FD, KID, precision/recall and class accuracy, logged as
     # gen/<metric>_ci_low / _ci_high (lmgen.metrics.bootstrap). 0 = none.
     bootstrap_resamples: int = 200
+    # Generation learning curves (lmgen.curves): at every validation, this many class-conditional
+    # samples scored by the probe, logged as curve/class_accuracy, curve/fd_probe (with intervals)
+    # at that step; sampling uses its own RNG, so training is unchanged. 0 = off.
+    curve_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,7 @@ RANGES: dict[str, str] = {
     "sample.num_samples": "[0, inf)", "sample.batch_size": "[1, inf)", "sample.temperature": "[0, inf)",
     "sample.top_k": "[0, inf)", "sample.top_p": "(0, 1]", "sample.cfg_scale": "[0, inf)",
     "metrics.num_reference": "[0, inf)", "metrics.prefix_samples": "[0, inf)", "metrics.bootstrap_resamples": "[0, inf)",
+    "metrics.curve_samples": "[0, inf)",
 }
 # Bounds every dataset with the field shares (its own check gives the lower ones): past them a
 # value is a typo, not an experiment, and would be found only by a MemoryError or an overflow.
@@ -386,6 +391,9 @@ def validate(cfg: ExperimentConfig) -> None:
     bad = [r for r in cfg.metrics.prefix_ratios if not isinstance(r, (int, float)) or not 0.0 < r < 1.0]
     if bad:
         raise ConfigError(f"metrics.prefix_ratios must lie in (0, 1), got {bad}")
+    if cfg.metrics.curve_samples and not (cfg.metrics.probe and cfg.lm.class_conditional):
+        raise ConfigError("metrics.curve_samples needs the probe (metrics.probe=true) and a class-conditional model "
+                          "(lm.class_conditional=true): the curve scores class accuracy with the probe")
     _check_tokenizer(cfg)
 
 

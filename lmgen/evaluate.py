@@ -181,10 +181,12 @@ def _sample_chunk(gen: Generator, labels: Tensor, prefix: TokenBatch | None = No
 def sample_images(gen: Generator) -> SampleSet:
     """``sample.num_samples`` images (classes round-robin, so per-class metrics are balanced), decoded."""
     labels = torch.arange(gen.sample.num_samples) % gen.layout.num_classes
-    return _sample_and_decode(gen, labels, None)
+    return sample_and_decode(gen, labels, None)
 
 
-def _sample_and_decode(gen: Generator, labels: Tensor, prefixes: TokenBatch | None) -> SampleSet:
+def sample_and_decode(gen: Generator, labels: Tensor, prefixes: TokenBatch | None) -> SampleSet:
+    """One image per label (int64 (N,), the class asked for), after its prefix's ids where
+    ``prefixes`` is given, sampled in chunks of ``sample.batch_size`` and decoded."""
     model = gen.model
     was_training = model.training
     model.eval()
@@ -218,7 +220,7 @@ def complete_prefixes(gen: Generator, originals: ImageBatch, ratio: float) -> Sa
     tokens = tokenizer.encode(originals.images)
     cuts = tokenizer.prefix_lengths(tokens, ratio).cpu()
     prefixes = TokenBatch(ids=tokens.ids.cpu(), lengths=cuts)
-    done = _sample_and_decode(gen, originals.labels.cpu(), prefixes)
+    done = sample_and_decode(gen, originals.labels.cpu(), prefixes)
     done = dataclasses.replace(done, prompt_fraction=cuts / tokens.lengths.cpu())
     if done.frames is None:
         return done

@@ -34,9 +34,10 @@ from lmgen.config import (
     run_config_hash,
     to_dict,
 )
+from lmgen.curves import GenerationCurve
 from lmgen.data import SequenceLayout, TokenDataModule
-from lmgen.datasets import build_dataset, frame_view
-from lmgen.evaluate import Generator, Scoring, evaluate_model
+from lmgen.datasets import build_dataset, frame_view, load_batch
+from lmgen.evaluate import Generator, Scoring, evaluate_model, frame_batch
 from lmgen.files import safe_load
 from lmgen.llama import Llama, LlamaConfig, llama_config
 from lmgen.metrics.probe import Probe, ProbeConfig, load_or_train_probe
@@ -165,8 +166,10 @@ def _run_experiment(cfg: ExperimentConfig, resume: bool, preemption: Preemption)
         # tok/* only: data/* stay on the stage-1 run (and in the description), so the LM run's charts open on gen/*
         tracker.log_metrics(run_id, {k: v for k, v in stage1.metrics.items() if k.startswith("tok/")})
         spill = checkpoint_path(home, run_id).parent / "pending_metrics.jsonl" if lead else None  # outage's keep
+        curve = _curve(cfg, module, layout, tokenizer, probe, val_ds) if lead else None
         _train(t, budget, module, datamodule, MlflowMetricLogger(tracker, run_id, spill),
-               checkpoint_path(home, run_id) if t.checkpoint else None, preemption, resume_from or None)
+               checkpoint_path(home, run_id) if t.checkpoint else None, preemption, resume_from or None,
+               [curve] if curve is not None else [])
         if not lead:  # the other ranks' part ends with training; rank 0 evaluates
             return RunSummary(run_id, display_name(cfg), tracker.experiment, uri, stage1.run_id, "",
                               time.perf_counter() - start)
@@ -230,13 +233,26 @@ def _summary(tracker: Tracker, run_id: str, seconds: float) -> RunSummary:
                       artifact_uri=run.info.artifact_uri, wall_time_s=seconds, metrics=dict(run.data.metrics))
 
 
+def _curve(cfg: ExperimentConfig, module: ARModule, layout: SequenceLayout, tokenizer: ImageTokenizer,  # noqa: PLR0913
+           probe: Probe | None, val_ds) -> GenerationCurve | None:
+    """The generation learning curve (``metrics.curve_samples``), or None when it is off."""
+    m = cfg.metrics
+    if m.curve_samples == 0 or probe is None:  # validate() refuses curves without the probe
+        return None
+    with torch.random.fork_rng(devices=[]):  # a DataLoader draws its seed from the global RNG: keep training's
+        reference = frame_batch(load_batch(val_ds, m.num_reference, cfg.data.encode_batch_size)).images
+    return GenerationCurve(Generator.for_run(cfg, module.model, layout, tokenizer), probe, probe.features(reference),
+                           m.curve_samples, cfg.train.batch_size * world_size(cfg.train), cfg.seed,
+                           m.bootstrap_resamples)
+
+
 def _train(t: TrainConfig, budget: Budget, module: ARModule, datamodule: TokenDataModule,  # noqa: PLR0913
            logger: MlflowMetricLogger, checkpoint: Path | None, preemption: Preemption,
-           resume_from: str | None = None) -> None:
+           resume_from: str | None = None, extra: list[L.Callback] | None = None) -> None:
     """Fit ``module`` for ``budget.steps``, validating every ``budget.val_every`` steps and at the
     end; with ``checkpoint``, ``last.ckpt`` is written there (atomically) along the way and
-    holds the final weights at the end."""
-    callbacks: list[L.Callback] = [preemption, StepProgress("lm", loss_key="lm/train_loss")]
+    holds the final weights at the end. ``extra``: callbacks of the run (its generation curve)."""
+    callbacks: list[L.Callback] = [preemption, StepProgress("lm", loss_key="lm/train_loss"), *(extra or [])]
     if checkpoint is not None:
         preemption.checkpoint = checkpoint
         callbacks.append(ModelCheckpoint(dirpath=checkpoint.parent, save_last=True, save_top_k=0,

@@ -40,7 +40,8 @@ PARAM_BUDGET = 40  # params of an LM run: a runs table a researcher can read (te
 LM_KEYS = ("preset.tokenizer", "preset.data", "seed", "data.name", "data.image_size", "data.frames", "lm.size",
            "lm.class_conditional", "lm.subcode_embed", "train.budget", "train.batch_size", "train.lr",
            "sample.num_samples", "sample.temperature", "sample.top_k", "sample.top_p", "sample.cfg_scale",
-           "sample.cfg_schedule", "metrics.prefix_samples", "metrics.prefix_ratios", "metrics.bootstrap_resamples")
+           "sample.cfg_schedule", "metrics.prefix_samples", "metrics.prefix_ratios", "metrics.bootstrap_resamples",
+           "metrics.curve_samples")
 STAGE1_DATA_KEYS = ("name", "image_size", "frames")
 # The columns of a sweep parent's results table (those its points have: ``lmgen.sweep.SUMMARY_METRICS``).
 SWEEP_TABLE_KEYS = ("gen/fd_probe", "lm/val_bits_per_image", "gen/decode_valid_rate", "tok/bits_per_image",

@@ -350,7 +350,8 @@ def recipe_differences(spec: SweepSpec, configs: dict[str, ExperimentConfig]) ->
 class PointResult:
     """How one point ended: FINISHED | FAILED | SKIPPED (already FINISHED) | KILLED | NOT STARTED (the
     sweep was stopped first) | RUNNING (another process trains it), with its run id,
-    key metrics, wall time and, for a failure, the last lines of its log."""
+    key metrics, wall time (of its process, stage 1 and evaluation included; of its LM run for a
+    point skipped as FINISHED) and, for a failure, the last lines of its log."""
 
     name: str
     status: str
@@ -431,17 +432,20 @@ class Progress(PointEvents):
         self.tracker, self.hashes, self.total, self.parallel = tracker, hashes, total, parallel
         self.results: dict[str, PointResult] = {}
         self.logs: dict[str, Path] = {}
+        self.began: dict[str, float] = {}
         self.start = time.perf_counter()
         self._lock = threading.Lock()
 
     def started(self, name: str, log_path: Path) -> None:
         with self._lock:
-            self.logs[name] = log_path
+            self.logs[name], self.began[name] = log_path, time.perf_counter()
             log.info("[%d/%d done] started %s  (log: %s)", len(self.results), self.total, name, log_path)
 
     def ended(self, name: str, code: int | None) -> None:
         with self._lock:  # one MLflow read at a time, and whole lines
-            result = self.results[name] = _result(self.tracker, name, self.hashes[name], code, self.logs[name])
+            result = _result(self.tracker, name, self.hashes[name], code, self.logs[name])
+            result.seconds = time.perf_counter() - self.began[name]  # the whole point, not only its LM run
+            self.results[name] = result
             done, left = len(self.results), self.total - len(self.results)
             headline = next((f"{k} {result.metrics[k]:.4g}" for k in ("gen/fd_probe", "lm/val_bits_per_image")
                              if k in result.metrics), "")

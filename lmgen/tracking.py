@@ -46,6 +46,7 @@ PARAM_VALUE_LIMIT = 6000  # MLflow's limit on one param value
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 BATCH_LIMIT = 100  # MLflow's limit on params per log_batch call
 SEARCH_PAGE = 1000  # runs per search_runs page
+INPUT_TRIES = 4  # log_inputs against the SQL store's race between two runs logging one dataset
 
 
 def home_path() -> Path:
@@ -357,9 +358,22 @@ class Tracker:
             self.client.set_tag(run_id, DESCRIPTION_TAG, text[:TAG_VALUE_LIMIT])
 
     def log_inputs(self, run_id: str, inputs: list) -> None:
-        """``mlflow.entities.DatasetInput`` s of the run (the Dataset column)."""
-        if self.writes:
-            self.client.log_inputs(run_id, datasets=inputs)
+        """``mlflow.entities.DatasetInput`` s of the run (the Dataset column).
+
+        MLflow's SQL store looks a dataset up and then inserts it: two runs of one experiment
+        logging the same dataset at once (a sweep's parallel points) both insert, and the second
+        fails on the unique key. Tried again, it finds the row the first one wrote."""
+        if not self.writes:
+            return
+        for attempt in range(INPUT_TRIES):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except MlflowException as err:
+                if "UNIQUE constraint" not in str(err) or attempt == INPUT_TRIES - 1:
+                    raise
+                log.info("dataset inputs of run %s raced another run's; trying again", run_id)
+                time.sleep(0.2 * (attempt + 1))
 
     def log_table(self, run_id: str, csv_text: str, name: str) -> None:
         """A CSV table as an MLflow table (``name``, a ``.json`` artifact the UI shows as a table)."""

@@ -49,6 +49,7 @@ EXPONENT = -0.3  # generation FD ∝ params^EXPONENT in the synthetic runs
 FREQ = np.array([0.4, 0.2, 0.12, 0.09, 0.07, 0.05, 0.03, 0.02, 0.015, 0.005])
 
 
+CURVE_HW = 0.05  # half-width of a synthetic run's own curve intervals
 SPREAD = 2.0  # seeds s = 0, 1, 2 add (s − 1)·SPREAD to generation FD: mean unchanged, sample sd SPREAD
 
 
@@ -86,6 +87,13 @@ def synthetic(seeds: tuple[int, ...] = (0,)) -> RunData:
             histories.append({**run, "key": "lm/val_bits_per_image", "step": step, "value": 500 - step / 10 + k})
         for step in range(10, 310, 10):
             histories.append({**run, "key": "lm/train_loss", "step": step, "value": 6 - step / 100 + 0.1 * seed})
+        for step in (100, 200, 300):  # generation curve: its own bootstrap interval ±CURVE_HW at each point
+            accuracy, fd = 0.1 + step / 1000 + 0.01 * seed, 100 - step / 10 + seed
+            for key, value in {"curve/images_seen": step * 32.0, "curve/class_accuracy": accuracy,
+                               "curve/class_accuracy_ci_low": accuracy - CURVE_HW,
+                               "curve/class_accuracy_ci_high": accuracy + CURVE_HW, "curve/fd_probe": fd,
+                               "curve/fd_probe_ci_low": fd - 10 * CURVE_HW, "curve/fd_probe_ci_high": fd + 10 * CURVE_HW}.items():
+                histories.append({**run, "key": key, "step": step, "value": value})
         length = 16 + 8 * (k // len(seeds) % 3)  # one length per tokenizer and size, whatever its seeds
         for pos in range(length):
             nats = 4.0 - pos / length + 0.05 * seed
@@ -167,6 +175,7 @@ INSUFFICIENT = {  # figure → data it cannot support, and a word its reason mus
     "model_scaling": (lambda d: _only(d.runs, lm_size="micro"), "≥2 LM sizes"),
     "tokens_per_image": (lambda d: _only(d.runs, tokenizer_label="vq 1k f4"), "tokens per image"),
     "loss_curves": (lambda d: _only(d.histories, step=300), "≥2 validations"),
+    "gen_curves": (lambda d: _only(d.histories, step=300), "≥2 generation-curve points"),
     "token_statistics": (lambda d: d.runs.drop(columns=["tok/unigram_kl_uniform"]), "unigram"),
     "position_loss": (lambda d: _only(d.positions, position=0), "≥2 positions"),
     "long_tail": (lambda d: d.per_class[d.per_class["tokenizer"] != "vq"], "reference"),
@@ -189,10 +198,10 @@ def test_render_writes_what_the_runs_support_and_lists_what_it_skipped(tmp_path,
     thin = RunData(runs=data.runs, histories=data.histories.iloc[:0], positions=data.positions,
                    per_class=data.per_class, samples=data.samples)
     report = render(thin, tmp_path, formats=("png",), dpi=30)
-    assert list(report.skipped) == ["loss_curves"] and not report.failed
+    assert list(report.skipped) == ["loss_curves", "gen_curves"] and not report.failed
     assert "≥2 validations" in report.skipped["loss_curves"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{s.name}.png" for s in FIGURES
-                                                                if s.name != "loss_curves")
+                                                                if s.name not in report.skipped)
 
 
 def test_no_runs_means_every_figure_skipped_and_a_report_that_says_so(tmp_path, data):
@@ -212,7 +221,7 @@ def test_report_html_is_one_self_contained_page_with_the_markdown_report_s_conte
     report = render(thin, tmp_path, formats=("png",), dpi=30)
     write_reports(report, thin, "synthetic", "sqlite:///store.db")
     page = report.html.read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == len(report.written) == len(FIGURES) - 1
+    assert page.count('src="data:image/png;base64,') == len(report.written) == len(FIGURES) - 2
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)|<link|@import|url\(""", page)
     assert "&lt;b&gt;vq&lt;/b&gt;" in page and "<b>vq</b>" not in page
     assert page.count('<table class="sortable">') == 2 and '<td class="worse">worse</td>' in page
@@ -271,6 +280,28 @@ def test_figures_draw_intervals_with_three_seeds_and_none_with_one(name, seeded,
     bars, bands = _intervals_drawn(spec.make(getattr(seeded, spec.source)))
     assert (bars if name in ERROR_BARS else bands) > 0, (bars, bands)
     assert _intervals_drawn(spec.make(getattr(data, spec.source))) == (0, 0)  # one seed: nothing to show
+
+
+def _band_heights(fig: Figure) -> list[float]:
+    """The vertical extent of every band on the figure's first axes (the synthetic curves rise by
+    0.2 from first to last point, plus the interval's width)."""
+    return [float(np.ptp(c.get_paths()[0].vertices[:, 1])) for c in fig.axes[0].collections
+            if isinstance(c, PolyCollection)]
+
+
+def test_generation_curves_band_seeds_with_t_and_one_run_with_its_own_interval(seeded, data):
+    """Three seeds: the band at each point is the t interval over the seeds (accuracies 0.01
+    apart); one seed: the run's own bootstrap interval (±CURVE_HW) — and nothing without one."""
+    spec = FIGURES_BY_NAME["gen_curves"]
+    half_width = stats.t.ppf(0.975, 2) * 0.01 / np.sqrt(3)  # sample sd of seeds' (0, 0.01, 0.02) is 0.01
+    heights = _band_heights(spec.make(seeded.histories))
+    assert len(heights) == len(PRESETS) * len(SIZES) and max(heights) == pytest.approx(2 * half_width + 0.2, rel=1e-6)
+    heights = _band_heights(spec.make(data.histories))
+    assert len(heights) == len(PRESETS) * len(SIZES) and max(heights) == pytest.approx(2 * CURVE_HW + 0.2, rel=1e-6)
+    bare = data.histories[~data.histories["key"].str.endswith(("_ci_low", "_ci_high"))]
+    assert _intervals_drawn(spec.make(bare)) == (0, 0)
+    ax = spec.make(data.histories).axes[0]
+    assert list(ax.lines[0].get_xdata()) == [3200.0, 6400.0, 9600.0]  # images seen, not steps
 
 
 def test_pareto_front_runs_through_means_and_overlap_is_not_dominance():

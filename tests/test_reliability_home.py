@@ -26,7 +26,10 @@ from mlflow.tracking import MlflowClient
 
 from lmgen.cli import main
 from lmgen.config import load_config
+from lmgen.datasets import build_dataset
+from lmgen.datasets.shapes import ShapesConfig
 from lmgen.paths import DiskFull, file_slug
+from lmgen.run_page import dataset_inputs
 from lmgen.sweep import expand, load_sweep, plan_sweep, point_log
 from lmgen.tracking import Tracker, filter_literal, resolve_tracking_uri
 
@@ -84,6 +87,38 @@ def test_runs_started_together_on_a_fresh_home_both_open_its_store(memory_dir):
         assert [p.exitcode for p in processes] == [0, 0], f"attempt {attempt}: a process failed to open the store"
         client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
         assert [e.name for e in client.search_experiments()].count("race") == 1
+
+
+def _log_dataset(home: str, barrier, train_size: int) -> None:
+    os.environ["LMGEN_HOME"] = home
+    tracker = Tracker(resolve_tracking_uri(None), "race")
+    run_id = tracker.start_run("point", {})
+    data = ShapesConfig(image_size=8, train_size=train_size, val_size=4)
+    splits = {"training": build_dataset(data, "train"), "validation": build_dataset(data, "val")}
+    barrier.wait(timeout=120)  # every run logs the same dataset at the same moment
+    tracker.log_inputs(run_id, dataset_inputs(data, "tiny", splits))
+
+
+def test_parallel_points_log_one_dataset_together(memory_dir):
+    """A sweep's parallel points log the same dataset into one experiment at once. MLflow's SQL
+    store looks the dataset up, then inserts it: the loser of that race failed with "UNIQUE
+    constraint failed: datasets..." and its whole point FAILED (seen in the quickstart)."""
+    home = memory_dir / "home"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["LMGEN_HOME"] = str(home)
+    Tracker(resolve_tracking_uri(None), "race")  # the store and experiment exist: what races is the dataset
+    context = multiprocessing.get_context("fork")
+    for attempt in range(4):  # a new dataset (digest) each time
+        barrier = context.Barrier(3)
+        processes = [context.Process(target=_log_dataset, args=(str(home), barrier, 16 + attempt)) for _ in range(3)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(timeout=240)
+        assert [p.exitcode for p in processes] == [0, 0, 0], f"attempt {attempt}: a run failed to log its dataset"
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert len(runs) == 12 and all(len(r.inputs.dataset_inputs) == 2 for r in runs)
 
 
 # --- item 9: names stay inside $LMGEN_HOME; any name is found in MLflow ------------------------
