@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 
 from lmgen.datasets.base import check_clip, short_hash
-from lmgen.datasets.render import Scene, ShapeObject, render_scene
-from lmgen.datasets.shapes import SHAPES_VERSION, SPLIT_IDS, ShapesConfig, ShapesDataset, sample_scene
+from lmgen.datasets.render import TEXTURES, Scene, ShapeObject, render_scene
+from lmgen.datasets.shapes import SHAPES_VERSION, SPLIT_IDS, ShapesConfig, ShapesDataset, sample_scene, style_knobs
 
 MOVING_SHAPES_VERSION = 1
 MOTIONS: tuple[str, ...] = ("translate", "rotate_cw", "rotate_ccw", "grow", "shrink", "orbit", "shake")
@@ -100,6 +100,8 @@ class SceneParams:
     tail_alpha: float = 1.5
     min_objects: int = 2
     max_objects: int = 5
+    textures: tuple[str, ...] = TEXTURES
+    background: str = "gradient"
 
 
 @dataclass(frozen=True)
@@ -232,7 +234,8 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         """The ``split`` of the dataset a ``data`` block describes (``{split}_size`` clips)."""
         return cls(split=split, size=getattr(cfg, f"{split}_size"), seed=cfg.seed, image_size=cfg.image_size,
                    frames=cfg.frames, fps=cfg.fps, speed=(cfg.min_speed, cfg.max_speed),
-                   scene=SceneParams(cfg.num_classes, cfg.tail_alpha, cfg.min_objects, cfg.max_objects))
+                   scene=SceneParams(cfg.num_classes, cfg.tail_alpha, cfg.min_objects, cfg.max_objects,
+                                     tuple(cfg.textures), cfg.background))
 
     def __len__(self) -> int:
         return self.size
@@ -251,7 +254,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         label = self.still.draw_label(rng)
         motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
         p = self.scene_params
-        scene = sample_scene(rng, label, (p.min_objects - 1, p.max_objects - 1))
+        scene = sample_scene(rng, label, (p.min_objects - 1, p.max_objects - 1), p.textures, p.background)
         speed_u, *u = rng.random(4)
         jitter = rng.random((self.frames, 2))
         speed = self.speed[0] + (self.speed[1] - self.speed[0]) * float(speed_u)
@@ -316,6 +319,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
 
     def fingerprint(self) -> str:
         """Short stable hash of the generation parameters and both recipe versions."""
+        p = self.scene_params
         return short_hash(
             {
                 "dataset": "moving_shapes",
@@ -328,6 +332,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
                 "frames": self.frames,
                 "fps": self.fps,
                 "speed": list(self.speed),
-                "scene": dataclasses.asdict(self.scene_params),
+                "scene": {"num_classes": p.num_classes, "tail_alpha": p.tail_alpha, "min_objects": p.min_objects,
+                          "max_objects": p.max_objects, **style_knobs(p.textures, p.background)},
             }
         )

@@ -12,7 +12,8 @@ What an image contains (all geometry is in fractions of the image side, so any
   defaults (10 classes, alpha 1.5) class 0 ("circle") is ~50% of images and the rarest
   ("arrow") ~1.6%: ground truth for long-tail analyses.
 - **Background**: a linear gradient between two uniformly random RGB colours at a random
-  angle, plus Gaussian grain with std U[0, 4] (0-255 scale).
+  angle, plus Gaussian grain with std U[0, 4] (0-255 scale); ``background="flat"``: the
+  first colour alone, no grain.
 - **Distractors** (``min_objects - 1`` to ``max_objects - 1`` of them, drawn first, so
   behind): small dots or bars, diameter 10-18% of the side, anywhere in the image,
   solid or gradient fill. No class shape is drawn that small, so they never look like
@@ -20,7 +21,7 @@ What an image contains (all geometry is in fractions of the image side, so any
 - **Main object** (the class, drawn last, on top): one of ``CLASS_NAMES`` with a bounding
   circle of 40-70% of the side, fully inside the image, random rotation, filled with one of
   the textures solid / linear gradient / stripes (random angle, period 8-20% of the side) /
-  checkerboard / low-frequency value noise, in two colours chosen to contrast with the
+  checkerboard / low-frequency value noise (``textures`` narrows the choice), in two colours chosen to contrast with the
   background (best of 12 random candidates), so the outline stays visible.
 - Edges are anti-aliased (supersampled coverage, see ``lmgen.datasets.render``).
 
@@ -32,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,6 +59,7 @@ MAIN_SIZE = (0.4, 0.7)  # bounding-circle diameter, fraction of the side
 DISTRACTOR_SIZE = (0.1, 0.18)
 TEXTURE_PERIOD = (0.08, 0.2)
 MAX_NOISE_STD = 4.0
+BACKGROUNDS: tuple[str, ...] = ("gradient", "flat")
 _COLOR_CANDIDATES = 12
 
 
@@ -75,13 +78,15 @@ def _contrasting_colors(candidates: np.ndarray, avoid: np.ndarray) -> np.ndarray
     return candidates[np.arange(len(candidates)), d2.argmax(axis=1)]
 
 
-def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int]) -> ShapeObject:
-    """An object from 7 uniforms ``u`` in [0, 1) and its two colours."""
+def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int],
+            fills: tuple[str, ...] = TEXTURES) -> ShapeObject:
+    """An object from 7 uniforms ``u`` in [0, 1) and its two colours; a main object is filled
+    with one of ``fills``."""
     lo, hi = MAIN_SIZE if role == "main" else DISTRACTOR_SIZE
     size = lo + (hi - lo) * u[0]
     # the main object stays inside the frame; distractors may be cut by the border
     margin = size / 2 if role == "main" else 0.0
-    textures = TEXTURES if role == "main" else ("solid", "gradient")
+    textures = fills if role == "main" else ("solid", "gradient")
     lo_p, hi_p = TEXTURE_PERIOD
     return ShapeObject(
         role=role,
@@ -96,15 +101,21 @@ def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int])
     )
 
 
-def sample_scene(rng: np.random.Generator, label: int, num_distractors: tuple[int, int]) -> Scene:
+def sample_scene(rng: np.random.Generator, label: int, num_distractors: tuple[int, int],
+                 textures: tuple[str, ...] = TEXTURES, background: str = "gradient") -> Scene:
     """Draw a scene whose main object has class ``label``; ``num_distractors`` is (lo, hi).
 
+    ``textures``: the fills the main object draws from (uniformly); ``background``: "gradient"
+    (two colours, grain) or "flat" (the first colour alone, no grain).
     All randomness is drawn in a few vectorised calls, in a fixed order (part of
-    ``SHAPES_VERSION``): counts, background, per-object uniforms, colour candidates.
+    ``SHAPES_VERSION``): counts, background, per-object uniforms, colour candidates. The two
+    knobs change what the draws are used for, never how many there are.
     """
     n = int(rng.integers(num_distractors[0], num_distractors[1] + 1)) + 1  # last = main
     bg = rng.integers(0, 256, size=(2, 3))
     bg_angle, noise_u = rng.random(2)
+    if background == "flat":
+        bg[1], noise_u = bg[0], 0.0
     u = rng.random((n, 8))  # per object: size, cx, cy, rotation, texture, angle, period, shape
     cand = rng.integers(0, 256, size=(2, n, _COLOR_CANDIDATES, 3))
     avoid = np.broadcast_to(np.stack([bg[0], bg[1], (bg[0] + bg[1]) // 2]), (n, 3, 3))
@@ -114,7 +125,7 @@ def sample_scene(rng: np.random.Generator, label: int, num_distractors: tuple[in
     uu, cc0, cc1 = u.tolist(), c0.tolist(), c1.tolist()  # Python scalars: JSON-ready, fast
     names = tuple(DISTRACTOR_SHAPES)
     objects = [_object("distractor", names[int(uu[j][7] * len(names))], uu[j], cc0[j], cc1[j]) for j in range(n - 1)]
-    objects.append(_object("main", CLASS_NAMES[label], uu[-1], cc0[-1], cc1[-1]))
+    objects.append(_object("main", CLASS_NAMES[label], uu[-1], cc0[-1], cc1[-1], textures))
     (r0, g0, b0), (r1, g1, b1) = bg.tolist()
     return Scene(
         label=label,
@@ -136,6 +147,10 @@ class ShapesConfig(DataConfig):
     tail_alpha: float = 1.5  # Zipf exponent of class frequencies: rarest of 10 classes ≈ 1.6%
     min_objects: int = 2  # objects per image, the class object included: 1 = no distractors
     max_objects: int = 5
+    # the main object's fills, drawn uniformly (default: all of render.TEXTURES)
+    textures: list[str] = field(default_factory=lambda: list(TEXTURES))
+    # "gradient": two random colours at a random angle plus grain; "flat": one colour, no grain
+    background: str = field(default="gradient", metadata={"choices": BACKGROUNDS})
 
     # generated data has no "all": both splits need a size
     RANGES: ClassVar[dict[str, str]] = {**DataConfig.RANGES, "train_size": "[1, inf)", "val_size": "[1, inf)",
@@ -143,10 +158,11 @@ class ShapesConfig(DataConfig):
 
     def check(self) -> None:
         super().check()
-        check_scene(self.image_size, self.num_classes, self.min_objects, self.max_objects, self.name)
+        check_scene(self.image_size, self.num_classes, self.min_objects, self.max_objects, self.name, self.textures)
 
 
-def check_scene(image_size: int, num_classes: int, min_objects: int, max_objects: int, name: str = "shapes") -> None:
+def check_scene(image_size: int, num_classes: int, min_objects: int, max_objects: int, name: str = "shapes",
+                textures: Sequence[str] = TEXTURES, background: str = "gradient") -> None:
     """ValueError naming the ``data.*`` knob the renderer of dataset ``name`` cannot draw."""
     if image_size < 4:  # the renderer's smallest canvas
         raise ValueError(f"data.image_size must be >= 4 for {name!r}, got {image_size}")
@@ -155,6 +171,12 @@ def check_scene(image_size: int, num_classes: int, min_objects: int, max_objects
                          f"got {num_classes}")
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"data: need 1 <= min_objects <= max_objects for {name!r}, got {min_objects}, {max_objects}")
+    unknown = [t for t in textures if t not in TEXTURES]
+    if not textures or unknown or len(set(textures)) != len(textures):
+        raise ValueError(f"data.textures must be a non-empty list of distinct fills from {list(TEXTURES)} "
+                         f"for {name!r}, got {list(textures)}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"data.background must be one of {list(BACKGROUNDS)} for {name!r}, got {background!r}")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -179,6 +201,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         tail_alpha: float = 1.5,
         min_objects: int = 2,
         max_objects: int = 5,
+        textures: Sequence[str] = TEXTURES,
+        background: str = "gradient",
     ) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"shapes: unknown split {split!r}; valid: {sorted(SPLIT_IDS)}")
@@ -186,7 +210,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"shapes: size must be > 0 (procedural data has no 'all'), got {size}")
         if seed < 0:
             raise ValueError(f"shapes: seed must be >= 0, got {seed}")
-        check_scene(image_size, num_classes, min_objects, max_objects)
+        check_scene(image_size, num_classes, min_objects, max_objects, textures=textures, background=background)
+        self.textures, self.background = tuple(textures), str(background)
         self.split, self.size, self.seed, self.image_size = split, int(size), int(seed), int(image_size)
         self.num_classes, self.tail_alpha = int(num_classes), float(tail_alpha)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
@@ -201,7 +226,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         """The ``split`` of the dataset a ``data`` block describes (``{split}_size`` items)."""
         return cls(split=split, size=getattr(cfg, f"{split}_size"), seed=cfg.seed, image_size=cfg.image_size,
                    num_classes=cfg.num_classes, tail_alpha=cfg.tail_alpha, min_objects=cfg.min_objects,
-                   max_objects=cfg.max_objects)
+                   max_objects=cfg.max_objects, textures=cfg.textures, background=cfg.background)
 
     def __len__(self) -> int:
         return self.size
@@ -222,7 +247,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         """The full description of item ``index`` (no pixels rendered)."""
         rng = self._rng(self._check_index(index))
         label = self.draw_label(rng)
-        return sample_scene(rng, label, (self.min_objects - 1, self.max_objects - 1))
+        return sample_scene(rng, label, (self.min_objects - 1, self.max_objects - 1), self.textures, self.background)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         scene = self.scene(index)
@@ -260,5 +285,17 @@ class ShapesDataset(torch.utils.data.Dataset):
                 "tail_alpha": self.tail_alpha,
                 "min_objects": self.min_objects,
                 "max_objects": self.max_objects,
+                **style_knobs(self.textures, self.background),
             }
         )
+
+
+def style_knobs(textures: Sequence[str], background: str) -> dict[str, Any]:
+    """The scene-style knobs that differ from the default recipe, for a fingerprint: a default
+    scene hashes as it did before the knobs existed, so its caches stay valid."""
+    out: dict[str, Any] = {}
+    if tuple(textures) != TEXTURES:
+        out["textures"] = list(textures)
+    if background != "gradient":
+        out["background"] = background
+    return out
