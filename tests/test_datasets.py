@@ -182,9 +182,38 @@ def test_shapes_fingerprint_stable_and_sensitive() -> None:
         dict(base, tail_alpha=1.0),
         dict(base, min_objects=1),
         dict(base, max_objects=6),
+        dict(base, textures=["solid"]),
+        dict(base, background="flat"),
     ]
     fps = {ShapesDataset(**v).fingerprint() for v in variants}
     assert len(fps) == len(variants) and fp not in fps
+    # the default scene hashes as it did before data.textures/data.background existed: caches stay valid
+    assert fp == "448f3fb510aac80c", fp
+
+
+def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
+    """background=flat, textures=[solid]: the same draws (labels, geometry, colours) as the default
+    recipe, used for a flat background without grain and a one-colour object."""
+    plain = ShapesDataset("train", 24, seed=0, min_objects=1, max_objects=1, textures=["solid"], background="flat")
+    rich = ShapesDataset("train", 24, seed=0, min_objects=1, max_objects=1)
+    assert torch.equal(plain.labels(), rich.labels())
+    for i in range(len(plain)):
+        p, r = plain.scene(i), rich.scene(i)
+        main, main_rich = p.objects[-1], r.objects[-1]
+        assert (main.shape, main.center, main.size, main.rotation) == (main_rich.shape, main_rich.center,
+                                                                    main_rich.size, main_rich.rotation)
+        assert main.texture == "solid" and p.background_noise_std == 0.0
+        assert p.background_colors[0] == p.background_colors[1] == r.background_colors[0]
+        image = plain[i][0].reshape(3, -1).T  # (H*W, 3)
+        corner = image[0]
+        # away from the anti-aliased edge every pixel is the background or the object's colour
+        near = lambda c: (image - torch.tensor(c)).abs().max(dim=1).values <= 1  # noqa: E731
+        assert torch.equal(corner, torch.tensor(p.background_colors[0], dtype=torch.uint8))
+        share = (near(p.background_colors[0]) | near(main.colors[0])).float().mean()
+        assert share > 0.85, (i, float(share))
+    textures = {ShapesDataset("train", 64, seed=0, textures=["stripes", "checker"]).scene(i).objects[-1].texture
+                for i in range(64)}
+    assert textures == {"stripes", "checker"}
 
 
 @pytest.mark.parametrize(
@@ -197,6 +226,10 @@ def test_shapes_fingerprint_stable_and_sensitive() -> None:
         dict(num_classes=1),
         dict(min_objects=3, max_objects=2),
         dict(image_size=2),
+        dict(textures=[]),
+        dict(textures=["solid", "plaid"]),
+        dict(textures=["solid", "solid"]),
+        dict(background="sky"),
     ],
 )
 def test_shapes_rejects_bad_parameters(kwargs: dict) -> None:
