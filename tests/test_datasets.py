@@ -32,7 +32,7 @@ from lmgen.datasets import (
     iter_batches,
 )
 from lmgen.datasets.render import render_scene
-from lmgen.datasets.shapes import CLASS_NAMES, zipf_probs
+from lmgen.datasets.shapes import CLASS_NAMES, SceneParams, zipf_probs
 
 
 def block(name: str, **values) -> dict:
@@ -152,7 +152,7 @@ def test_shapes_images_have_texture_and_colour() -> None:
 
 
 def test_shapes_attributes_describe_the_scene() -> None:
-    ds = ShapesDataset("train", 32, seed=0, min_objects=2, max_objects=4)
+    ds = ShapesDataset("train", 32, seed=0, scene=SceneParams(min_objects=2, max_objects=4))
     textures = set()
     for i in range(len(ds)):
         attrs = ds.attributes(i)
@@ -178,12 +178,12 @@ def test_shapes_fingerprint_stable_and_sensitive() -> None:
         dict(base, size=101),
         dict(base, seed=1),
         dict(base, image_size=64),
-        dict(base, num_classes=12),
-        dict(base, tail_alpha=1.0),
-        dict(base, min_objects=1),
-        dict(base, max_objects=6),
-        dict(base, textures=["solid"]),
-        dict(base, background="flat"),
+        dict(base, scene=SceneParams(num_classes=12)),
+        dict(base, scene=SceneParams(tail_alpha=1.0)),
+        dict(base, scene=SceneParams(min_objects=1)),
+        dict(base, scene=SceneParams(max_objects=6)),
+        dict(base, scene=SceneParams(textures=("solid",))),
+        dict(base, scene=SceneParams(background="flat")),
     ]
     fps = {ShapesDataset(**v).fingerprint() for v in variants}
     assert len(fps) == len(variants) and fp not in fps
@@ -194,8 +194,9 @@ def test_shapes_fingerprint_stable_and_sensitive() -> None:
 def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
     """background=flat, textures=[solid]: the same draws (labels, geometry, colours) as the default
     recipe, used for a flat background without grain and a one-colour object."""
-    plain = ShapesDataset("train", 24, seed=0, min_objects=1, max_objects=1, textures=["solid"], background="flat")
-    rich = ShapesDataset("train", 24, seed=0, min_objects=1, max_objects=1)
+    single = SceneParams(min_objects=1, max_objects=1)
+    plain = ShapesDataset("train", 24, seed=0, scene=dataclasses.replace(single, textures=("solid",), background="flat"))
+    rich = ShapesDataset("train", 24, seed=0, scene=single)
     assert torch.equal(plain.labels(), rich.labels())
     for i in range(len(plain)):
         p, r = plain.scene(i), rich.scene(i)
@@ -205,13 +206,12 @@ def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
         assert main.texture == "solid" and p.background_noise_std == 0.0
         assert p.background_colors[0] == p.background_colors[1] == r.background_colors[0]
         image = plain[i][0].reshape(3, -1).T  # (H*W, 3)
-        corner = image[0]
         # away from the anti-aliased edge every pixel is the background or the object's colour
-        near = lambda c: (image - torch.tensor(c)).abs().max(dim=1).values <= 1  # noqa: E731
-        assert torch.equal(corner, torch.tensor(p.background_colors[0], dtype=torch.uint8))
-        share = (near(p.background_colors[0]) | near(main.colors[0])).float().mean()
+        near_bg, near_main = ((image - torch.tensor(c)).abs().max(dim=1).values <= 1
+                              for c in (p.background_colors[0], main.colors[0]))
+        share = (near_bg | near_main).float().mean()
         assert share > 0.85, (i, float(share))
-    textures = {ShapesDataset("train", 64, seed=0, textures=["stripes", "checker"]).scene(i).objects[-1].texture
+    textures = {ShapesDataset("train", 64, seed=0, scene=SceneParams(textures=("stripes", "checker"))).scene(i).objects[-1].texture
                 for i in range(64)}
     assert textures == {"stripes", "checker"}
 
@@ -222,14 +222,14 @@ def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
         dict(split="test"),
         dict(size=0),
         dict(seed=-1),
-        dict(num_classes=13),
-        dict(num_classes=1),
-        dict(min_objects=3, max_objects=2),
+        dict(scene=SceneParams(num_classes=13)),
+        dict(scene=SceneParams(num_classes=1)),
+        dict(scene=SceneParams(min_objects=3, max_objects=2)),
         dict(image_size=2),
-        dict(textures=[]),
-        dict(textures=["solid", "plaid"]),
-        dict(textures=["solid", "solid"]),
-        dict(background="sky"),
+        dict(scene=SceneParams(textures=())),
+        dict(scene=SceneParams(textures=("solid", "plaid"))),
+        dict(scene=SceneParams(textures=("solid", "solid"))),
+        dict(scene=SceneParams(background="sky")),
     ],
 )
 def test_shapes_rejects_bad_parameters(kwargs: dict) -> None:

@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 from lmgen.datasets import ShapesDataset, iter_batches
+from lmgen.datasets.shapes import SceneParams
 from lmgen.evaluate import _per_class_csv
 from lmgen.metrics.fidelity import fidelity_metrics
 from lmgen.metrics.longtail import PerClassFD, longtail_metrics, per_class_fd, rank_correlation
@@ -148,7 +149,7 @@ def test_longtail_metrics_omits_nan(caplog):
 
 
 def test_per_class_csv_has_fd_and_reference_columns():
-    train = ShapesDataset("train", 200, seed=0, image_size=16, num_classes=3)
+    train = ShapesDataset("train", 200, seed=0, image_size=16, scene=SceneParams(num_classes=3))
     acc = {"per_class_count": np.array([2, 1, 0]), "per_class_accuracy": np.array([0.5, 1.0, math.nan])}
     fd = PerClassFD(fd=torch.tensor([1.25, math.nan, math.nan], dtype=torch.float64),
                     num_generated=torch.tensor([2, 1, 0]), num_reference=torch.tensor([7, 3, 0]))

@@ -28,8 +28,7 @@ from lmgen.datasets import (
     load_batch,
     load_images,
 )
-from lmgen.datasets.moving_shapes import SceneParams
-from lmgen.datasets.shapes import zipf_probs
+from lmgen.datasets.shapes import SceneParams, zipf_probs
 
 # --- helpers ----------------------------------------------------------------------------
 

@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 
 from lmgen.datasets.base import check_clip, short_hash
-from lmgen.datasets.render import TEXTURES, Scene, ShapeObject, render_scene
-from lmgen.datasets.shapes import SHAPES_VERSION, SPLIT_IDS, ShapesConfig, ShapesDataset, sample_scene, style_knobs
+from lmgen.datasets.render import Scene, ShapeObject, render_scene
+from lmgen.datasets.shapes import SHAPES_VERSION, SPLIT_IDS, SceneParams, ShapesConfig, ShapesDataset, sample_scene
 
 MOVING_SHAPES_VERSION = 1
 MOTIONS: tuple[str, ...] = ("translate", "rotate_cw", "rotate_ccw", "grow", "shrink", "orbit", "shake")
@@ -90,18 +90,6 @@ def check_speed(low: float, high: float) -> None:
     if not 0.0 <= low <= high or high <= 0.0:
         raise ValueError(f"data: need 0 <= min_speed <= max_speed and max_speed > 0 for 'moving_shapes', "
                          f"got {low}, {high}")
-
-
-@dataclass(frozen=True)
-class SceneParams:
-    """The still-scene knobs shared with ``shapes`` (see ``ShapesDataset``)."""
-
-    num_classes: int = 10
-    tail_alpha: float = 1.5
-    min_objects: int = 2
-    max_objects: int = 5
-    textures: tuple[str, ...] = TEXTURES
-    background: str = "gradient"
 
 
 @dataclass(frozen=True)
@@ -215,7 +203,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
     ) -> None:
         scene = scene or SceneParams()
         try:  # the still twin checks the shared knobs and holds the Zipf label prior
-            self.still = ShapesDataset(split, size, seed, image_size, **dataclasses.asdict(scene))
+            self.still = ShapesDataset(split, size, seed, image_size, scene)
         except ValueError as err:
             raise ValueError(str(err).replace("shapes:", "moving_shapes:", 1).replace("'shapes'", "'moving_shapes'")) from None
         check_clip(frames, fps, "moving_shapes")
@@ -234,8 +222,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         """The ``split`` of the dataset a ``data`` block describes (``{split}_size`` clips)."""
         return cls(split=split, size=getattr(cfg, f"{split}_size"), seed=cfg.seed, image_size=cfg.image_size,
                    frames=cfg.frames, fps=cfg.fps, speed=(cfg.min_speed, cfg.max_speed),
-                   scene=SceneParams(cfg.num_classes, cfg.tail_alpha, cfg.min_objects, cfg.max_objects,
-                                     tuple(cfg.textures), cfg.background))
+                   scene=SceneParams.from_config(cfg))
 
     def __len__(self) -> int:
         return self.size
@@ -319,7 +306,6 @@ class MovingShapesDataset(torch.utils.data.Dataset):
 
     def fingerprint(self) -> str:
         """Short stable hash of the generation parameters and both recipe versions."""
-        p = self.scene_params
         return short_hash(
             {
                 "dataset": "moving_shapes",
@@ -332,7 +318,6 @@ class MovingShapesDataset(torch.utils.data.Dataset):
                 "frames": self.frames,
                 "fps": self.fps,
                 "speed": list(self.speed),
-                "scene": {"num_classes": p.num_classes, "tail_alpha": p.tail_alpha, "min_objects": p.min_objects,
-                          "max_objects": p.max_objects, **style_knobs(p.textures, p.background)},
+                "scene": self.scene_params.hashed(),
             }
         )

@@ -138,6 +138,35 @@ def sample_scene(rng: np.random.Generator, label: int, num_distractors: tuple[in
     )
 
 
+@dataclass(frozen=True)
+class SceneParams:
+    """What a scene holds, apart from its size: the ``data`` knobs shared by ``shapes`` and
+    ``moving_shapes`` (see ``ShapesConfig``)."""
+
+    num_classes: int = 10
+    tail_alpha: float = 1.5
+    min_objects: int = 2
+    max_objects: int = 5
+    textures: tuple[str, ...] = TEXTURES
+    background: str = "gradient"
+
+    @classmethod
+    def from_config(cls, cfg: ShapesConfig) -> SceneParams:
+        return cls(cfg.num_classes, float(cfg.tail_alpha), cfg.min_objects, cfg.max_objects, tuple(cfg.textures),
+                   cfg.background)
+
+    def hashed(self) -> dict[str, Any]:
+        """The knobs as a fingerprint holds them: the style knobs only where they differ from the
+        default recipe, so a default scene hashes as it did before they existed (caches stay valid)."""
+        out: dict[str, Any] = {"num_classes": self.num_classes, "tail_alpha": self.tail_alpha,
+                               "min_objects": self.min_objects, "max_objects": self.max_objects}
+        if self.textures != TEXTURES:
+            out["textures"] = list(self.textures)
+        if self.background != "gradient":
+            out["background"] = self.background
+        return out
+
+
 @dataclass
 class ShapesConfig(DataConfig):
     """``data`` block of ``shapes`` (and, extended, of ``moving_shapes``): the scene knobs."""
@@ -191,32 +220,21 @@ class ShapesDataset(torch.utils.data.Dataset):
     video = False  # still images
     procedural = True  # generated, so no data.root, and both split sizes > 0
 
-    def __init__(
-        self,
-        split: str,
-        size: int,
-        seed: int,
-        image_size: int = 32,
-        num_classes: int = 10,
-        tail_alpha: float = 1.5,
-        min_objects: int = 2,
-        max_objects: int = 5,
-        textures: Sequence[str] = TEXTURES,
-        background: str = "gradient",
-    ) -> None:
+    def __init__(self, split: str, size: int, seed: int, image_size: int = 32, scene: SceneParams | None = None) -> None:
+        scene = scene or SceneParams()
         if split not in SPLIT_IDS:
             raise ValueError(f"shapes: unknown split {split!r}; valid: {sorted(SPLIT_IDS)}")
         if size <= 0:
             raise ValueError(f"shapes: size must be > 0 (procedural data has no 'all'), got {size}")
         if seed < 0:
             raise ValueError(f"shapes: seed must be >= 0, got {seed}")
-        check_scene(image_size, num_classes, min_objects, max_objects, textures=textures, background=background)
-        self.textures, self.background = tuple(textures), str(background)
+        check_scene(image_size, scene.num_classes, scene.min_objects, scene.max_objects, textures=scene.textures,
+                    background=scene.background)
         self.split, self.size, self.seed, self.image_size = split, int(size), int(seed), int(image_size)
-        self.num_classes, self.tail_alpha = int(num_classes), float(tail_alpha)
-        self.min_objects, self.max_objects = int(min_objects), int(max_objects)
+        self.scene_params = scene
+        self.num_classes = scene.num_classes
         self.class_names: list[str] = list(CLASS_NAMES[: self.num_classes])
-        probs = zipf_probs(self.num_classes, self.tail_alpha)
+        probs = zipf_probs(self.num_classes, scene.tail_alpha)
         self.class_probs: Tensor = torch.from_numpy(probs)  # float64 (num_classes,), exact
         self._cdf = np.cumsum(probs)
         self._labels: Tensor | None = None
@@ -225,8 +243,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def from_config(cls, cfg: ShapesConfig, split: str) -> ShapesDataset:
         """The ``split`` of the dataset a ``data`` block describes (``{split}_size`` items)."""
         return cls(split=split, size=getattr(cfg, f"{split}_size"), seed=cfg.seed, image_size=cfg.image_size,
-                   num_classes=cfg.num_classes, tail_alpha=cfg.tail_alpha, min_objects=cfg.min_objects,
-                   max_objects=cfg.max_objects, textures=cfg.textures, background=cfg.background)
+                   scene=SceneParams.from_config(cfg))
 
     def __len__(self) -> int:
         return self.size
@@ -247,7 +264,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         """The full description of item ``index`` (no pixels rendered)."""
         rng = self._rng(self._check_index(index))
         label = self.draw_label(rng)
-        return sample_scene(rng, label, (self.min_objects - 1, self.max_objects - 1), self.textures, self.background)
+        p = self.scene_params
+        return sample_scene(rng, label, (p.min_objects - 1, p.max_objects - 1), p.textures, p.background)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         scene = self.scene(index)
@@ -281,21 +299,6 @@ class ShapesDataset(torch.utils.data.Dataset):
                 "size": self.size,
                 "seed": self.seed,
                 "image_size": self.image_size,
-                "num_classes": self.num_classes,
-                "tail_alpha": self.tail_alpha,
-                "min_objects": self.min_objects,
-                "max_objects": self.max_objects,
-                **style_knobs(self.textures, self.background),
+                **self.scene_params.hashed(),
             }
         )
-
-
-def style_knobs(textures: Sequence[str], background: str) -> dict[str, Any]:
-    """The scene-style knobs that differ from the default recipe, for a fingerprint: a default
-    scene hashes as it did before the knobs existed, so its caches stay valid."""
-    out: dict[str, Any] = {}
-    if tuple(textures) != TEXTURES:
-        out["textures"] = list(textures)
-    if background != "gradient":
-        out["background"] = background
-    return out
