@@ -184,6 +184,7 @@ def test_shapes_fingerprint_stable_and_sensitive() -> None:
         dict(base, scene=SceneParams(max_objects=6)),
         dict(base, scene=SceneParams(textures=("solid",))),
         dict(base, scene=SceneParams(background="flat")),
+        dict(base, scene=SceneParams(color_levels=2)),
     ]
     fps = {ShapesDataset(**v).fingerprint() for v in variants}
     assert len(fps) == len(variants) and fp not in fps
@@ -214,6 +215,12 @@ def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
     textures = {ShapesDataset("train", 64, seed=0, scene=SceneParams(textures=("stripes", "checker"))).scene(i).objects[-1].texture
                 for i in range(64)}
     assert textures == {"stripes", "checker"}
+    eight = ShapesDataset("train", 24, seed=0, scene=dataclasses.replace(single, color_levels=2, background="flat"))
+    for i in range(len(eight)):
+        scene = eight.scene(i)
+        colours = {*scene.background_colors, *scene.objects[-1].colors}
+        assert all(v in (0, 255) for c in colours for v in c), colours
+        assert scene.objects[-1].colors[0] != scene.background_colors[0]  # still contrasting
 
 
 @pytest.mark.parametrize(
@@ -230,6 +237,8 @@ def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
         dict(scene=SceneParams(textures=("solid", "plaid"))),
         dict(scene=SceneParams(textures=("solid", "solid"))),
         dict(scene=SceneParams(background="sky")),
+        dict(scene=SceneParams(color_levels=1)),
+        dict(scene=SceneParams(color_levels=257)),
     ],
 )
 def test_shapes_rejects_bad_parameters(kwargs: dict) -> None:

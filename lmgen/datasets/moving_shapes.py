@@ -240,8 +240,7 @@ class MovingShapesDataset(torch.utils.data.Dataset):
         rng = self._rng(self._check_index(index))
         label = self.still.draw_label(rng)
         motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
-        p = self.scene_params
-        scene = sample_scene(rng, label, (p.min_objects - 1, p.max_objects - 1), p.textures, p.background)
+        scene = sample_scene(rng, label, self.scene_params)
         speed_u, *u = rng.random(4)
         jitter = rng.random((self.frames, 2))
         speed = self.speed[0] + (self.speed[1] - self.speed[0]) * float(speed_u)

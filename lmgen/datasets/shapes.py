@@ -13,7 +13,8 @@ What an image contains (all geometry is in fractions of the image side, so any
   ("arrow") ~1.6%: ground truth for long-tail analyses.
 - **Background**: a linear gradient between two uniformly random RGB colours at a random
   angle, plus Gaussian grain with std U[0, 4] (0-255 scale); ``background="flat"``: the
-  first colour alone, no grain.
+  first colour alone, no grain. ``color_levels`` = L rounds every colour drawn (background and
+  fills) to L evenly spaced values per channel (2: the 8 corners of the RGB cube).
 - **Distractors** (``min_objects - 1`` to ``max_objects - 1`` of them, drawn first, so
   behind): small dots or bars, diameter 10-18% of the side, anywhere in the image,
   solid or gradient fill. No class shape is drawn that small, so they never look like
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -69,6 +69,15 @@ def zipf_probs(num_classes: int, tail_alpha: float) -> np.ndarray:
     return w / w.sum()
 
 
+def quantize_colors(colors: np.ndarray, levels: int) -> np.ndarray:
+    """Each channel rounded to the nearest of ``levels`` evenly spaced values in [0, 255]
+    (``levels`` = 2: the 8 corners of the RGB cube); 0 leaves every value as drawn."""
+    if levels == 0:
+        return colors
+    step = 255 / (levels - 1)
+    return (np.rint(np.rint(colors / step) * step)).astype(colors.dtype)
+
+
 def _contrasting_colors(candidates: np.ndarray, avoid: np.ndarray) -> np.ndarray:
     """Per row, the candidate farthest (RGB Euclidean) from every colour to avoid.
 
@@ -101,23 +110,22 @@ def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int],
     )
 
 
-def sample_scene(rng: np.random.Generator, label: int, num_distractors: tuple[int, int],
-                 textures: tuple[str, ...] = TEXTURES, background: str = "gradient") -> Scene:
-    """Draw a scene whose main object has class ``label``; ``num_distractors`` is (lo, hi).
+def sample_scene(rng: np.random.Generator, label: int, params: SceneParams) -> Scene:
+    """Draw a scene whose main object has class ``label`` under the knobs ``params``.
 
-    ``textures``: the fills the main object draws from (uniformly); ``background``: "gradient"
-    (two colours, grain) or "flat" (the first colour alone, no grain).
     All randomness is drawn in a few vectorised calls, in a fixed order (part of
-    ``SHAPES_VERSION``): counts, background, per-object uniforms, colour candidates. The two
-    knobs change what the draws are used for, never how many there are.
+    ``SHAPES_VERSION``): counts, background, per-object uniforms, colour candidates. The style
+    knobs (fills, background, colour levels) change what the draws are used for, never how
+    many there are.
     """
+    num_distractors = (params.min_objects - 1, params.max_objects - 1)
     n = int(rng.integers(num_distractors[0], num_distractors[1] + 1)) + 1  # last = main
-    bg = rng.integers(0, 256, size=(2, 3))
+    bg = quantize_colors(rng.integers(0, 256, size=(2, 3)), params.color_levels)
     bg_angle, noise_u = rng.random(2)
-    if background == "flat":
+    if params.background == "flat":
         bg[1], noise_u = bg[0], 0.0
     u = rng.random((n, 8))  # per object: size, cx, cy, rotation, texture, angle, period, shape
-    cand = rng.integers(0, 256, size=(2, n, _COLOR_CANDIDATES, 3))
+    cand = quantize_colors(rng.integers(0, 256, size=(2, n, _COLOR_CANDIDATES, 3)), params.color_levels)
     avoid = np.broadcast_to(np.stack([bg[0], bg[1], (bg[0] + bg[1]) // 2]), (n, 3, 3))
     c0 = _contrasting_colors(cand[0], avoid)
     # the second colour also avoids the first, so stripes and checkers stay visible
@@ -125,7 +133,7 @@ def sample_scene(rng: np.random.Generator, label: int, num_distractors: tuple[in
     uu, cc0, cc1 = u.tolist(), c0.tolist(), c1.tolist()  # Python scalars: JSON-ready, fast
     names = tuple(DISTRACTOR_SHAPES)
     objects = [_object("distractor", names[int(uu[j][7] * len(names))], uu[j], cc0[j], cc1[j]) for j in range(n - 1)]
-    objects.append(_object("main", CLASS_NAMES[label], uu[-1], cc0[-1], cc1[-1], textures))
+    objects.append(_object("main", CLASS_NAMES[label], uu[-1], cc0[-1], cc1[-1], params.textures))
     (r0, g0, b0), (r1, g1, b1) = bg.tolist()
     return Scene(
         label=label,
@@ -149,11 +157,12 @@ class SceneParams:
     max_objects: int = 5
     textures: tuple[str, ...] = TEXTURES
     background: str = "gradient"
+    color_levels: int = 0
 
     @classmethod
     def from_config(cls, cfg: ShapesConfig) -> SceneParams:
         return cls(cfg.num_classes, float(cfg.tail_alpha), cfg.min_objects, cfg.max_objects, tuple(cfg.textures),
-                   cfg.background)
+                   cfg.background, cfg.color_levels)
 
     def hashed(self) -> dict[str, Any]:
         """The knobs as a fingerprint holds them: the style knobs only where they differ from the
@@ -164,6 +173,8 @@ class SceneParams:
             out["textures"] = list(self.textures)
         if self.background != "gradient":
             out["background"] = self.background
+        if self.color_levels:
+            out["color_levels"] = self.color_levels
         return out
 
 
@@ -180,32 +191,37 @@ class ShapesConfig(DataConfig):
     textures: list[str] = field(default_factory=lambda: list(TEXTURES))
     # "gradient": two random colours at a random angle plus grain; "flat": one colour, no grain
     background: str = field(default="gradient", metadata={"choices": BACKGROUNDS})
+    # colours per RGB channel: 0 = any of 0-255; L >= 2 = L evenly spaced values (2: 8 colours)
+    color_levels: int = 0
 
     # generated data has no "all": both splits need a size
     RANGES: ClassVar[dict[str, str]] = {**DataConfig.RANGES, "train_size": "[1, inf)", "val_size": "[1, inf)",
-                                        "tail_alpha": "[0, inf)"}
+                                        "tail_alpha": "[0, inf)", "color_levels": "[0, 256]"}
 
     def check(self) -> None:
         super().check()
-        check_scene(self.image_size, self.num_classes, self.min_objects, self.max_objects, self.name, self.textures)
+        check_scene(self.image_size, SceneParams.from_config(self), self.name)
 
 
-def check_scene(image_size: int, num_classes: int, min_objects: int, max_objects: int, name: str = "shapes",
-                textures: Sequence[str] = TEXTURES, background: str = "gradient") -> None:
+def check_scene(image_size: int, scene: SceneParams, name: str = "shapes") -> None:
     """ValueError naming the ``data.*`` knob the renderer of dataset ``name`` cannot draw."""
     if image_size < 4:  # the renderer's smallest canvas
         raise ValueError(f"data.image_size must be >= 4 for {name!r}, got {image_size}")
-    if not 2 <= num_classes <= len(CLASS_NAMES):
+    s = scene
+    if not 2 <= s.num_classes <= len(CLASS_NAMES):
         raise ValueError(f"data.num_classes must be in [2, {len(CLASS_NAMES)}] (the shapes drawn) for {name!r}, "
-                         f"got {num_classes}")
-    if not 1 <= min_objects <= max_objects:
-        raise ValueError(f"data: need 1 <= min_objects <= max_objects for {name!r}, got {min_objects}, {max_objects}")
-    unknown = [t for t in textures if t not in TEXTURES]
-    if not textures or unknown or len(set(textures)) != len(textures):
+                         f"got {s.num_classes}")
+    if not 1 <= s.min_objects <= s.max_objects:
+        raise ValueError(f"data: need 1 <= min_objects <= max_objects for {name!r}, got {s.min_objects}, "
+                         f"{s.max_objects}")
+    unknown = [t for t in s.textures if t not in TEXTURES]
+    if not s.textures or unknown or len(set(s.textures)) != len(s.textures):
         raise ValueError(f"data.textures must be a non-empty list of distinct fills from {list(TEXTURES)} "
-                         f"for {name!r}, got {list(textures)}")
-    if background not in BACKGROUNDS:
-        raise ValueError(f"data.background must be one of {list(BACKGROUNDS)} for {name!r}, got {background!r}")
+                         f"for {name!r}, got {list(s.textures)}")
+    if s.background not in BACKGROUNDS:
+        raise ValueError(f"data.background must be one of {list(BACKGROUNDS)} for {name!r}, got {s.background!r}")
+    if s.color_levels == 1 or not 0 <= s.color_levels <= 256:
+        raise ValueError(f"data.color_levels must be 0 (any colour) or in [2, 256] for {name!r}, got {s.color_levels}")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -228,8 +244,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"shapes: size must be > 0 (procedural data has no 'all'), got {size}")
         if seed < 0:
             raise ValueError(f"shapes: seed must be >= 0, got {seed}")
-        check_scene(image_size, scene.num_classes, scene.min_objects, scene.max_objects, textures=scene.textures,
-                    background=scene.background)
+        check_scene(image_size, scene)
         self.split, self.size, self.seed, self.image_size = split, int(size), int(seed), int(image_size)
         self.scene_params = scene
         self.num_classes = scene.num_classes
@@ -264,8 +279,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         """The full description of item ``index`` (no pixels rendered)."""
         rng = self._rng(self._check_index(index))
         label = self.draw_label(rng)
-        p = self.scene_params
-        return sample_scene(rng, label, (p.min_objects - 1, p.max_objects - 1), p.textures, p.background)
+        return sample_scene(rng, label, self.scene_params)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         scene = self.scene(index)
