@@ -1,6 +1,8 @@
 """Generation learning curves (``metrics.curve_samples``, ``lmgen.curves``): probe class accuracy
-and probe FD of class-conditional samples against images seen, one colour per tokenizer and one
-line style per LM size. Images seen is the axis every arm of a comparison shares (``train.budget
+and probe FD of class-conditional samples against images seen, and beside them what the class
+token is worth to the Llama on val images (``curve/label_bits``, ``lm/val_label_bits`` at the curve's
+step: 0 while it ignores the label, and
+then its samples are at chance), one colour per tokenizer and one line style per LM size. Images seen is the axis every arm of a comparison shares (``train.budget
 = images``), so the curves show whether the budget lets the Llama learn at all, and which arm
 learns first. With several seeds per arm the line is the mean over seeds and the band its 95%
 interval (Student t) at each point; a single run's band is its own bootstrap interval over its
@@ -15,7 +17,8 @@ from analysis.arms import arms_of, interval_frame
 from analysis.style import FigureSkipped, band, label_colors, log_if_wide, new_figure, outside_legends, size_linestyle
 
 TITLE = "Generation learning curves"
-PANELS = (("curve/class_accuracy", "probe class accuracy of samples ↑"), ("curve/fd_probe", "probe FD of samples ↓"))
+PANELS = (("curve/class_accuracy", "probe class accuracy of samples ↑"), ("curve/fd_probe", "probe FD of samples ↓"),
+          ("curve/label_bits", "bits/image the class token saves (val) ↑"))
 KEYS = ("curve/images_seen", *(key for key, _ in PANELS),
         *(f"{key}{end}" for key, _ in PANELS for end in ("_ci_low", "_ci_high")))
 
@@ -52,7 +55,7 @@ def gen_curves_figure(histories: pd.DataFrame) -> Figure:
         raise FigureSkipped("no run has ≥2 generation-curve points (metrics.curve_samples=0, or one validation)")
     table = table.assign(arm=arms_of(table))
     colors, sizes = label_colors(table), list(table["lm_size"].unique())
-    fig, axes = new_figure(2)
+    fig, axes = new_figure(len(PANELS))
     for (key, ylabel), ax in zip(PANELS, axes):
         if key not in table:
             continue

@@ -119,6 +119,7 @@ class ARModule(L.LightningModule):
         self._generator_state: Tensor | None = None
         self._val_nll_bits: list[Tensor] = []
         self._val_tokens: list[Tensor] = []
+        self._val_label_bits: list[Tensor] = []
         positions = layout.seq_len - 1  # target positions: image token 0 .. last (EOS for codec streams)
         self._val_position_nll = torch.zeros(positions, dtype=torch.float64)
         self._val_position_count = torch.zeros(positions, dtype=torch.int64)
@@ -278,6 +279,15 @@ class ARModule(L.LightningModule):
         self._val_position_count = self._val_position_count.to(nll.device)
         self._val_position_nll[:width] += nll.sum(0).double()
         self._val_position_count[:width] += mask.sum(0)
+        if self.layout.class_conditional:  # what the class token is worth: the same images, prompted unconditionally
+            null_nll, _ = self.token_nll(SequenceBatch(self._unlabelled(batch.inputs), batch.targets, batch.labels))
+            self._val_label_bits.append((null_nll.sum(1) - nll.sum(1)).double() / math.log(2))
+
+    def _unlabelled(self, inputs: Tensor) -> Tensor:
+        """``inputs`` with every class token replaced by the null class (the CFG prompt)."""
+        inputs = inputs.clone()
+        inputs[:, 0] = self.layout.null_class
+        return inputs
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_nll_bits:
@@ -294,6 +304,12 @@ class ARModule(L.LightningModule):
             "lm/tokens_seen": float(self.tokens_seen),
             "lm/flops": self.flops,
         }
+        if self._val_label_bits:
+            # bits per image the class token saves: mean log2 p(image | class) / p(image | null class);
+            # 0 while the model ignores the label (then class-conditional samples are at chance), about
+            # the class's entropy once the null prompt has learnt the marginal (more while it lags)
+            metrics["lm/val_label_bits"] = float(self.all_gather(torch.cat(self._val_label_bits)).flatten().mean())
+            self._val_label_bits.clear()
         if self.train_seconds > 0:  # a validation after training steps: their speed so far
             metrics["lm/train_seconds"] = self.train_seconds
             metrics["lm/tokens_per_s"] = self.tokens_seen / self.train_seconds

@@ -9,6 +9,8 @@ the dataset's probe, logged at that training step:
   class asked for, over the decodable samples (as ``gen/class_accuracy``);
 - ``curve/fd_probe`` (with its interval): probe-space Fréchet distance to the val images;
 - ``curve/decode_valid_rate``: decodable streams (a codec's bytes can fail to decode);
+- ``curve/label_bits``: ``lm/val_label_bits`` of the same validation, the bits per val image the class
+  token saves the Llama (0 while it ignores the label, when no sample can be of the asked class);
 - ``curve/images_seen``: the x axis that compares arms at one budget (``lmgen plot gen_curves``).
 
 Sampling draws from its own generator (seeded by the run's seed and the step) inside a forked
@@ -62,6 +64,9 @@ class GenerationCurve(L.Callback):
             return
         step = int(trainer.global_step)
         metrics = self.score(step)
+        label_bits = trainer.callback_metrics.get("lm/val_label_bits")  # this validation's, beside its curve point
+        if label_bits is not None:
+            metrics[f"{CURVE_PREFIX}/label_bits"] = float(label_bits)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
         nan = float("nan")

@@ -66,7 +66,8 @@ from lmgen.tracking import (
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/rfid_probe", "tok/rfid",
-                "lm/params", "lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/tokens_per_s", "lm/mfu",
+                "lm/params", "lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/val_label_bits",
+                "lm/tokens_per_s", "lm/mfu",
                 "gen/decode_valid_rate", "gen/fd_probe", "gen/fid", "gen/class_accuracy", "gen/images_per_s",
                 "gen/prefix_r25/fd_probe", "gen/prefix_r50/fd_probe", "gen/prefix_r75/fd_probe", "gen/eval_seconds")
 # What `lmgen eval` may change: how the trained model is sampled and scored, never what was trained.

@@ -11,15 +11,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmgen.ar_module import ARModule, OptimConfig
-from lmgen.data import SequenceCollator, SequenceLayout, TokenDataModule
+from lmgen.data import SequenceBatch, SequenceCollator, SequenceLayout, TokenDataModule
 from lmgen.llama import llama_config
 
 SUB = (4, 4)  # composite image ids in [0, 16)
 LAYOUT = SequenceLayout(vocab_size=16, max_tokens=8, num_classes=2, variable_length=False)
 
 
-def items(n: int) -> list[tuple[torch.Tensor, int, int]]:
-    """(ids, length, label) like TokenCache: class c's grid is a fixed pattern, 1 id in 10 noisy."""
+def items(n: int, labelled: bool = True) -> list[tuple[torch.Tensor, int, int]]:
+    """(ids, length, label) like TokenCache: class c's grid is a fixed pattern, 1 id in 10 noisy;
+    ``labelled=False`` gives every item a label drawn independently of its pattern."""
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(n):
@@ -27,7 +28,7 @@ def items(n: int) -> list[tuple[torch.Tensor, int, int]]:
         ids = (label * 5 + 3 * torch.arange(8)) % 16
         noisy = torch.rand(8, generator=g) < 0.1
         ids = torch.where(noisy, torch.randint(0, 16, (8,), generator=g), ids)
-        out.append((ids, 8, label))
+        out.append((ids, 8, label if labelled else int(torch.randint(0, 2, (), generator=g))))
     return out
 
 
@@ -101,3 +102,30 @@ def test_subcode_embeddings_are_not_decayed() -> None:
     assert id(ar.model.embed.weight) in no_decay_ids
     assert id(ar.model.subcode_proj.weight) not in no_decay_ids  # a matmul: decays like the others
     assert id(ar.model.head.weight) not in no_decay_ids
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_label_bits_are_what_the_class_token_is_worth(labelled: bool) -> None:
+    """lm/val_label_bits = mean log2 p(image | class) / p(image | null class), the NLL by hand with the
+    null class as the prompt minus the NLL with the class: clearly positive when the class picks one of
+    two patterns (1 bit of class, more while the null prompt, trained on the dropped labels alone, still
+    lags), about 0 when the label says nothing about the image."""
+    ar = module(class_dropout=0.25)
+    data = TokenDataModule(items(64, labelled), items(32, labelled), LAYOUT, batch_size=16)
+    trainer = L.Trainer(max_steps=60, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ar, datamodule=data)
+    after = trainer.validate(ar, datamodule=data, verbose=False)[0]
+    val = data.val_dataloader()
+    collate = SequenceCollator(LAYOUT)
+
+    def unlabelled(rows: list) -> SequenceBatch:
+        batch = collate(rows)
+        return SequenceBatch(ar._unlabelled(batch.inputs), batch.targets, batch.labels)
+
+    with_null = DataLoader(items(32, labelled), batch_size=16, collate_fn=unlabelled)
+    assert after["lm/val_label_bits"] == pytest.approx(bits_by_hand(ar, with_null) - bits_by_hand(ar, val), abs=1e-4)
+    if labelled:
+        assert after["lm/val_label_bits"] > 0.6, after
+    else:
+        assert abs(after["lm/val_label_bits"]) < 0.25, after

@@ -39,6 +39,10 @@ def test_curves_are_scored_at_every_validation_and_leave_training_unchanged(lmge
     fd_low, fd_high = (_history(client, with_id, f"curve/fd_probe_ci_{end}") for end in ("low", "high"))
     assert [s for s, _ in fd] == [4, 6] and all(lo <= v <= hi for (_, v), (_, lo), (_, hi) in zip(fd, fd_low, fd_high))
     assert [v for _, v in _history(client, with_id, "curve/decode_valid_rate")] == [1.0, 1.0]  # pixels always decode
+    # what the class token is worth, at the curve's steps (gen_curves draws it against images seen)
+    label_bits = _history(client, with_id, "curve/label_bits")
+    assert [s for s, _ in label_bits] == [4, 6]
+    assert [v for _, v in label_bits] == [v for _, v in _history(client, with_id, "lm/val_label_bits")]
     assert not _history(client, without_id, "curve/class_accuracy")
     # sampling for the curve drew from its own RNG: the same training, loss for loss, and the same final samples
     for key in ("lm/train_loss", "lm/val_loss"):

@@ -21,8 +21,8 @@ VIDEO = str(ROOT / "experiments/video.yaml")
 TINY = ["data.train_size=48", "data.val_size=16", "data.image_size=16", "lm.size=nano", "train.budget=steps",
         "train.max_steps=6", "train.val_every=4", "train.batch_size=8", "train.warmup_steps=2", "sample.num_samples=10",
         "sample.batch_size=10", "train.log_every=1"]
-LM_KEYS = {"lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/params", "lm/flops", "lm/tokens_per_s", "lm/mfu",
-           "lm/peak_flops", "lm/train_seconds"}
+LM_KEYS = {"lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/val_label_bits", "lm/params", "lm/flops",
+           "lm/tokens_per_s", "lm/mfu", "lm/peak_flops", "lm/train_seconds"}
 TOK_KEYS = {"tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/ssim"}
 GEN_KEYS = {"gen/decode_valid_rate", "gen/num_invalid", "gen/images_per_s"}
 PROBE_KEYS = {"gen/fd_probe", "gen/precision_probe", "gen/recall_probe", "tok/rfid_probe"}
