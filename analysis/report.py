@@ -111,7 +111,8 @@ DESCRIPTORS = {"lm/params", "tok/tokens_per_image", "tok/bits_per_image", "lm/fl
 def _columns(runs: pd.DataFrame) -> dict[str, str]:
     """metric key → column name of the results table, in order, present ones only."""
     columns = {"lm/params": "LM params (M)", "tok/tokens_per_image": "tokens/img",
-               "tok/bits_per_image": "code bits/img", "tok/psnr": "PSNR dB"}
+               "tok/bits_per_image": "code bits/img", "tok/psnr": "PSNR dB",
+               "tok/class_accuracy": "recon class acc"}
     short = {"tok/rfid": "rFID", "tok/rfid_probe": "rFD probe", "gen/fid": "gFID", "gen/fd_probe": "FD probe"}
     for pick in (reconstruction_metric, generation_metric):  # the metrics the figures use
         try:
@@ -123,6 +124,7 @@ def _columns(runs: pd.DataFrame) -> dict[str, str]:
             kid = "gen/kid" if column == "gen/fid" else "gen/kid_probe"
             columns[kid] = "KID" if column == "gen/fid" else "KID probe"
     columns.update({"lm/val_bits_per_image": "val bits/img", "gen/decode_valid_rate": "valid", "gen/class_accuracy": "class acc",
+                    "lm/val_label_bits": "label bits/img",
                     "gen/prefix_r50/fd_probe": "prefix FD r=.5", "lm/flops": "train FLOPs"})
     return {k: v for k, v in columns.items() if k in runs.columns}
 

@@ -124,8 +124,8 @@ def prepare_tokenizer(job: Stage1Job, tracker: Tracker, probe: Probe | None = No
     Reuse: when a FINISHED stage-1 run with the same key exists and its state file is on disk,
     nothing is trained or logged again. Otherwise a new stage-1 run is opened *before*
     training, so a learned tokenizer's curves land in it. With a ``probe``, reconstructions
-    also get ``tok/rfid_probe`` (and ``tok/rfid`` where Inception weights exist) on up to
-    ``metrics.num_reference`` val images.
+    also get ``tok/rfid_probe`` (and ``tok/rfid`` where Inception weights exist) and the probe's
+    accuracy on them, ``tok/class_accuracy``, on up to ``metrics.num_reference`` val images.
     """
     tags = {"lmgen.stage": "tokenizer", "lmgen.config_hash": job.key, "lmgen.tokenizer": job.config.name}
     if not tracker.writes:  # a non-zero rank of a distributed run
@@ -282,6 +282,9 @@ def _evaluate(job: Stage1Job, val_cache: TokenCache, tracker: Tracker, run_id: s
         result = rfid_metrics(recon_frames, original_frames, probe, job.metrics.inception_weights,
                               seed=job.seed, cache_dir=reference_cache(job.home))
         metrics.update(result.metrics)
+        # the probe's accuracy on reconstructions: the most a sampler of these codes can reach
+        labels = val_cache.labels[: len(originals_t)].repeat_interleave(len(recon_frames) // len(originals_t))
+        metrics["tok/class_accuracy"] = float((probe.predict(recon_frames) == labels).float().mean())
         log_fidelity_context(tracker, run_id, result, "tok")
         if job.metrics.bootstrap_resamples:  # each reconstruction resampled with its original
             interval = bootstrap_fd(probe.features(recon_frames), probe.features(original_frames), paired=True,

@@ -25,7 +25,7 @@ LM_KEYS = {"lm/train_loss", "lm/val_loss", "lm/val_bits_per_image", "lm/val_labe
            "lm/tokens_per_s", "lm/mfu", "lm/peak_flops", "lm/train_seconds"}
 TOK_KEYS = {"tok/tokens_per_image", "tok/bits_per_image", "tok/psnr", "tok/ssim"}
 GEN_KEYS = {"gen/decode_valid_rate", "gen/num_invalid", "gen/images_per_s"}
-PROBE_KEYS = {"gen/fd_probe", "gen/precision_probe", "gen/recall_probe", "tok/rfid_probe"}
+PROBE_KEYS = {"gen/fd_probe", "gen/precision_probe", "gen/recall_probe", "tok/rfid_probe", "tok/class_accuracy"}
 
 
 def _runs(home: Path, experiment: str = "base"):
