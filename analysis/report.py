@@ -154,6 +154,24 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def results_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """The results table in numbers, for other tools and for documents that cite it (``results.csv``):
+    one row per arm and metric with its mean, interval (NaN where none), n and the interval's source
+    (``analysis.stats.Estimate``), and the arm's runs."""
+    runs = with_arms(runs)
+    columns = _columns(runs)
+    rows = []
+    for arm in summarize(runs, list(columns)):
+        group = runs[runs["run_id"].isin(arm.run_ids)]
+        for key, name in columns.items():
+            if (e := arm.estimates.get(key)) is not None:
+                rows.append({"arm": arm.arm, "tokenizer": arm.tokenizer, "lm": group["lm_size"].iloc[0],
+                             "metric": key, "column": name, "mean": e.mean, "low": e.low, "high": e.high, "n": e.n,
+                             "interval": e.source, "runs": " ".join(arm.run_ids)})
+    return pd.DataFrame(rows, columns=["arm", "tokenizer", "lm", "metric", "column", "mean", "low", "high", "n",
+                                       "interval", "runs"])
+
+
 TABLE_NOTE = ("Cells read `mean ± half-width (n)`: the mean over an arm's n seeds and the half-width of its 95% "
               "Student-t interval; `value [low, high] (1)`: one run with its own 95% bootstrap interval over its "
               "samples (FD's is bias-corrected, so it can sit below the value, which is biased high at small sample "
@@ -266,8 +284,10 @@ def markdown(blocks: Sequence[Block]) -> str:
 
 
 def write_reports(report: Report, data: RunData, name: str, tracking_uri: str, reference: str | None = None) -> None:
-    """``report.md`` and ``report.html`` (self-contained, ``analysis.html``) from one set of blocks."""
+    """``report.md`` and ``report.html`` (self-contained, ``analysis.html``) from one set of blocks,
+    and the results table in numbers, ``results.csv`` (``results_rows``)."""
     blocks = report_blocks(report, data, name, tracking_uri, reference)
+    results_rows(data.runs).to_csv(report.out_dir / "results.csv", index=False, float_format="%.6g")
     report.markdown.write_text(markdown(blocks))
     report.html.write_text(page.page(blocks, f"lmgen report: {name}", report.out_dir), encoding="utf-8")
 

@@ -26,6 +26,7 @@ from analysis.report import (
     RunData,
     load_run_data,
     render,
+    results_rows,
     results_table,
     write_reports,
 )
@@ -261,6 +262,13 @@ def test_a_three_seed_arm_reads_mean_plus_minus_half_width_and_n(seeded):
     assert float(cell["hw"]) == pytest.approx(half_width, rel=0.01)
     # a stage-1 metric is one measurement per tokenizer, however many LM seeds share it
     assert table["rFD probe"].iloc[0] == "10 (1)"
+    # results.csv holds the same estimates in numbers
+    rows = results_rows(seeded.runs).set_index(["arm", "metric"])
+    first = rows.loc[rows.index[0][0]]
+    fd = first.loc["gen/fd_probe"]
+    assert fd["mean"] == pytest.approx(40.0, rel=1e-3) and fd["n"] == 3 and fd["interval"] == "seeds"
+    assert (fd["high"] - fd["low"]) / 2 == pytest.approx(half_width, rel=0.01)
+    assert len(fd["runs"].split()) == 3
 
 
 ERROR_BARS = ["tradeoff", "vocab_scaling", "model_scaling", "tokens_per_image", "long_tail"]
@@ -440,7 +448,7 @@ def test_lmgen_plot_is_deterministic_for_the_same_runs(tiny_sweep, tmp_path, cap
         assert main(["plot", "--experiment", "tinyplot", "--uri", uri, "--out", str(tmp_path / out), "--no-log",
                      "--dpi", "50"]) == 0
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert "report.md" in files and "tradeoff.pdf" in files
+    assert {"report.md", "tradeoff.pdf", "results.csv"} <= set(files)
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     report = (tmp_path / "a" / "report.md").read_text()
