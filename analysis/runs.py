@@ -147,10 +147,44 @@ def _row(run, config: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# How a model is sampled: a re-scoring that changed any of these is another experiment, not the run's score.
+SAMPLING_KEYS = ("sample.temperature", "sample.top_k", "sample.top_p", "sample.cfg_scale", "sample.cfg_schedule")
+
+
+def _same_sampling(evals: pd.DataFrame, lm: pd.DataFrame) -> pd.Series:
+    """Per eval row: True unless it logged a ``SAMPLING_KEYS`` value that differs from its run's."""
+    runs = lm.set_index("run_id")
+    keep = pd.Series(True, index=evals.index)
+    for i, row in evals.iterrows():
+        if row["eval_of"] not in runs.index:
+            continue
+        mine = runs.loc[row["eval_of"]]
+        for key in SAMPLING_KEYS:
+            if key in row and key in mine and not pd.isna(row[key]) and not pd.isna(mine[key]):
+                keep[i] &= _equal(row[key], mine[key])
+    return keep
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Param values equal as numbers where both are numbers ("1" and 1.0), else as text."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return _key(a) == _key(b)
+
+
 def _fold_rescorings(lm: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
-    """gen/* of each LM run from its ``lmgen eval`` re-scoring with the most samples, if any."""
+    """gen/* of each LM run from its ``lmgen eval`` re-scoring with the most samples, if any, among
+    those that sampled it as it was sampled (``SAMPLING_KEYS``): an eval at another temperature or
+    guidance scale measured something else, and its numbers must not be read as the run's."""
     lm = lm.copy()
     lm["scored_by"] = lm["run_id"]
+    if evals.empty:
+        return lm
+    same = _same_sampling(evals, lm)
+    if not same.all():
+        log.info("%d lmgen eval re-scoring(s) with other sampling settings left out of the run table", int((~same).sum()))
+    evals = evals[same]
     if evals.empty:
         return lm
     evals = evals.assign(_n=evals.get("gen/num_samples", pd.Series(float("nan"), index=evals.index)))

@@ -488,16 +488,20 @@ def test_report_html_in_a_real_browser(tiny_sweep, browser):
 
 
 def test_eval_rescorings_replace_gen_metrics_of_the_run_they_rescore(tiny_sweep):
-    """An `lmgen eval` child (lmgen.stage=eval) with more samples supplies the run's gen/*."""
+    """An `lmgen eval` child (lmgen.stage=eval) with more samples supplies the run's gen/*, unless it
+    sampled at other settings (then it is left out, however many samples it drew)."""
     _, uri = tiny_sweep
     before = load_runs("tinyplot", uri)
     target = before.iloc[0]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("tinyplot")
-    for samples, fd in ((1000, 12.5), (50, 99.0)):
+    hotter = str(float(target["sample.temperature"]) + 0.5)
+    for samples, fd, temperature in ((1000, 12.5, None), (50, 99.0, None), (5000, 1.0, hotter)):
         child = client.create_run(experiment.experiment_id, tags={
             "lmgen.stage": "eval", "lmgen.eval_of": target["run_id"], "mlflow.parentRunId": target["run_id"],
             "lmgen.config_hash": target["config_hash"]})
+        if temperature is not None:  # sampled otherwise: another experiment, never the run's score
+            client.log_param(child.info.run_id, "sample.temperature", temperature)
         client.log_metric(child.info.run_id, "gen/fd_probe", fd)
         client.log_metric(child.info.run_id, "gen/num_samples", samples)
         client.set_terminated(child.info.run_id, "FINISHED")
