@@ -47,6 +47,7 @@ from lmgen.datasets import ImageBatch, collate_images, iter_batches
 from lmgen.datasets.base import Item
 from lmgen.files import atomic_write, manifest, mismatch
 from lmgen.paths import writing
+from lmgen.progress import CountProgress, phase
 from lmgen.tokenizers.base import ImageTokenizer
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,8 @@ class TokenCache(Dataset):
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:
-            with writing(final):  # a full disk: DiskFull naming the cache
-                _write_cache(tmp, dataset, tokenizer, batch_size, num_workers, shard_size)
+            with writing(final), phase(f"token cache {key}: encoding {len(dataset)} items"):  # full disk: DiskFull
+                _write_cache(tmp, dataset, tokenizer, batch_size, num_workers, shard_size, key)
             try:
                 os.rename(tmp, final)
             except OSError:  # another process finished the same cache first: keep theirs
@@ -349,8 +350,8 @@ class RowEncoder:
         return self.rows(batch)
 
 
-def _write_cache(path: Path, dataset, tokenizer: ImageTokenizer, batch_size: int,
-                 num_workers: int, shard_size: int) -> None:
+def _write_cache(path: Path, dataset, tokenizer: ImageTokenizer, batch_size: int,  # noqa: PLR0913
+                 num_workers: int, shard_size: int, label: str) -> None:
     """Encode every readable image of ``dataset`` into shards under ``path`` — in the
     DataLoader's workers where the tokenizer says so (``encode_in_workers``), else here."""
     encoder = RowEncoder(tokenizer)
@@ -360,8 +361,10 @@ def _write_cache(path: Path, dataset, tokenizer: ImageTokenizer, batch_size: int
     lengths, labels, indices = [], [], []
     buffer: list[np.ndarray] = []
     too_long = 0
+    progress = CountProgress(f"token cache {label}", len(dataset), "items")
     for batch in batches:
         rows = batch if in_loader else encoder.rows(batch)
+        progress.update(len(rows.lengths))
         too_long += rows.too_long
         buffer.append(rows.ids)
         lengths.append(rows.lengths)

@@ -4,6 +4,7 @@ sweep point's log file reads as well as a terminal.
 - ``StepProgress``: a Lightning callback printing, every ``every_s`` seconds and at the end,
   ``<label>: step 120/300 (40%) · loss 2.71 · 9.5 steps/s · about 19s left`` — steps counted
   to ``max_steps`` (not batches of an epoch), on rank 0.
+- ``CountProgress``: the same for a loop over a known number of items (the token-cache writer);
 - ``phase(label)``: a line as a long phase starts and one with its wall time as it ends
   (probe training, sampling, prefix completion).
 """
@@ -69,6 +70,29 @@ def _loss(trainer: L.Trainer, outputs: Any, key: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+class CountProgress:
+    """``<label>: 4096/20000 images (20%) · 1500 images/s · about 11s left``, every ``every_s``
+    seconds of a loop over a known count of items (``update`` after each batch)."""
+
+    def __init__(self, label: str, total: int, unit: str = "images", every_s: float = 10.0) -> None:
+        self.label, self.total, self.unit, self.every_s = label, int(total), unit, every_s
+        self.done = 0
+        self._start = self._last = time.perf_counter()
+
+    def update(self, count: int) -> None:
+        self.done += int(count)
+        now = time.perf_counter()
+        if now - self._last < self.every_s or self.done >= self.total:
+            return
+        self._last = now
+        rate = self.done / max(now - self._start, 1e-9)
+        parts = [f"{self.label}: {self.done}/{self.total} {self.unit}"
+                 + (f" ({100 * self.done // self.total}%)" if self.total > 0 else ""), f"{rate:.0f} {self.unit}/s"]
+        if self.total > self.done and rate > 0:
+            parts.append(f"about {duration((self.total - self.done) / rate)} left")
+        log.info(" · ".join(parts))
 
 
 @contextlib.contextmanager

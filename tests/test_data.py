@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from lmgen.config import load_config
 from lmgen.data import SequenceCollator, SequenceLayout, TokenCache, TokenDataModule, TokenRows
 from lmgen.datasets import MovingShapesDataset, ShapesDataset
 from lmgen.experiment import run_experiment
+from lmgen.progress import CountProgress
 from lmgen.tokenizers import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +291,23 @@ def test_a_run_over_a_truncated_and_a_garbled_cache_rebuilds_them_and_finishes_a
     rerun = run_experiment(cfg)
     assert [shard.read_bytes() for shard in shards] == tokens
     assert rerun.metrics["lm/val_loss"] == clean.metrics["lm/val_loss"] and rerun.run_id != clean.run_id
+
+
+def test_writing_a_token_cache_says_what_it_encodes_as_it_goes(tmp_path, caplog, monkeypatch):
+    """A line as the cache starts (key, items), a count line every ``every_s`` seconds (here every
+    batch) and one with its wall time at the end; a cache hit says so in one line."""
+    monkeypatch.setattr(CountProgress, "__init__", functools.partialmethod(CountProgress.__init__, every_s=0.0))
+    dataset, tokenizer = ShapesDataset("train", 20, seed=0), build_tokenizer({"name": "pixels"}, 32)
+    with caplog.at_level(logging.INFO):
+        TokenCache.build_or_load(tmp_path, "train-abc", dataset, tokenizer, batch_size=8)
+    lines = [r.getMessage() for r in caplog.records if "token cache" in r.getMessage()]
+    assert lines[0] == "token cache train-abc: encoding 20 items…"
+    assert "token cache train-abc: 8/20 items (40%)" in lines[1] and "left" in lines[1]
+    assert "token cache train-abc: 16/20 items (80%)" in lines[2]
+    assert lines[-2].startswith("token cache train-abc: encoding 20 items: done in")
+    assert lines[-1] == f"token cache written: {tmp_path / 'train-abc'}"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        TokenCache.build_or_load(tmp_path, "train-abc", dataset, tokenizer, batch_size=8)
+    assert [r.getMessage() for r in caplog.records if "token cache" in r.getMessage()] == [
+        f"token cache hit: {tmp_path / 'train-abc'}"]
