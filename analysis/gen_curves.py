@@ -1,12 +1,12 @@
 """Generation learning curves (``metrics.curve_samples``, ``lmgen.curves``): probe class accuracy
 and probe FD of class-conditional samples against images seen, and beside them what the class
-token is worth to the Llama on val images (``curve/label_bits``, ``lm/val_label_bits`` at the curve's
-step: 0 while it ignores the label, and
-then its samples are at chance), one colour per tokenizer and one line style per LM size. Images seen is the axis every arm of a comparison shares (``train.budget
-= images``), so the curves show whether the budget lets the Llama learn at all, and which arm
-learns first. With several seeds per arm the line is the mean over seeds and the band its 95%
-interval (Student t) at each point; a single run's band is its own bootstrap interval over its
-curve samples."""
+token is worth to the Llama on val images (``curve/label_bits``, ``lm/val_label_bits`` at the
+curve's step: 0 while it ignores the label, and then its samples are at chance), one colour per
+tokenizer and one line style per LM size. Images seen is the axis every arm of a comparison
+shares (``train.budget = images``), so the curves show whether the budget lets the Llama learn
+at all, and which arm learns first. With several seeds per arm the line is the mean over seeds
+and the band its 95% interval (Student t) at each point; a single run's band is its own
+bootstrap interval over its curve samples."""
 
 from __future__ import annotations
 

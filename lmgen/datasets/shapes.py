@@ -22,8 +22,9 @@ What an image contains (all geometry is in fractions of the image side, so any
 - **Main object** (the class, drawn last, on top): one of ``CLASS_NAMES`` with a bounding
   circle of 40-70% of the side, fully inside the image, random rotation, filled with one of
   the textures solid / linear gradient / stripes (random angle, period 8-20% of the side) /
-  checkerboard / low-frequency value noise (``textures`` narrows the choice), in two colours chosen to contrast with the
-  background (best of 12 random candidates), so the outline stays visible.
+  checkerboard / low-frequency value noise (``textures`` narrows the choice), in two colours
+  chosen to contrast with the background (best of 12 random candidates), so the outline stays
+  visible.
 - Edges are anti-aliased (supersampled coverage, see ``lmgen.datasets.render``).
 
 ``attributes(i)`` returns the full scene description; ``SHAPES_VERSION`` changes whenever
@@ -207,21 +208,20 @@ def check_scene(image_size: int, scene: SceneParams, name: str = "shapes") -> No
     """ValueError naming the ``data.*`` knob the renderer of dataset ``name`` cannot draw."""
     if image_size < 4:  # the renderer's smallest canvas
         raise ValueError(f"data.image_size must be >= 4 for {name!r}, got {image_size}")
-    s = scene
-    if not 2 <= s.num_classes <= len(CLASS_NAMES):
+    if not 2 <= scene.num_classes <= len(CLASS_NAMES):
         raise ValueError(f"data.num_classes must be in [2, {len(CLASS_NAMES)}] (the shapes drawn) for {name!r}, "
-                         f"got {s.num_classes}")
-    if not 1 <= s.min_objects <= s.max_objects:
-        raise ValueError(f"data: need 1 <= min_objects <= max_objects for {name!r}, got {s.min_objects}, "
-                         f"{s.max_objects}")
-    unknown = [t for t in s.textures if t not in TEXTURES]
-    if not s.textures or unknown or len(set(s.textures)) != len(s.textures):
+                         f"got {scene.num_classes}")
+    if not 1 <= scene.min_objects <= scene.max_objects:
+        raise ValueError(f"data: need 1 <= min_objects <= max_objects for {name!r}, got {scene.min_objects}, "
+                         f"{scene.max_objects}")
+    unknown = [t for t in scene.textures if t not in TEXTURES]
+    if not scene.textures or unknown or len(set(scene.textures)) != len(scene.textures):
         raise ValueError(f"data.textures must be a non-empty list of distinct fills from {list(TEXTURES)} "
-                         f"for {name!r}, got {list(s.textures)}")
-    if s.background not in BACKGROUNDS:
-        raise ValueError(f"data.background must be one of {list(BACKGROUNDS)} for {name!r}, got {s.background!r}")
-    if s.color_levels == 1 or not 0 <= s.color_levels <= 256:
-        raise ValueError(f"data.color_levels must be 0 (any colour) or in [2, 256] for {name!r}, got {s.color_levels}")
+                         f"for {name!r}, got {list(scene.textures)}")
+    if scene.background not in BACKGROUNDS:
+        raise ValueError(f"data.background must be one of {list(BACKGROUNDS)} for {name!r}, got {scene.background!r}")
+    if scene.color_levels == 1 or not 0 <= scene.color_levels <= 256:
+        raise ValueError(f"data.color_levels must be 0 (any colour) or in [2, 256] for {name!r}, got {scene.color_levels}")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
