@@ -22,7 +22,7 @@ from lmgen.llama import LLAMA_SIZES
 from lmgen.tokenizers import TOKENIZERS
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-           "#bcbd22", "#7f7f7f"]
+           "#bcbd22", "#7f7f7f", "#252525"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", "--", ":", "-."]
 

@@ -33,6 +33,9 @@ VARIANTS: dict[str, list[dict]] = {
     "fsq": [{"levels": [8, 5, 5, 5]}],
     "rvq": [{"codebook_size": 64, "codebook_dim": 8},
             {"codebook_size": 64, "codebook_dim": 8, "depth": 3, "layout": "flat", "shared_codebook": True}],
+    "multiscale": [{"codebook_size": 64, "codebook_dim": 8},
+                   {"codebook_size": 64, "codebook_dim": 8, "scales": [1, 3, 8], "simvq": True, "restart_every": 0,
+                    "rotation_trick": True}],
 }
 # Learned tokenizers in these tests: a tiny autoencoder trained briefly (once per case) by the
 # real stage-1 system, so "reconstructs roughly" is a claim about training, not about a stub.
@@ -191,6 +194,7 @@ NEW_LEARNED = {"fsq": {"name": "fsq", "levels": [8, 8, 8, 6, 5]},
                "rvq-subcodes": {"name": "rvq", "codebook_size": 256, "codebook_dim": 8, "depth": 3},
                "rvq-flat-shared": {"name": "rvq", "codebook_size": 256, "codebook_dim": 8, "depth": 4,
                                    "layout": "flat", "shared_codebook": True, "rotation_trick": True},
+               "multiscale": {"name": "multiscale", "codebook_size": 256, "codebook_dim": 8, "scales": [1, 2, 4]},
                "vq-simvq": {"name": "vq", "codebook_size": 16384, "simvq": True, "restart_every": 0},
                "vq-rotation": {"name": "vq", "codebook_size": 16384, "rotation_trick": True}}
 

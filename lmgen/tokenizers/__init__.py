@@ -18,6 +18,7 @@ from .fsq import FSQTokenizer
 from .h264 import H264Tokenizer
 from .jpeg import JpegTokenizer
 from .lfq import LFQTokenizer
+from .multiscale import MultiScaleTokenizer
 from .pixels import PixelTokenizer
 from .rvq import RVQTokenizer
 from .vq import VQTokenizer
@@ -26,7 +27,7 @@ from .vq import VQTokenizer
 TOKENIZERS: dict[str, type] = {"pixels": PixelTokenizer, "jpeg": JpegTokenizer, "vq": VQTokenizer,
                                "lfq": LFQTokenizer, "bae": BAETokenizer, "crt": CRTTokenizer,
                                "causal1d": Causal1DTokenizer, "h264": H264Tokenizer, "fsq": FSQTokenizer,
-                               "rvq": RVQTokenizer}
+                               "rvq": RVQTokenizer, "multiscale": MultiScaleTokenizer}
 
 __all__ = ["TOKENIZERS", "Decoded", "ImageTokenizer", "TokenBatch", "build_tokenizer",
            "tokenizer_config_class", "tokenizer_for"]
