@@ -66,6 +66,10 @@ class LMConfig:
     # Sub-code tokenizers (ELM n-c, MAGVIT-v2): one embedding per sub-code, summed or
     # concatenated then projected (ELM); one output head per sub-code either way.
     subcode_embed: str = field(default="sum", metadata=choices("sum", "concat"))
+    # How positions attend: causal (every tokenizer), or block_causal (VAR: the tokens of one scale of a
+    # tokenizer written in blocks, ``multiscale``, see each other and every earlier scale, and are
+    # predicted together from the coarser scale; lmgen.llama's module docstring).
+    attention: str = field(default="causal", metadata=choices("causal", "block_causal"))
 
 
 @dataclass(frozen=True)
@@ -453,6 +457,15 @@ def _check_tokenizer(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"tokenizer: vocab_size={vocab} must be in [1, 2^31]: the token cache stores ids as int32")
     if subcodes and math.prod(subcodes) != vocab:
         raise ConfigError(f"tokenizer: subcodes {subcodes} multiply to {math.prod(subcodes)}, not vocab_size={vocab}")
+    if cfg.lm.attention == "block_causal":
+        plan = getattr(tokenizer, "attention_blocks", None)
+        if plan is None:
+            raise ConfigError(f"lm.attention=block_causal needs a tokenizer written in blocks (multiscale); "
+                              f"{cfg.tokenizer.name} is read token by token: use lm.attention=causal")
+        try:
+            plan()
+        except ValueError as err:
+            raise ConfigError(f"lm.attention=block_causal: {err}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -476,6 +489,9 @@ def config_hash(*parts: Any) -> str:
 SPEED_KEYS = ("train.compile", "train.fused_adamw", "train.peak_flops", "train.max_bad_steps")
 # Sections that say where a run is logged and what it was composed from, never what it computes.
 UNHASHED_SECTIONS = ("tracking", "preset")
+# Keys added after runs were logged, left out of the hash at their default (what every earlier run
+# did), so the runs logged before a key existed keep their hash and a sweep rerun still finds them.
+ADDED_DEFAULTS = {"lm.attention": "causal"}
 
 
 def run_config_hash(cfg: ExperimentConfig) -> str:
@@ -485,6 +501,10 @@ def run_config_hash(cfg: ExperimentConfig) -> str:
     for key in SPEED_KEYS:
         section, _, leaf = key.partition(".")
         tree[section] = {k: v for k, v in tree[section].items() if k != leaf}
+    for key, default in ADDED_DEFAULTS.items():
+        section, _, leaf = key.partition(".")
+        if tree[section].get(leaf) == default:
+            tree[section] = {k: v for k, v in tree[section].items() if k != leaf}
     return config_hash(tree)
 
 

@@ -298,9 +298,11 @@ def sequence_layout(lm: LMConfig, tokenizer: ImageTokenizer, num_classes: int) -
 
 
 def model_config(lm: LMConfig, tokenizer: ImageTokenizer, layout: SequenceLayout) -> LlamaConfig:
-    """The Llama of ``lm.size`` over ``layout``'s vocabulary and length, with the tokenizer's sub-codes."""
+    """The Llama of ``lm.size`` over ``layout``'s vocabulary and length, with the tokenizer's sub-codes
+    (and, with ``lm.attention=block_causal``, its blocks)."""
+    blocks, parents = tokenizer.attention_blocks() if lm.attention == "block_causal" else ((), ())
     return llama_config(lm.size, layout.total_vocab, layout.seq_len, subcodes=tuple(tokenizer.subcodes),
-                        subcode_embed=lm.subcode_embed)
+                        subcode_embed=lm.subcode_embed, blocks=blocks, parents=parents)
 
 
 def _probe(metrics: MetricsConfig, train_ds, val_ds, home: Path) -> Probe | None:

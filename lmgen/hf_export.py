@@ -64,6 +64,9 @@ def _transformers():
 
 
 def _refuse_subcodes(cfg: LlamaConfig) -> None:
+    if cfg.blocks:
+        raise ValueError("a block-causal Llama (lm.attention=block_causal) has no LlamaForCausalLM equivalent: it "
+                         "embeds each position's parent id and attends within blocks, not causally")
     if cfg.subcodes:
         raise ValueError(f"a sub-code Llama (subcodes={cfg.subcodes}) has no LlamaForCausalLM equivalent: each "
                          "position embeds and predicts one id per sub-code with its own table and head, while "

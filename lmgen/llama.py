@@ -20,6 +20,15 @@ Linear(D, C): logits are the n heads' logits side by side, and `token_nll` sums 
 cross-entropies, so bits per image compare with ordinary vocabularies. (Such models have no
 `LlamaForCausalLM` equivalent.)
 
+Block-causal attention (VAR's next-scale prediction; ``blocks``/``parents`` set): the input
+positions form blocks of ``blocks`` lengths (a tokenizer written in blocks, e.g. one per scale
+of ``multiscale``), a position attends to every position of its own and earlier blocks, and the
+id embedded at position p is not the sequence's id at p but the one at ``parents[p]`` (VAR's
+input for scale k: the coarser scale k−1, brought to scale k's grid), so block k predicts all of
+its targets at once from what precedes it. Without a cache, ``forward`` takes the sequence's own
+ids and gathers the parents itself; with a cache (generation, block by block) it takes the
+gathered inputs of the new positions, ``block_inputs(seq, start, end)``.
+
 Shapes: B batch, T time (tokens in this call), S keys attended (cache length + T),
 D model dim, H query heads, K key/value heads, Hd head dim, F ffn dim, V vocab (all ids),
 n sub-codes, C = out_dim (V, or sum_j c_j with sub-codes).
@@ -66,9 +75,27 @@ class LlamaConfig:
     init_std: float = 0.02
     subcodes: tuple[int, ...] = ()  # () = ordinary vocabulary; else image ids split into these
     subcode_embed: str = "sum"  # how a position's n sub-code embeddings combine: SUBCODE_EMBEDS
+    # Block-causal attention (module docstring): lengths of the attention blocks over the input
+    # positions, and for each input position the position whose id it embeds. () = causal.
+    blocks: tuple[int, ...] = ()
+    parents: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.subcodes = tuple(int(c) for c in self.subcodes)  # OmegaConf hands over a list
+        self.blocks, self.parents = tuple(int(b) for b in self.blocks), tuple(int(p) for p in self.parents)
+        if self.blocks or self.parents:
+            starts = [sum(self.blocks[:k]) for k in range(len(self.blocks))]
+            if any(b < 1 for b in self.blocks) or sum(self.blocks) != len(self.parents) \
+                    or len(self.parents) > self.max_seq_len:
+                raise ValueError(f"blocks {self.blocks} must be lengths >= 1 that sum to len(parents) = "
+                                 f"{len(self.parents)} <= max_seq_len = {self.max_seq_len}")
+            # A parent must be known before its block is predicted: at or before the block's start
+            # (the block's first input position holds the last id of the previous block).
+            late = [p for k, start in enumerate(starts) for p in range(start, start + self.blocks[k])
+                    if not 0 <= self.parents[p] <= start]
+            if late:
+                raise ValueError(f"parents of positions {late[:5]} lie inside their own block or later: "
+                                 "block-causal inputs must come from earlier blocks")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.ffn_dim is None:
@@ -224,7 +251,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None, layer: int,
+                mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Hd)
@@ -235,15 +263,20 @@ class Attention(nn.Module):
             offset = cache.length
             k, v = cache.update(layer, k, v)  # (B, K, S, Hd), S = offset + T
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = self._attend(q, k, v, offset)  # (B, H, T, Hd)
+        y = self._attend(q, k, v, offset, mask)  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, D)
         return self.wo(y)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int, mask: Tensor | None = None) -> Tensor:
         """Causal attention of queries (B, H, T, Hd) at positions [offset, offset + T) over keys
-        and values (B, K, S, Hd), S = offset + T; query head h reads kv head h // n_rep (HF repeat_kv)."""
+        and values (B, K, S, Hd), S = offset + T; query head h reads kv head h // n_rep (HF repeat_kv).
+        ``mask`` (T, S) bool, True = may attend: replaces the causal mask (block-causal attention)."""
         B, _, T, _ = q.shape
         n_rep = self.n_heads // self.n_kv_heads
+        if mask is not None:
+            if n_rep > 1:
+                k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if T == 1:  # a decoding step sees every key: no mask, so a kv head's n_rep queries go as one
             # group (B, K, n_rep, Hd); repeating the whole cache every step costs ~8x more under GQA.
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, n_rep, self.head_dim), k, v)
@@ -280,8 +313,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None,
-                layer: int) -> Tensor:  # (B, T, D) -> (B, T, D), pre-norm residuals
-        x = x + self.attn(self.attn_norm(x), rope, cache, layer)
+                layer: int, mask: Tensor | None = None) -> Tensor:  # (B, T, D) -> (B, T, D), pre-norm residuals
+        x = x + self.attn(self.attn_norm(x), rope, cache, layer, mask)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -305,6 +338,10 @@ class Llama(nn.Module):
         # With sub-codes: n independent heads as one matmul, output columns in sub-code order.
         self.head = nn.Linear(cfg.dim, cfg.out_dim, bias=False)
         self.rope = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Block-causal attention: each input position's block and parent (buffers, not weights).
+        block_of = [k for k, length in enumerate(cfg.blocks) for _ in range(length)]
+        self.register_buffer("block_of", torch.tensor(block_of, dtype=torch.long), persistent=False)  # (N,)
+        self.register_buffer("parents", torch.tensor(cfg.parents, dtype=torch.long), persistent=False)  # (N,)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -356,6 +393,15 @@ class Llama(nn.Module):
         special = self.embed((ids - image_vocab).clamp(min=0))  # (B, T, D)
         return torch.where((ids < image_vocab)[..., None], image, special)
 
+    def block_inputs(self, seq: Tensor, start: int, end: int) -> Tensor:
+        """The ids a block-causal model embeds at positions [start, end): seq's ids at their
+        parents, (B, end − start) int64; ``seq`` (B, ≥ parents' reach) holds the sequence so far."""
+        return seq.gather(1, self.parents[start:end].to(seq.device).expand(seq.shape[0], -1))
+
+    def _block_mask(self, start: int, end: int) -> Tensor:
+        """(end − start, end) bool: positions [start, end) see every position of their own and earlier blocks."""
+        return self.block_of[:end][None, :] <= self.block_of[start:end][:, None]
+
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Next-token logits.
 
@@ -364,16 +410,24 @@ class Llama(nn.Module):
         [cache.length, cache.length + T) (a prompt prefill, then T=1 steps) and the cache
         advances by T. Returns (B, T, C) float32 logits, whatever the autocast dtype: C = V,
         or with sub-codes the n heads' logits concatenated in sub-code order (C = sum c_j).
+        Block-causal models (``cfg.blocks``): the module docstring says what ids are then.
         """
         B, T = ids.shape
         start = cache.length if cache is not None else 0
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
         if start + T > limit:
             raise ValueError(f"positions up to {start + T} exceed the limit {limit}")
+        mask = None
+        if self.cfg.blocks:
+            if start + T > len(self.cfg.parents):
+                raise ValueError(f"positions up to {start + T} pass the {len(self.cfg.parents)} block-causal positions")
+            if cache is None:
+                ids = self.block_inputs(ids, 0, T)
+            mask = self._block_mask(start, start + T)
         rope = self.rope.tables(torch.arange(start, start + T, device=ids.device))  # 2 x (T, Hd)
         x = self.embed_ids(ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache, i)  # (B, T, D)
+            x = layer(x, rope, cache, i, mask)  # (B, T, D)
         if cache is not None:
             cache.length += T
         return self.head(self.norm(x)).float()  # (B, T, C)

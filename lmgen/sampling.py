@@ -179,11 +179,19 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
     composite id is fed back and returned. `allowed` must then allow every image id (as
     `layout.allowed()` of a fixed grid does) and is otherwise unused; eos_id must be None.
 
+    Block-causal models (``model.cfg.blocks``, VAR) sample a whole block per forward: every row's
+    prompt must be the same whole number of blocks, and ``_generate_blocks`` runs instead.
+
     Returns tokens (B, max budget) aligned at each row's prompt end.
     """
     B = prompt.shape[0]
     device = prompt.device
     budget, plen = _check_args(prompt, max_new_tokens, prompt_lengths, temperature, cfg_schedule, uncond_prompt)
+    if model.cfg.blocks:
+        return _generate_blocks(model, prompt, budget, plen, temperature=temperature, top_k=top_k, top_p=top_p,
+                                cfg_scale=cfg_scale, uncond_prompt=uncond_prompt, cfg_schedule=cfg_schedule,
+                                allowed=allowed, eos_id=eos_id, pad_id=pad_id, generator=generator,
+                                use_cache=use_cache)
     subcodes = model.cfg.subcodes
     if subcodes:
         _check_subcode_args(model, allowed, eos_id)
@@ -234,3 +242,61 @@ def generate(  # noqa: PLR0913 -- keyword-only knobs, one per sampling config fi
             seq = torch.cat([seq, feed[:, None]], dim=1)
             logits = model(seq)[:, -1]
     return Generation(tokens=tokens, lengths=lengths, finished=finished)
+
+
+def _generate_blocks(  # noqa: PLR0913 -- generate's knobs
+    model: Llama, prompt: Tensor, budget: Tensor, plen: Tensor, *, temperature: float, top_k: int, top_p: float,
+    cfg_scale: float, uncond_prompt: Tensor | None, cfg_schedule: str, allowed: Tensor | None, eos_id: int | None,
+    pad_id: int, generator: torch.Generator | None, use_cache: bool,
+) -> Generation:
+    """``generate`` for a block-causal model (VAR's next-scale prediction): one forward per block
+    samples all of its positions at once (each position's logits guided, masked and sampled as a
+    token of ``generate``), then the next block's inputs are gathered from what was sampled.
+
+    Every row's prompt is the cond token plus the same whole blocks' ids (prefix completion cuts
+    after whole scales); the rest of the sequence is sampled, so each row's budget must cover it.
+    """
+    if eos_id is not None:
+        raise ValueError("a block-causal model writes fixed-length blocks: eos_id must be None")
+    B, device = prompt.shape[0], prompt.device
+    blocks, positions = model.cfg.blocks, len(model.cfg.parents)
+    starts = [sum(blocks[:k]) for k in range(len(blocks))]  # first input position of each block
+    p = int(plen[0])
+    if bool((plen != p).any()) or p - 1 not in starts:
+        raise ValueError(f"a block-causal model needs every row's prompt to end after the same whole block: "
+                         f"prompt lengths {sorted(set(plen.tolist()))}, allowed {[s + 1 for s in starts]}")
+    new = positions + 1 - p  # the ids still to sample
+    if int(budget.min()) < new:
+        raise ValueError(f"max_new_tokens {int(budget.min())} < the {new} ids the remaining blocks hold")
+    guided = cfg_scale != 1.0 and uncond_prompt is not None
+    seq = torch.full((2 * B if guided else B, positions + 1), pad_id, dtype=torch.long, device=device)
+    seq[:B, :p] = prompt[:, :p]
+    if guided:
+        seq[B:, :p] = uncond_prompt[:, :p]
+    banned = None if allowed is None else ~allowed.to(device)
+    cache = model.new_cache(seq.shape[0], positions) if use_cache else None
+    first = starts.index(p - 1)
+    if cache is not None and starts[first]:  # the prompt's own blocks, prefilled in one forward
+        model(model.block_inputs(seq, 0, starts[first]), cache)
+    for k in range(first, len(blocks)):
+        a, b = starts[k], starts[k] + blocks[k]
+        logits = model(model.block_inputs(seq, a, b), cache) if cache is not None else model(seq[:, :b])[:, a:b]
+        n, width = b - a, logits.shape[-1]
+        if guided:  # (2B, n, C) → (B·n, C), each position's scale from its own index among the new ids
+            cond, uncond = logits.chunk(2)
+            step = (torch.arange(a, b, device=device) - (p - 1)).repeat(B)
+            logits = _guide(torch.cat([cond.reshape(-1, width), uncond.reshape(-1, width)]), step,
+                            torch.full_like(step, new), cfg_scale, cfg_schedule)
+        else:
+            logits = logits.reshape(-1, width)
+        if banned is not None and not model.cfg.subcodes:
+            logits = logits.masked_fill(banned, float("-inf"))
+        if model.cfg.subcodes:
+            nxt = _sample_subcodes(logits, model.cfg.subcodes, temperature, top_k, top_p, generator)
+        else:
+            nxt = _sample(logits, temperature, top_k, top_p, generator)
+        seq[:, 1 + a : 1 + b] = nxt.view(B, n).repeat(seq.shape[0] // B, 1)
+    tokens = torch.full((B, int(budget.max())), pad_id, dtype=torch.long, device=device)
+    tokens[:, :new] = seq[:B, p:]
+    return Generation(tokens=tokens, lengths=torch.full((B,), new, dtype=torch.long, device=device),
+                      finished=torch.zeros(B, dtype=torch.bool, device=device))

@@ -184,6 +184,21 @@ class MultiScaleTokenizer(LearnedTokenizer):
         """Tokens of each scale's map, coarse to fine (their sum is ``max_tokens``)."""
         return list(self.quantizer.lengths)
 
+    def attention_blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """VAR's block-causal plan over the LM's input positions (0: the class token, then the ids):
+        one block per scale, and each position's parent — for block 0 the class token, for a cell
+        of scale k ≥ 1 the cell of scale k − 1 that covers it (nearest), at its sequence position.
+        ValueError unless the first scale is one token (the class token alone predicts it)."""
+        if self.scale_lengths[0] != 1:
+            raise ValueError(f"block-causal attention needs a 1×1 first scale (the class token predicts it), got "
+                             f"{self.cfg.name}.scales={list(self.cfg.scales)}")
+        grids, starts = self.quantizer.grids, [1 + sum(self.scale_lengths[:k]) for k in range(len(self.scale_lengths))]
+        parents = [0]
+        for k in range(1, len(grids)):
+            (ph, pw), (h, w) = grids[k - 1], grids[k]
+            parents += [starts[k - 1] + (i * ph // h) * pw + j * pw // w for i in range(h) for j in range(w)]
+        return tuple(self.scale_lengths), tuple(parents)
+
     def prefix_lengths(self, tokens: TokenBatch, ratio: float) -> Tensor:
         """The ids of the first ``kept_rows(K, ratio)`` whole scales (a coarse image to refine)."""
         kept = kept_rows(len(self.cfg.scales), ratio)
