@@ -78,6 +78,10 @@ def test_presets_blocks_and_experiment_axis_name_their_points(tmp_path):
     axis = write_sweep(tmp_path, {"name": "tok", "grid": {"experiment": [BASE, str(ROOT / "experiments/video.yaml")],
                                                           "lm.size": ["nano"]}}, "axis.yaml")
     assert [p.name for p in expand(load_sweep(axis))] == ["base", "video"]
+    single = write_sweep(tmp_path, {"name": "elm", "experiment": BASE, "overrides": ["tokenizer=bae_16bit"], "blocks": [
+        {"grid": {"seed": [0, 1], "tokenizer.num_subcodes": [2]}}, {"grid": {"seed": [0], "tokenizer.num_subcodes": [1]}}]},
+        "single.yaml")
+    assert [p.name for p in expand(load_sweep(single))] == ["seed=0", "seed=1", "seed=0,num_subcodes=1"]  # not "elm"
 
 
 SHIPPED = sorted((ROOT / "sweeps").glob("*.yaml"))
