@@ -26,7 +26,6 @@ from types import SimpleNamespace
 import torch
 import yaml
 
-from lmgen.config import DataConfig
 from lmgen.datasets import build_dataset, load_images
 from lmgen.metrics import psnr
 from lmgen.tokenizer_module import train_tokenizer
@@ -52,7 +51,7 @@ OTHERS = [("vq 16k rot, no restarts", "vq_16k_rotation", {"restart_every": 0}),
 
 def images(split: str, n: int) -> torch.Tensor:
     """The first n ``shapes`` images of a split, (n, 3, 32, 32) uint8."""
-    cfg = DataConfig(name="shapes", image_size=32, train_size=max(n, 1), val_size=max(n, 1))
+    cfg = {"name": "shapes", "image_size": 32, "train_size": max(n, 1), "val_size": max(n, 1)}
     return load_images(build_dataset(cfg, split), n)
 
 
