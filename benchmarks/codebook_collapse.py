@@ -45,6 +45,10 @@ COLLAPSE = [
     ("fsq 8-8-8-6-5", "fsq_16k", {}),
 ]
 OTHERS = [("vq 16k rot, no restarts", "vq_16k_rotation", {"restart_every": 0}),
+          # LlamaGen's codes: l2-normalised, 8-d (cosine lookup in a low-dimensional space)
+          ("vq 16k l2 d8", "vq_16k", {"l2_norm": True, "codebook_dim": 8}),
+          ("vq 16k l2 d8 rot", "vq_16k", {"l2_norm": True, "codebook_dim": 8, "rotation_trick": True}),
+          ("vq 16k simvq rot l2 d8", "vq_16k_simvq_rotation", {"l2_norm": True, "codebook_dim": 8}),
           *((stem, stem, {}) for stem in ("fsq_1k", "fsq_4k", "fsq_64k", "rvq_1k_d2", "rvq_1k_d2_flat",
                                            "rvq_1k_d4_flat"))]
 
