@@ -249,8 +249,8 @@ def _block_points(spec: SweepSpec, block: Block, name_experiment: bool) -> list[
         axes.append([tuple((k, values[i]) for k, values in group) for i in range(len(group[0][1]))])
     varying = [k for k, values in block.grid if len(values) > 1]
     varying += [k for group in block.zips for k, values in group if len(values) > 1]
-    if not varying:  # a one-point block is named by what its axes set (seed=0,num_subcodes=1)
-        varying = [k for k, _ in block.grid] + [k for group in block.zips for k, _ in group]
+    if not varying and len(spec.blocks) > 1:  # a one-point block among several: named by what its
+        varying = [k for k, _ in block.grid] + [k for group in block.zips for k, _ in group]  # axes set
     leaves: dict[str, int] = {}
     for key in varying:
         leaf = key.rsplit(".", 1)[-1]
