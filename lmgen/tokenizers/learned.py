@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -269,16 +269,22 @@ class LearnedTokenizer(nn.Module, abc.ABC):
     @torch.no_grad()
     def decode(self, tokens: TokenBatch) -> Decoded:
         """TokenBatch → Decoded (B, 3, H, W) uint8 + valid (B,) bool; never raises on bad ids."""
+        return self._decode_ids(tokens, self.max_tokens, True,
+                                lambda ids: self.quantizer.lookup(ids.view(ids.shape[0], *self.grid)))
+
+    def _decode_ids(self, tokens: TokenBatch, n: int, exact: bool, latents: Callable[[Tensor], Tensor]) -> Decoded:
+        """The images of the first ``n`` ids of each stream: ``latents`` (B, n) int64 in range → the
+        decoder's input. A stream is valid when its length is ``n`` (``exact``) or at least ``n``
+        and its first n ids are in the vocabulary; an invalid one is grey. Never raises on bad ids."""
         ids, lengths = tokens.ids, tokens.lengths.to(tokens.ids.device)
-        b, n = ids.shape[0], self.max_tokens
+        b = ids.shape[0]
         if ids.shape[1] < n:
             ids = torch.cat([ids, ids.new_zeros(b, n - ids.shape[1])], 1)
         ids = ids[:, :n]
-        valid = (lengths == n) & ((ids >= 0) & (ids < self.vocab_size)).all(1)
+        valid = (lengths == n if exact else lengths >= n) & ((ids >= 0) & (ids < self.vocab_size)).all(1)
         safe = torch.where(valid[:, None], ids, torch.zeros_like(ids))
         with self._eval_mode():
-            z = self.quantizer.lookup(safe.view(b, *self.grid).to(self._device()))
-            images = to_uint8(self.decoder(z)).to(ids.device)
+            images = to_uint8(self.decoder(latents(safe.to(self._device())))).to(ids.device)
         grey = grey_images(b, *self.image_size).to(images.device)
         return Decoded(images=torch.where(valid[:, None, None, None], images, grey), valid=valid)
 

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoencoder import to_uint8
-from .base import Decoded, TokenBatch, count_label, grey_images, kept_rows
+from .base import Decoded, TokenBatch, count_label, kept_rows
 from .learned import LearnedTokenizer
-from .quantizers import QuantizerOutput, VectorQuantizer, VQOptions, check_latents
+from .quantizers import QuantizerOutput, VectorQuantizer, VQOptions, check_latents, combined_stats
 from .rotation_trick import rotation_trick
 from .vq import VQConfig, check_codebook, fixes_label, vq_options
 
@@ -131,11 +130,8 @@ class MultiScaleQuantizer(nn.Module):
             loss = torch.stack([o.loss for o in outs]).sum()
             error = ((x - f_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12)).detach()
         indices = torch.cat([o.indices.flatten(1) for o in outs], 1)[:, None, :]
-        shared = set.intersection(*(set(o.stats) for o in outs))
-        stats = {k: torch.stack([o.stats[k] for o in outs]).mean() for k in sorted(shared)}
-        stats["restarted_codes"] = torch.stack([o.stats["restarted_codes"] for o in outs]).sum()
-        stats["dead_codes"] = outs[-1].stats["dead_codes"]
-        stats.update({f"scale{k}_usage": o.stats["codebook_usage"] for k, o in enumerate(outs)})
+        stats = combined_stats(outs, "scale")
+        stats["dead_codes"] = outs[-1].stats["dead_codes"]  # the one shared codebook, after every scale's update
         stats["residual_error"] = error
         return QuantizerOutput(quantized=quantized.to(z.dtype), indices=indices, loss=loss, stats=stats)
 
@@ -211,19 +207,8 @@ class MultiScaleTokenizer(LearnedTokenizer):
         among them, is grey and ``valid=False``. Never raises on bad ids."""
         if not 1 <= num_scales <= len(self.cfg.scales):
             raise ValueError(f"num_scales must be in [1, {len(self.cfg.scales)}], got {num_scales}")
-        n = sum(self.scale_lengths[:num_scales])
-        ids, lengths = tokens.ids, tokens.lengths.to(tokens.ids.device)
-        b = ids.shape[0]
-        if ids.shape[1] < n:
-            ids = torch.cat([ids, ids.new_zeros(b, n - ids.shape[1])], 1)
-        ids = ids[:, :n]
-        valid = (lengths >= n) & ((ids >= 0) & (ids < self.vocab_size)).all(1)
-        safe = torch.where(valid[:, None], ids, torch.zeros_like(ids))
-        with self._eval_mode():
-            z = self.quantizer.lookup_scales(safe.to(self._device()), num_scales)
-            images = to_uint8(self.decoder(z)).to(ids.device)
-        grey = grey_images(b, *self.image_size).to(images.device)
-        return Decoded(images=torch.where(valid[:, None, None, None], images, grey), valid=valid)
+        return self._decode_ids(tokens, sum(self.scale_lengths[:num_scales]), False,
+                                lambda ids: self.quantizer.lookup_scales(ids, num_scales))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, scales={self.scale_lengths}"

@@ -101,6 +101,17 @@ def code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
             for name, value in (("codebook_usage", distinct / codebook_size), ("perplexity", math.exp(entropy)))}
 
 
+def combined_stats(outs: list[QuantizerOutput], label: str) -> dict[str, Tensor]:
+    """The stats of several quantizer calls that make one code (residual depths, scales): the mean of
+    every stat all calls report, ``restarted_codes`` summed, and each call's ``codebook_usage`` as
+    ``<label><k>_usage``. The caller adds what depends on how its codebooks are shared (``dead_codes``)."""
+    shared_keys = set.intersection(*(set(o.stats) for o in outs))
+    stats = {k: torch.stack([o.stats[k] for o in outs]).mean() for k in sorted(shared_keys)}
+    stats["restarted_codes"] = torch.stack([o.stats["restarted_codes"] for o in outs]).sum()
+    stats.update({f"{label}{k}_usage": o.stats["codebook_usage"] for k, o in enumerate(outs)})
+    return stats
+
+
 @dataclass(frozen=True)
 class VQOptions:
     """How a ``VectorQuantizer`` learns its codes (each is described in its docstring). The

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .base import MAX_VOCAB_SIZE, count_label
 from .learned import LearnedTokenizer
-from .quantizers import QuantizerOutput, VectorQuantizer, VQOptions, check_latents
+from .quantizers import QuantizerOutput, VectorQuantizer, VQOptions, check_latents, combined_stats
 from .rotation_trick import rotation_trick
 from .vq import VQConfig, check_codebook, fixes_label, vq_options
 
@@ -119,12 +119,9 @@ class ResidualVectorQuantizer(nn.Module):
                                stats=self._stats(outs, error))
 
     def _stats(self, outs: list[QuantizerOutput], error: Tensor) -> dict[str, Tensor]:
-        """Means over depths of the depths' stats, sums of their code counts, per-depth usage."""
-        shared_keys = set.intersection(*(set(o.stats) for o in outs))
-        stats = {k: torch.stack([o.stats[k] for o in outs]).mean() for k in sorted(shared_keys)}
-        stats["restarted_codes"] = torch.stack([o.stats["restarted_codes"] for o in outs]).sum()
+        """``combined_stats`` over depths, the dead codes of each distinct codebook summed, and the residual error."""
+        stats = combined_stats(outs, "depth")
         stats["dead_codes"] = torch.stack([o.stats["dead_codes"] for o in outs[: len(self.quantizers)]]).sum()
-        stats.update({f"depth{d}_usage": o.stats["codebook_usage"] for d, o in enumerate(outs)})
         stats["residual_error"] = error
         return stats
 
