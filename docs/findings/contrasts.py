@@ -18,15 +18,16 @@ Every number in docs/findings.md's finding tables comes from these two files.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import pandas as pd
 
+from analysis.arms import Metric
+from analysis.compare import SAME, verdict
 from analysis.runs import load_runs
-from analysis.stats import holm, paired_difference
+from analysis.stats import Difference, holm, paired_difference
 
-# (MLflow key, column, lower is better; None: no better direction, described only)
+# (MLflow key, column, lower is better; None: no better direction, described only in runs.csv)
 METRICS = [("gen/fd_probe", "fd_probe", True), ("gen/kid_probe", "kid_probe", True),
            ("gen/class_accuracy", "class_accuracy", False), ("gen/precision_probe", "precision", False),
            ("gen/recall_probe", "recall", False), ("gen/decode_valid_rate", "decode_valid_rate", False),
@@ -54,12 +55,6 @@ def run_table(runs: pd.DataFrame, extra: list[str]) -> pd.DataFrame:
     return table
 
 
-def verdict(diff: float, lower_is_better: bool | None, significant: bool) -> str:
-    if lower_is_better is None or not significant or not math.isfinite(diff):
-        return "no detectable difference" if lower_is_better is not None else "(described)"
-    return "better" if (diff < 0) == lower_is_better else "worse"
-
-
 def _is_level(values: pd.Series, level: str) -> pd.Series:
     """Which values are ``level``: as numbers where both are numbers (4 is "4.0"), else as text."""
     try:
@@ -68,38 +63,37 @@ def _is_level(values: pd.Series, level: str) -> pd.Series:
         return values.astype(str) == level
 
 
+def _row(within: str, metric: str, a: str, b: str, x: pd.Series, y: pd.Series) -> tuple[dict, Difference]:
+    """One contrasts.csv row: a − b of ``metric`` paired over the seeds x and y share, and its Difference."""
+    seeds = sorted(set(x.index) & set(y.index))
+    d = paired_difference(x[seeds].to_numpy(float), y[seeds].to_numpy(float))
+    return ({"within": within, "metric": metric, "a": a, "b": b, "mean_a": x[seeds].mean(), "mean_b": y[seeds].mean(),
+             "delta": d.estimate, "low": d.low, "high": d.high, "p": d.p_value, "n_seeds": len(seeds), "test": d.test},
+            d)
+
+
 def contrasts(table: pd.DataFrame, factor: str, levels: tuple, within: str) -> pd.DataFrame:
     """contrasts.csv rows (see the module docstring)."""
-    directions = {name: lower for _, name, lower in METRICS}
+    directions = {name: Metric(key, name, lower) for key, name, lower in METRICS}
     a_level, b_level = (str(level) for level in levels)
     rows, deltas = [], {}
     for group, runs in table.groupby(within, sort=False):
         a = runs[_is_level(runs[factor], a_level)].set_index("seed")
         b = runs[_is_level(runs[factor], b_level)].set_index("seed")
-        seeds = sorted(set(a.index) & set(b.index))
         for metric in COMPARED:
-            x, y = a.loc[seeds, metric].to_numpy(float), b.loc[seeds, metric].to_numpy(float)
-            deltas[(group, metric)] = pd.Series(x - y, index=seeds)
-            d = paired_difference(x, y)
-            rows.append({"within": group, "metric": metric, "a": f"{factor}={a_level}", "b": f"{factor}={b_level}",
-                         "mean_a": x.mean(), "mean_b": y.mean(), "delta": d.estimate, "low": d.low, "high": d.high,
-                         "p": d.p_value, "n_seeds": len(seeds), "test": d.test})
+            deltas[(group, metric)] = a[metric].astype(float) - b[metric].astype(float)  # aligned on seed
+            rows.append(_row(group, metric, f"{factor}={a_level}", f"{factor}={b_level}", a[metric], b[metric]))
     groups = list(dict.fromkeys(table[within]))
     if len(groups) >= 2:  # Δ(first group) − Δ(second): does the effect depend on the group?
         for metric in COMPARED:
-            first, second = deltas[(groups[0], metric)], deltas[(groups[1], metric)]
-            seeds = sorted(set(first.index) & set(second.index))
-            d = paired_difference(first[seeds].to_numpy(), second[seeds].to_numpy())
-            rows.append({"within": "interaction", "metric": metric, "a": f"Δ at {groups[0]}",
-                         "b": f"Δ at {groups[1]}", "mean_a": first[seeds].mean(), "mean_b": second[seeds].mean(),
-                         "delta": d.estimate, "low": d.low, "high": d.high, "p": d.p_value, "n_seeds": len(seeds),
-                         "test": d.test})
-    out = pd.DataFrame(rows)
+            rows.append(_row("interaction", metric, f"Δ at {groups[0]}", f"Δ at {groups[1]}",
+                             deltas[(groups[0], metric)].dropna(), deltas[(groups[1], metric)].dropna()))
+    out = pd.DataFrame([row for row, _ in rows])
     result = holm(out["p"].tolist())
     out["p_holm"] = result.adjusted
-    out["verdict"] = [verdict(r.delta, directions[r.metric] if r.within != "interaction" else None, bool(rej))
-                      if r.within != "interaction" else ("differs" if rej else "no detectable difference")
-                      for r, rej in zip(out.itertuples(), result.reject)]
+    out["verdict"] = [("differs" if rej else SAME) if row["within"] == "interaction"
+                      else verdict(d, bool(rej), directions[row["metric"]])
+                      for (row, d), rej in zip(rows, result.reject)]
     return out
 
 
