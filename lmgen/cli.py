@@ -94,10 +94,18 @@ def _on_a_run(command: str, action: Callable[[], Any], errors: tuple[type[Except
     return 2, None
 
 
+def _in_home(action: Callable[[], Any]) -> Callable[[], Any]:
+    """``action`` once ``$LMGEN_HOME`` takes a file (a ValueError naming it and the path at once
+    otherwise, rather than the tracking store's minutes of retries and a traceback)."""
+    from lmgen.tracking import writable_home
+
+    return lambda: (writable_home(), action())[1]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lmgen.experiment import eval_run  # heavy imports only when something runs
 
-    code, summary = _on_a_run("eval", lambda: eval_run(args.run_id, args.overrides, uri=args.uri))
+    code, summary = _on_a_run("eval", _in_home(lambda: eval_run(args.run_id, args.overrides, uri=args.uri)))
     if code == 0:
         print("\n" + summary.format())
     return code
@@ -106,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from lmgen.hf_export import MissingTransformers, export_run  # heavy imports only when something runs
 
-    code, export = _on_a_run("export-hf", lambda: export_run(args.run_id, args.out_dir, uri=args.uri),
+    code, export = _on_a_run("export-hf", _in_home(lambda: export_run(args.run_id, args.out_dir, uri=args.uri)),
                              (MissingTransformers,))
     if code:
         return code
