@@ -49,6 +49,10 @@ OTHERS = [("vq 16k rot, no restarts", "vq_16k_rotation", {"restart_every": 0}),
           ("vq 16k l2 d8", "vq_16k", {"l2_norm": True, "codebook_dim": 8}),
           ("vq 16k l2 d8 rot", "vq_16k", {"l2_norm": True, "codebook_dim": 8, "rotation_trick": True}),
           ("vq 16k simvq rot l2 d8", "vq_16k_simvq_rotation", {"l2_norm": True, "codebook_dim": 8}),
+          # the suite's restarts, aggressive: every 10 steps, codes under 10% of the uniform share
+          ("vq 16k restarts 10/0.1", "vq_16k", {"restart_every": 10, "restart_threshold": 0.1}),
+          ("vq 16k l2 d8 rot 10/0.1", "vq_16k", {"l2_norm": True, "codebook_dim": 8, "rotation_trick": True,
+                                                  "restart_every": 10, "restart_threshold": 0.1}),
           *((stem, stem, {}) for stem in ("fsq_1k", "fsq_4k", "fsq_64k", "rvq_1k_d2", "rvq_1k_d2_flat",
                                            "rvq_1k_d4_flat"))]
 
