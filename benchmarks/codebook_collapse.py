@@ -2,6 +2,7 @@
 
     python benchmarks/codebook_collapse.py [--steps 250] [--batch 32] [--channels 16] [--val 4096]
     python benchmarks/codebook_collapse.py --arms all      # also the other issue-23 presets
+    python benchmarks/codebook_collapse.py --only pool --seed 1   # the arms whose label has "pool"
 
 Every arm is a tokenizer preset of ``experiments/tokenizers/`` trained by the real stage 1
 (``lmgen.tokenizer_module.train_tokenizer``) with one identical small recipe (steps, batch, lr,
@@ -43,6 +44,7 @@ COLLAPSE = [
     ("vq 16k simvq", "vq_16k_simvq", {}),
     ("vq 16k simvq rot", "vq_16k_simvq_rotation", {}),
     ("fsq 8-8-8-6-5", "fsq_16k", {}),
+    ("vq 16k l2 rot pool", "vq_16k_l2_rotation_pool", {}),
 ]
 OTHERS = [("vq 16k rot, no restarts", "vq_16k_rotation", {"restart_every": 0}),
           # LlamaGen's codes: l2-normalised, 8-d (cosine lookup in a low-dimensional space)
@@ -53,6 +55,8 @@ OTHERS = [("vq 16k rot, no restarts", "vq_16k_rotation", {"restart_every": 0}),
           ("vq 16k restarts 10/0.1", "vq_16k", {"restart_every": 10, "restart_threshold": 0.1}),
           ("vq 16k l2 d8 rot 10/0.1", "vq_16k", {"l2_norm": True, "codebook_dim": 8, "rotation_trick": True,
                                                   "restart_every": 10, "restart_threshold": 0.1}),
+          # the same restarts from the last 4·K latents, without and with l2 8-d codes + rotation
+          ("vq 16k 10/0.1 pool", "vq_16k", {"restart_every": 10, "restart_threshold": 0.1, "restart_pool": 4}),
           *((stem, stem, {}) for stem in ("fsq_1k", "fsq_4k", "fsq_64k", "rvq_1k_d2", "rvq_1k_d2_flat",
                                            "rvq_1k_d4_flat"))]
 
@@ -97,20 +101,22 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=4000, help="train images")
     parser.add_argument("--val", type=int, default=4096, help="held-out images measured")
     parser.add_argument("--arms", choices=("collapse", "all"), default="collapse")
+    parser.add_argument("--only", default="", help="run only the arms whose label contains this text")
+    parser.add_argument("--seed", type=int, default=0, help="stage-1 seed (initialisation, batches, restarts)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the table, not Trainer banners
     start = time.perf_counter()
     recipe = {"steps": args.steps, "batch_size": args.batch, "lr": args.lr, "warmup_steps": args.steps // 10,
-              "channels": args.channels, "val_every": args.steps, "val_images": 64, "seed": 0,
+              "channels": args.channels, "val_every": args.steps, "val_images": 64, "seed": args.seed,
               "precision": "32-true"}
     train, val = images("train", args.train), images("val", args.val)
-    arms = COLLAPSE + (OTHERS if args.arms == "all" else [])
+    arms = [arm for arm in COLLAPSE + (OTHERS if args.arms == "all" else []) if args.only in arm[0]]
     print(f"stage 1: {args.steps} steps × batch {args.batch}, lr {args.lr:g}, channels {args.channels}, "
-          f"{args.train} train / {args.val} held-out shapes 32×32, {torch.get_num_threads()} thread(s)")
+          f"{args.train} train / {args.val} held-out shapes 32×32, seed {args.seed}, {torch.get_num_threads()} thread(s)")
     print(f"{'arm':<26}{'vocab':>8}{'tokens':>8}{'bits/img':>10}{'code use':>10}{'perplexity':>12}{'PSNR dB':>9}"
           f"{'seconds':>9}")
     for label, preset, overrides in arms:
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         r = run_arm(preset, overrides, recipe, train, val)
         print(f"{label:<26}{r['vocab']:>8}{r['tokens']:>8}{r['bits']:>10.0f}{r['use']:>10.3f}{r['perplexity']:>12.0f}"
               f"{r['psnr']:>9.2f}{r['seconds']:>9.0f}", flush=True)

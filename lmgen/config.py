@@ -491,7 +491,18 @@ SPEED_KEYS = ("train.compile", "train.fused_adamw", "train.peak_flops", "train.m
 UNHASHED_SECTIONS = ("tracking", "preset")
 # Keys added after runs were logged, left out of the hash at their default (what every earlier run
 # did), so the runs logged before a key existed keep their hash and a sweep rerun still finds them.
-ADDED_DEFAULTS = {"lm.attention": "causal"}
+ADDED_DEFAULTS = {"lm.attention": "causal", "tokenizer.restart_pool": 0}
+
+
+def without_added_defaults(section: str, values: Any) -> Any:
+    """One config section's values (a dict) less its ``ADDED_DEFAULTS`` keys at their default; a
+    top-level value that is not a section (``seed``) as it is."""
+    if not isinstance(values, dict):
+        return values
+    at_default = {leaf for key, default in ADDED_DEFAULTS.items()
+                  for owner, _, leaf in [key.partition(".")]
+                  if owner == section and leaf in values and values[leaf] == default}
+    return {k: v for k, v in values.items() if k not in at_default}
 
 
 def run_config_hash(cfg: ExperimentConfig) -> str:
@@ -501,10 +512,7 @@ def run_config_hash(cfg: ExperimentConfig) -> str:
     for key in SPEED_KEYS:
         section, _, leaf = key.partition(".")
         tree[section] = {k: v for k, v in tree[section].items() if k != leaf}
-    for key, default in ADDED_DEFAULTS.items():
-        section, _, leaf = key.partition(".")
-        if tree[section].get(leaf) == default:
-            tree[section] = {k: v for k, v in tree[section].items() if k != leaf}
+    tree = {section: without_added_defaults(section, values) for section, values in tree.items()}
     return config_hash(tree)
 
 

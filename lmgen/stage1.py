@@ -28,7 +28,7 @@ from torchvision.utils import make_grid
 
 from lmgen.checkpointing import intact
 from lmgen.concurrency import barrier, file_lock
-from lmgen.config import ExperimentConfig, MetricsConfig, TrainConfig, config_hash, to_dict
+from lmgen.config import ExperimentConfig, MetricsConfig, TrainConfig, config_hash, to_dict, without_added_defaults
 from lmgen.data import CACHE_FORMAT, TokenCache
 from lmgen.datasets import DataConfig, ImageDataset, load_images
 from lmgen.files import atomic_write, safe_load
@@ -96,8 +96,10 @@ class Stage1Job:
 def tokenizer_key(tokenizer_cfg: Any, image_size: int, train_ds: ImageDataset) -> str:
     """Hash of everything that determines a stage-1 tokenizer and its tokens (``lmgen.tokenizer_hash``):
     its resolved config block (a learned one's recipe included), the image size and the train
-    split. The cache format is part of it so a layout change never reads stale caches."""
-    return config_hash("tokenizer", CACHE_FORMAT, tokenizer_cfg, image_size, train_ds.fingerprint())
+    split. The cache format is part of it so a layout change never reads stale caches. Keys added
+    since (``ADDED_DEFAULTS``) count only away from their default, so old caches stay valid."""
+    values = without_added_defaults("tokenizer", to_dict(tokenizer_cfg))
+    return config_hash("tokenizer", CACHE_FORMAT, values, image_size, train_ds.fingerprint())
 
 
 def tokenizer_state_path(home: Path, key: str) -> Path:

@@ -38,6 +38,7 @@ FACTORIES = {
     "bae_deterministic": lambda: BinaryQuantizer(6, 5, deterministic=True),
     "vq_simvq": lambda: VectorQuantizer(16, 6, VQOptions(simvq=True, restart_every=0)),
     "vq_rotation": lambda: VectorQuantizer(16, 6, VQOptions(rotation_trick=True, restart_every=2)),
+    "vq_restart_pool": lambda: VectorQuantizer(16, 6, VQOptions(restart_every=2, restart_pool=2)),
     "fsq": lambda: FiniteScalarQuantizer([5, 4, 3]),
     "rvq": lambda: ResidualVectorQuantizer(16, 6, 3, options=VQOptions(restart_every=2)),
     "rvq_flat_shared": lambda: ResidualVectorQuantizer(16, 6, 3, shared=True, flat=True,
@@ -251,9 +252,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_run(rank: int, ema: bool) -> dict[str, torch.Tensor]:
+def _ddp_run(rank: int, ema: bool, pool: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # same initial codebook on every rank (as DDP's initial broadcast)
-    vq = VectorQuantizer(8, 4, VQOptions(ema=ema, ema_decay=0.9, restart_every=2, restart_threshold=1e-3)).train()
+    vq = VectorQuantizer(8, 4, VQOptions(ema=ema, ema_decay=0.9, restart_every=2, restart_threshold=1e-3,
+                                         restart_pool=pool)).train()
     with torch.no_grad():
         vq.codebook[7] = 100.0  # never used: must be restarted, identically on both ranks
         if ema:
@@ -270,7 +272,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        states = {"ema": _ddp_run(rank, ema=True), "grad": _ddp_run(rank, ema=False)}
+        states = {"ema": _ddp_run(rank, ema=True), "grad": _ddp_run(rank, ema=False),
+                  "pool": _ddp_run(rank, ema=False, pool=2)}
         torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -285,9 +288,10 @@ def test_vq_ddp_ema_and_restarts_keep_codebooks_identical(tmp_path):
     mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method=method)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    for mode in ("ema", "grad"):
+    assert not torch.equal(r0["pool"]["pool"], r1["pool"]["pool"])  # each rank keeps its own latents
+    for mode in ("ema", "grad", "pool"):
         for key, value in r0[mode].items():
-            assert torch.equal(value, r1[mode][key]), f"{mode}: {key} differs across ranks"
+            assert key == "pool" or torch.equal(value, r1[mode][key]), f"{mode}: {key} differs across ranks"
         code = r0[mode]["codebook"][7]
         assert code.abs().max() < 10, f"{mode}: the dead code was not restarted to a latent"
 

@@ -1,4 +1,4 @@
-"""The codebook-collapse fixes as VQ switches: SimVQ and the rotation trick.
+"""The codebook-collapse fixes as VQ switches: SimVQ, the rotation trick and the restart pool.
 
 Off by default and then invisible (plain VQ as before, to the bit); SimVQ keeps its random
 codebook frozen and learns the linear map; the rotation trick changes gradients only.
@@ -9,6 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmgen.config import load_config, run_config_hash
+from lmgen.datasets import build_dataset
+from lmgen.stage1 import tokenizer_key
 from lmgen.tokenizers import build_tokenizer
 from lmgen.tokenizers.quantizers import VectorQuantizer, VQOptions
 from lmgen.tokenizers.rotation_trick import rotate_onto, rotation_trick
@@ -189,3 +192,63 @@ def test_vq_tokenizer_switches_reach_the_quantizer_and_the_label() -> None:
     assert tok.quantizer.options.rotation_trick and tok.cfg.label() == "vq 16k f4 rot"
     crt = build_tokenizer({"name": "crt", "simvq": True, "restart_every": 0}, 16)  # crt's VQ has them too
     assert crt.quantizer.options.simvq and "simvq" in crt.cfg.label()
+
+
+# ---------------------------------------------------------------------------- restart pool
+
+
+def _restarted_codes(pool: int) -> tuple[torch.Tensor, torch.Tensor, VectorQuantizer]:
+    """One live code at the origin and 15 dead ones far away; three training calls of 8 distinct
+    latents each, a restart at the third. Returns the 15 codes after it, every latent seen, and
+    the quantizer."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 2, VQOptions(restart_every=3, restart_pool=pool)).train()
+    vq.codebook.data.fill_(50.0)
+    vq.codebook.data[0] = 0.0
+    vq.initialised.fill_(True)
+    seen = torch.arange(24.0).view(3, 8, 1) * 0.01 * torch.tensor([1.0, -1.0])  # (3 calls, 8, 2) distinct
+    for rows in seen:
+        out = vq(rows.T.reshape(1, 2, 2, 4))
+    assert float(out.stats["restarted_codes"]) == 15
+    return vq.codebook.detach()[1:], seen.reshape(-1, 2), vq
+
+
+def test_restart_pool_gives_dead_codes_distinct_latents_of_earlier_batches() -> None:
+    """From the current batch alone, 15 dead codes share its 8 latents (at least 7 exact copies,
+    which can never win a latent); from a pool of the last 2·K = 32 latents they are 15 distinct
+    latents, of all three calls."""
+    batch_only, seen, _ = _restarted_codes(pool=0)
+    assert len(torch.unique(batch_only, dim=0)) <= 8
+    pooled, seen, vq = _restarted_codes(pool=2)
+    assert len(torch.unique(pooled, dim=0)) == 15
+    match = (pooled[:, None, :] - seen[None]).abs().sum(-1) < 1e-6  # (15, 24)
+    assert match.any(1).all(), "a restarted code is not a latent seen in training"
+    assert match[:, :16].any(), "no restarted code came from an earlier batch"
+    assert int(vq.pool_seen) == 24 and vq.pool.shape == (32, 2)
+
+
+def test_restart_pool_is_a_ring_of_the_newest_latents_kept_in_the_state() -> None:
+    vq = VectorQuantizer(4, 2, VQOptions(restart_every=100, restart_pool=2)).train()  # an 8-latent pool
+    rows = torch.arange(20.0).view(10, 2)
+    vq(rows[:6].T.reshape(1, 2, 1, 6))
+    vq(rows[6:].T.reshape(1, 2, 1, 4))  # 10 latents written: the first two overwritten
+    assert sorted(vq.pool[:, 0].tolist()) == rows[2:, 0].tolist()
+    resumed = VectorQuantizer(4, 2, VQOptions(restart_every=100, restart_pool=2))
+    resumed.load_state_dict(vq.state_dict())  # a resumed stage 1 restarts from the same latents
+    assert torch.equal(resumed.pool, vq.pool) and int(resumed.pool_seen) == 10
+    assert "quantizer.pool" not in build_tokenizer({"name": "vq", "channels": 8}, 16).state_dict()
+
+
+def test_restart_pool_is_checked_naming_the_key_and_keeps_old_hashes() -> None:
+    with pytest.raises(ValueError, match="vq.restart_pool"):
+        build_tokenizer({"name": "vq", "restart_pool": -1}, 16)
+    with pytest.raises(ValueError, match="vq.restart_pool"):
+        build_tokenizer({"name": "vq", "restart_pool": 4, "restart_every": 0}, 16)
+    tok = build_tokenizer({"name": "rvq", "restart_pool": 4, "codebook_size": 64}, 16)  # every VQ family has it
+    assert all(q.options.restart_pool == 4 for q in tok.quantizer.quantizers)
+    # Runs and stage-1 caches made before the key existed keep their hashes (pinned from before it).
+    cfg = load_config("experiments/base.yaml", ["tokenizer=vq_16k"])
+    assert run_config_hash(cfg) == "259ce92d8ec3"
+    assert tokenizer_key(cfg.tokenizer, cfg.data.image_size, build_dataset(cfg.data, "train")) == "732e13171599"
+    pooled = load_config("experiments/base.yaml", ["tokenizer=vq_16k", "tokenizer.restart_pool=4"])
+    assert run_config_hash(pooled) != run_config_hash(cfg)

@@ -124,17 +124,21 @@ class VQOptions:
     ema_decay: float = 0.99
     restart_every: int = 100  # 0 = never
     restart_threshold: float = 1e-2
+    restart_pool: int = 0  # restart from the last restart_pool × K latents (0 = the current batch's)
     simvq: bool = False  # SimVQ, Zhu et al. 2024
     rotation_trick: bool = False  # Fifty et al. 2024
 
     def check(self) -> None:
         """ValueError for impossible values or switches that exclude each other."""
-        if not 0.0 <= self.ema_decay < 1.0 or self.restart_every < 0 or self.restart_threshold < 0:
-            raise ValueError("need 0 <= ema_decay < 1, restart_every >= 0 and restart_threshold >= 0")
+        if not 0.0 <= self.ema_decay < 1.0 or self.restart_every < 0 or self.restart_threshold < 0 \
+                or self.restart_pool < 0:
+            raise ValueError("need 0 <= ema_decay < 1 and restart_every, restart_threshold, restart_pool >= 0")
         if self.simvq and self.ema:
             raise ValueError("simvq learns its linear map by the codebook loss: it excludes ema")
         if self.simvq and self.restart_every:
             raise ValueError("simvq keeps its random codebook frozen: restart_every must be 0 (no restarts)")
+        if self.restart_pool and not self.restart_every:
+            raise ValueError("restart_pool keeps latents for dead-code restarts: it needs restart_every > 0")
 
 
 class VectorQuantizer(nn.Module):
@@ -156,7 +160,10 @@ class VectorQuantizer(nn.Module):
     - Dead-code restart: a per-code usage EMA (fraction of assignments, decay 0.99) is kept;
       in training, every ``restart_every`` calls (0 = never) the codes whose usage is below
       ``restart_threshold`` × the uniform share 1/K are replaced, before quantizing, by random
-      latents of the current batch.
+      latents of the current batch — or, with ``restart_pool`` = P > 0, of a ring buffer of the
+      last P·K training latents (this rank's), drawn without replacement: one batch holds fewer
+      latents than a 2^14 codebook has dead codes, so restarts from it alone copy the same few
+      thousand latents onto many codes, and all but one copy of each stays dead.
     - ``simvq`` (Zhu et al. 2024): ``codebook`` is a frozen (K, D) buffer of N(0, 1/D) codes and
       the codes are ``codebook_map(codebook)``, one learned D×D linear map (no bias; both as
       vector-quantize-pytorch's SimVQ), trained by the codebook loss; no data init, no restarts.
@@ -199,6 +206,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialised", torch.tensor(options.simvq))  # SimVQ: never data-initialised
         self.register_buffer("usage", torch.zeros(codebook_size))  # (K,) EMA fraction of assignments
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # training calls, for restarts
+        if options.restart_pool:  # in the state, so a resumed stage 1 restarts from the same latents
+            self.register_buffer("pool", torch.zeros(options.restart_pool * codebook_size, dim))  # (P·K, D)
+            self.register_buffer("pool_seen", torch.zeros((), dtype=torch.int64))  # latents written so far
 
     def _codes(self) -> Tensor:
         """The codebook as used for distances: (K, D) float32, mapped by W in simvq mode and
@@ -259,13 +269,27 @@ class VectorQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
+    def _remember(self, x: Tensor) -> Tensor:
+        """Write latents x (N, D) fp32 into the restart pool (a ring buffer; the newest kept when N
+        exceeds it) and return the pool's filled rows, x among them."""
+        size = self.pool.shape[0]
+        rows = x[-size:]
+        where = (int(self.pool_seen) + torch.arange(rows.shape[0], device=x.device)) % size
+        self.pool[where] = rows.to(self.pool.dtype)
+        self.pool_seen += rows.shape[0]
+        return self.pool[: min(int(self.pool_seen), size)]
+
+    @torch.no_grad()
     def _restart_dead_codes(self, x: Tensor) -> int:
-        """Every ``restart_every`` training calls, replace dead codes by random rows of x (N, D).
+        """Every ``restart_every`` training calls, replace dead codes by random rows of x (N, D),
+        or of the restart pool, which x joins first (``restart_pool`` > 0).
 
         Runs before the codebook enters this step's graph, so no saved tensor is modified.
         Returns the number of codes replaced (by rank 0's choice under DDP).
         """
         self.steps += 1
+        if self.options.restart_pool:
+            x = self._remember(x)
         if not self.restart_every or int(self.steps) % self.restart_every:
             return 0
         k = self.codebook_size

@@ -27,6 +27,9 @@ class VQConfig(LearnedConfig):
     ema_decay: float = 0.99
     restart_every: int = 100  # steps between dead-code restarts (0 = never)
     restart_threshold: float = 0.01  # restart codes used < this × the uniform share 1/K
+    # Restart from the last restart_pool × K training latents rather than the current batch's alone
+    # (0): at 2^14 codes one batch has fewer latents than there are dead codes.
+    restart_pool: int = 0
     # Codebook-collapse fixes, off by default. SimVQ (Zhu et al. 2024): frozen random codes through
     # one learned linear map (needs restart_every: 0, excludes ema). Rotation trick (Fifty et al.
     # 2024): the encoder's gradient through the rotation onto its code, not straight through.
@@ -40,8 +43,10 @@ class VQConfig(LearnedConfig):
 
 
 def fixes_label(cfg: VQConfig) -> str:
-    """The collapse fixes a VQ config switches on, as a label suffix: " simvq", " rot", " simvq rot" or ""."""
-    return "".join(f" {tag}" for tag, on in (("simvq", cfg.simvq), ("rot", cfg.rotation_trick)) if on)
+    """The collapse fixes a VQ config switches on, as a label suffix in this order: " l2" (LlamaGen's
+    cosine codes), " simvq", " rot", " pool" (restarts from the restart pool); "" for none."""
+    switches = (("l2", cfg.l2_norm), ("simvq", cfg.simvq), ("rot", cfg.rotation_trick), ("pool", cfg.restart_pool))
+    return "".join(f" {tag}" for tag, on in switches if on)
 
 
 class VQTokenizer(LearnedTokenizer):
@@ -77,8 +82,12 @@ def vq_options(cfg: VQConfig) -> VQOptions:
     if cfg.simvq and cfg.restart_every:
         raise ValueError(f"{cfg.name}.simvq keeps its random codebook frozen: set {cfg.name}.restart_every=0 "
                          f"(got {cfg.restart_every})")
+    if cfg.restart_pool < 0 or (cfg.restart_pool and not cfg.restart_every):
+        raise ValueError(f"{cfg.name}.restart_pool must be >= 0 and needs dead-code restarts ({cfg.name}.restart_every "
+                         f"> 0), got restart_pool={cfg.restart_pool}, restart_every={cfg.restart_every}")
     options = VQOptions(beta=cfg.beta, l2_norm=cfg.l2_norm, ema=cfg.ema, ema_decay=cfg.ema_decay,
                         restart_every=cfg.restart_every, restart_threshold=cfg.restart_threshold,
+                        restart_pool=cfg.restart_pool,
                         simvq=cfg.simvq, rotation_trick=cfg.rotation_trick)
     options.check()
     return options
