@@ -8,8 +8,9 @@ the smallest LM?).
 
 Writes ``runs.csv`` (one row per finished LM run: its settings, seed and measurements) and
 ``contrasts.csv``: for every level of ``--within`` and every metric, Δ = first level − second
-with the paired-t 95% interval over the seeds both ran, the p-value, its Holm adjustment over
-every row of the file (one family) and the verdict ("better", "worse" — knowing which way each
+with the paired-t 95% interval over the seeds both ran (a level run with one seed against one
+with several: Crawford–Howell's single-case t, n_seeds "1 vs 3"), the p-value, its Holm
+adjustment over every row of the file (one family) and the verdict ("better", "worse" — knowing which way each
 metric is better — or "no detectable difference"); then, per metric, the interaction
 Δ(first ``--within`` level) − Δ(second), paired over seeds, tested the same way (within = ``interaction``).
 Every number in docs/findings.md's finding tables comes from these two files.
@@ -25,7 +26,7 @@ import pandas as pd
 from analysis.arms import Metric
 from analysis.compare import SAME, verdict
 from analysis.runs import load_runs
-from analysis.stats import Difference, holm, paired_difference
+from analysis.stats import Difference, holm, paired_difference, single_case_difference
 
 # (MLflow key, column, lower is better; None: no better direction, described only in runs.csv)
 METRICS = [("gen/fd_probe", "fd_probe", True), ("gen/kid_probe", "kid_probe", True),
@@ -64,11 +65,22 @@ def _is_level(values: pd.Series, level: str) -> pd.Series:
 
 
 def _row(within: str, metric: str, a: str, b: str, x: pd.Series, y: pd.Series) -> tuple[dict, Difference]:
-    """One contrasts.csv row: a − b of ``metric`` paired over the seeds x and y share, and its Difference."""
-    seeds = sorted(set(x.index) & set(y.index))
-    d = paired_difference(x[seeds].to_numpy(float), y[seeds].to_numpy(float))
-    return ({"within": within, "metric": metric, "a": a, "b": b, "mean_a": x[seeds].mean(), "mean_b": y[seeds].mean(),
-             "delta": d.estimate, "low": d.low, "high": d.high, "p": d.p_value, "n_seeds": len(seeds), "test": d.test},
+    """One contrasts.csv row: a − b of ``metric`` paired over the seeds x and y share, and its
+    Difference; a level run once against one run with ≥ 2 seeds (an arm too costly for three),
+    single run − mean by Crawford–Howell's t, n_seeds "1 vs n"."""
+    xs, ys = x.dropna(), y.dropna()
+    if min(len(xs), len(ys)) == 1 and max(len(xs), len(ys)) >= 2:
+        one, many, sign = (xs, ys, 1.0) if len(xs) == 1 else (ys, xs, -1.0)
+        r = single_case_difference(float(one.iloc[0]), many.to_numpy(float))
+        low, high = sorted((sign * r.low, sign * r.high))
+        d = Difference(sign * r.estimate, low, high, r.p_value, r.test, r.df, len(xs), len(ys))
+        means, n_seeds = (xs.mean(), ys.mean()), f"{len(xs)} vs {len(ys)}"
+    else:
+        seeds = sorted(set(x.index) & set(y.index))
+        d = paired_difference(x[seeds].to_numpy(float), y[seeds].to_numpy(float))
+        means, n_seeds = (x[seeds].mean(), y[seeds].mean()), len(seeds)
+    return ({"within": within, "metric": metric, "a": a, "b": b, "mean_a": means[0], "mean_b": means[1],
+             "delta": d.estimate, "low": d.low, "high": d.high, "p": d.p_value, "n_seeds": n_seeds, "test": d.test},
             d)
 
 
@@ -105,6 +117,7 @@ def main() -> None:
     parser.add_argument("--within", default="lm_size", help="compare within each level of this column")
     parser.add_argument("--out", type=Path, required=True, help="folder for runs.csv and contrasts.csv")
     parser.add_argument("--uri", help="tracking URI (default: $LMGEN_HOME's store)")
+    parser.add_argument("--contrasts", default="contrasts.csv", help="file name of the contrasts, in --out")
     args = parser.parse_args()
     runs = load_runs(args.experiment, args.uri)
     extra = [c for c in (args.factor, args.within) if c in runs.columns and c not in SETTINGS.values()]
@@ -112,8 +125,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "runs.csv", index=False, float_format="%.5g")
     out = contrasts(table, args.factor, tuple(args.levels), args.within)
-    out.to_csv(args.out / "contrasts.csv", index=False, float_format="%.4g")
-    print(f"{len(table)} runs -> {args.out / 'runs.csv'}\n{len(out)} contrasts -> {args.out / 'contrasts.csv'}")
+    out.to_csv(args.out / args.contrasts, index=False, float_format="%.4g")
+    print(f"{len(table)} runs -> {args.out / 'runs.csv'}\n{len(out)} contrasts -> {args.out / args.contrasts}")
     print(out[["within", "metric", "mean_a", "mean_b", "delta", "low", "high", "p_holm", "verdict"]].to_string(
         index=False, float_format=lambda v: f"{v:.4g}"))
 
