@@ -55,3 +55,14 @@ def test_levels_run_on_the_same_seeds_are_paired(contrasts_module) -> None:
     expected = paired_difference(a, b)
     assert row.test == "paired t" and row.n_seeds == 3
     assert (row.delta, row.low, row.high) == pytest.approx((expected.estimate, expected.low, expected.high))
+
+
+def test_a_group_without_both_levels_is_left_out_of_the_rows_and_the_interaction(contrasts_module) -> None:
+    """findings_vocab: VQ and LFQ ran 2^10 and 2^14, FSQ 1000 and 15360 codes — FSQ gets no rows,
+    and the interaction is VQ's Δ − LFQ's whichever family's runs come first."""
+    table = pd.concat([_table([(k, s) for k in (3, 5) for s in range(3)], contrasts_module).assign(family="fsq"),
+                       _table([(k, s) for k in (2, 4) for s in range(3)], contrasts_module).assign(family="vq"),
+                       _table([(k, s) for k in (2, 4) for s in range(3)], contrasts_module).assign(family="lfq")])
+    out = contrasts_module.contrasts(table, "num_subcodes", (4, 2), "family")
+    assert list(dict.fromkeys(out.within)) == ["vq", "lfq", "interaction"]
+    assert out.delta.notna().all() and len(out) == 3 * len(contrasts_module.COMPARED)

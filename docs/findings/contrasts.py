@@ -7,10 +7,10 @@ the smallest LM?).
         --within lm_size --out docs/findings/findings_crt [--uri URI]
 
 Writes ``runs.csv`` (one row per finished LM run: its settings, seed and measurements) and
-``contrasts.csv``: for every level of ``--within`` and every metric, Δ = first level − second
-with the paired-t 95% interval over the seeds both ran (a level run with one seed against one
-with several: Crawford–Howell's single-case t, n_seeds "1 vs 3"), the p-value, its Holm
-adjustment over every row of the file (one family) and the verdict ("better", "worse" — knowing which way each
+``contrasts.csv``: for every level of ``--within`` that ran both levels and every metric,
+Δ = first level − second with the paired-t 95% interval over the seeds both ran (a level run
+with one seed against one with several: Crawford–Howell's single-case t, n_seeds "1 vs 3"), the
+p-value, its Holm adjustment over every row of the file (one family) and the verdict ("better", "worse" — knowing which way each
 metric is better — or "no detectable difference"); then, per metric, the interaction
 Δ(first ``--within`` level) − Δ(second), paired over seeds, tested the same way (within = ``interaction``).
 Every number in docs/findings.md's finding tables comes from these two files.
@@ -88,14 +88,16 @@ def contrasts(table: pd.DataFrame, factor: str, levels: tuple, within: str) -> p
     """contrasts.csv rows (see the module docstring)."""
     directions = {name: Metric(key, name, lower) for key, name, lower in METRICS}
     a_level, b_level = (str(level) for level in levels)
-    rows, deltas = [], {}
+    rows, deltas, groups = [], {}, []
     for group, runs in table.groupby(within, sort=False):
         a = runs[_is_level(runs[factor], a_level)].set_index("seed")
         b = runs[_is_level(runs[factor], b_level)].set_index("seed")
+        if a.empty or b.empty:  # a group that did not run both levels (FSQ has no 2^14 exactly)
+            continue
+        groups.append(group)
         for metric in COMPARED:
             deltas[(group, metric)] = a[metric].astype(float) - b[metric].astype(float)  # aligned on seed
             rows.append(_row(group, metric, f"{factor}={a_level}", f"{factor}={b_level}", a[metric], b[metric]))
-    groups = list(dict.fromkeys(table[within]))
     if len(groups) >= 2:  # Δ(first group) − Δ(second): does the effect depend on the group?
         for metric in COMPARED:
             rows.append(_row("interaction", metric, f"Δ at {groups[0]}", f"Δ at {groups[1]}",
