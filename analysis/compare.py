@@ -126,7 +126,7 @@ def _by_seed(m: Measurements, columns: list[str]) -> dict[tuple, float] | None:
     return dict(zip(keys, m.value)) if len(set(keys)) == len(keys) else None
 
 
-def _flip(d: Difference) -> Difference:
+def flipped(d: Difference) -> Difference:
     """b − a from a − b."""
     return Difference(-d.estimate, -d.high, -d.low, d.p_value, d.test, d.df, d.n_b, d.n_a)
 
@@ -142,7 +142,7 @@ def difference(a: Measurements, b: Measurements, key: str, confidence: float = C
     if na == 1 and nb >= 2:
         return single_case_difference(float(a.value[0]), b.value, confidence)
     if na >= 2 and nb == 1:
-        return _flip(single_case_difference(float(b.value[0]), a.value, confidence))
+        return flipped(single_case_difference(float(b.value[0]), a.value, confidence))
     return interval_difference(estimate(a, confidence), estimate(b, confidence), confidence)
 
 

@@ -217,7 +217,7 @@ def test_restart_pool_gives_dead_codes_distinct_latents_of_earlier_batches() -> 
     """From the current batch alone, 15 dead codes share its 8 latents (at least 7 exact copies,
     which can never win a latent); from a pool of the last 2·K = 32 latents they are 15 distinct
     latents, of all three calls."""
-    batch_only, seen, _ = _restarted_codes(pool=0)
+    batch_only, _, _ = _restarted_codes(pool=0)
     assert len(torch.unique(batch_only, dim=0)) <= 8
     pooled, seen, vq = _restarted_codes(pool=2)
     assert len(torch.unique(pooled, dim=0)) == 15

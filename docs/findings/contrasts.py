@@ -10,8 +10,8 @@ Writes ``runs.csv`` (one row per finished LM run: its settings, seed and measure
 ``contrasts.csv``: for every level of ``--within`` that ran both levels and every metric,
 Δ = first level − second with the paired-t 95% interval over the seeds both ran (a level run
 with one seed against one with several: Crawford–Howell's single-case t, n_seeds "1 vs 3"), the
-p-value, its Holm adjustment over every row of the file (one family) and the verdict ("better", "worse" — knowing which way each
-metric is better — or "no detectable difference"); then, per metric, the interaction
+p-value, its Holm adjustment over every row of the file (one family) and the verdict ("better",
+"worse" — knowing which way each metric is better — or "no detectable difference"); then, per metric, the interaction
 Δ(first ``--within`` level) − Δ(second), paired over seeds, tested the same way (within = ``interaction``).
 Every number in docs/findings.md's finding tables comes from these two files.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.arms import Metric
-from analysis.compare import SAME, verdict
+from analysis.compare import SAME, flipped, verdict
 from analysis.runs import load_runs
 from analysis.stats import Difference, holm, paired_difference, single_case_difference
 
@@ -70,10 +70,8 @@ def _row(within: str, metric: str, a: str, b: str, x: pd.Series, y: pd.Series) -
     single run − mean by Crawford–Howell's t, n_seeds "1 vs n"."""
     xs, ys = x.dropna(), y.dropna()
     if min(len(xs), len(ys)) == 1 and max(len(xs), len(ys)) >= 2:
-        one, many, sign = (xs, ys, 1.0) if len(xs) == 1 else (ys, xs, -1.0)
-        r = single_case_difference(float(one.iloc[0]), many.to_numpy(float))
-        low, high = sorted((sign * r.low, sign * r.high))
-        d = Difference(sign * r.estimate, low, high, r.p_value, r.test, r.df, len(xs), len(ys))
+        d = single_case_difference(float(xs.iloc[0]), ys.to_numpy(float)) if len(xs) == 1 else \
+            flipped(single_case_difference(float(ys.iloc[0]), xs.to_numpy(float)))
         means, n_seeds = (xs.mean(), ys.mean()), f"{len(xs)} vs {len(ys)}"
     else:
         seeds = sorted(set(x.index) & set(y.index))
