@@ -185,6 +185,7 @@ def test_shapes_fingerprint_stable_and_sensitive() -> None:
         dict(base, scene=SceneParams(textures=("solid",))),
         dict(base, scene=SceneParams(background="flat")),
         dict(base, scene=SceneParams(color_levels=2)),
+        dict(base, scene=SceneParams(max_rotation=0.0)),
     ]
     fps = {ShapesDataset(**v).fingerprint() for v in variants}
     assert len(fps) == len(variants) and fp not in fps
@@ -223,6 +224,24 @@ def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
         assert scene.objects[-1].colors[0] != scene.background_colors[0]  # still contrasting
 
 
+def test_shapes_max_rotation_turns_only_the_main_object_by_at_most_that() -> None:
+    """max_rotation=0: every class object upright, everything else drawn as before (the same
+    uniforms, so labels, sizes, positions and colours are the default recipe's)."""
+    turned = ShapesDataset("train", 48, seed=0)
+    for limit in (0.0, 30.0):
+        ds = ShapesDataset("train", 48, seed=0, scene=SceneParams(max_rotation=limit))
+        assert torch.equal(ds.labels(), turned.labels())
+        for i in range(len(ds)):
+            s, t = ds.scene(i), turned.scene(i)
+            main, main_t = s.objects[-1], t.objects[-1]
+            assert main.rotation == pytest.approx(main_t.rotation * limit / 360.0)
+            assert (main.center, main.size, main.colors) == (main_t.center, main_t.size, main_t.colors)
+            assert s.objects[:-1] == t.objects[:-1]  # distractors still turn freely
+    upright = ShapesDataset("train", 48, seed=0, scene=SceneParams(max_rotation=0.0))
+    assert all(upright.scene(i).objects[-1].rotation == 0.0 for i in range(len(upright)))
+    assert not torch.equal(upright[0][0], turned[0][0])
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -238,6 +257,8 @@ def test_shapes_plain_scene_is_one_flat_colour_and_one_solid_object() -> None:
         dict(scene=SceneParams(textures=("solid", "solid"))),
         dict(scene=SceneParams(background="sky")),
         dict(scene=SceneParams(color_levels=1)),
+        dict(scene=SceneParams(max_rotation=-1.0)),
+        dict(scene=SceneParams(max_rotation=361.0)),
         dict(scene=SceneParams(color_levels=257)),
     ],
 )

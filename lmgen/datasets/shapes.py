@@ -20,7 +20,8 @@ What an image contains (all geometry is in fractions of the image side, so any
   solid or gradient fill. No class shape is drawn that small, so they never look like
   the main object.
 - **Main object** (the class, drawn last, on top): one of ``CLASS_NAMES`` with a bounding
-  circle of 40-70% of the side, fully inside the image, random rotation, filled with one of
+  circle of 40-70% of the side, fully inside the image, random rotation (up to
+  ``max_rotation`` degrees; 0 = upright), filled with one of
   the textures solid / linear gradient / stripes (random angle, period 8-20% of the side) /
   checkerboard / low-frequency value noise (``textures`` narrows the choice), in two colours
   chosen to contrast with the background (best of 12 random candidates), so the outline stays
@@ -89,9 +90,9 @@ def _contrasting_colors(candidates: np.ndarray, avoid: np.ndarray) -> np.ndarray
 
 
 def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int],
-            fills: tuple[str, ...] = TEXTURES) -> ShapeObject:
+            fills: tuple[str, ...] = TEXTURES, max_rotation: float = 360.0) -> ShapeObject:
     """An object from 7 uniforms ``u`` in [0, 1) and its two colours; a main object is filled
-    with one of ``fills``."""
+    with one of ``fills`` and turned by up to ``max_rotation`` degrees."""
     lo, hi = MAIN_SIZE if role == "main" else DISTRACTOR_SIZE
     size = lo + (hi - lo) * u[0]
     # the main object stays inside the frame; distractors may be cut by the border
@@ -103,7 +104,7 @@ def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int],
         shape=shape,
         center=(margin + (1 - 2 * margin) * u[1], margin + (1 - 2 * margin) * u[2]),
         size=size,
-        rotation=360.0 * u[3],
+        rotation=(max_rotation if role == "main" else 360.0) * u[3],
         colors=((c0[0], c0[1], c0[2]), (c1[0], c1[1], c1[2])),
         texture=textures[int(u[4] * len(textures))],
         texture_angle=180.0 * u[5],
@@ -134,7 +135,8 @@ def sample_scene(rng: np.random.Generator, label: int, params: SceneParams) -> S
     uu, cc0, cc1 = u.tolist(), c0.tolist(), c1.tolist()  # Python scalars: JSON-ready, fast
     names = tuple(DISTRACTOR_SHAPES)
     objects = [_object("distractor", names[int(uu[j][7] * len(names))], uu[j], cc0[j], cc1[j]) for j in range(n - 1)]
-    objects.append(_object("main", CLASS_NAMES[label], uu[-1], cc0[-1], cc1[-1], params.textures))
+    objects.append(_object("main", CLASS_NAMES[label], uu[-1], cc0[-1], cc1[-1], params.textures,
+                           params.max_rotation))
     (r0, g0, b0), (r1, g1, b1) = bg.tolist()
     return Scene(
         label=label,
@@ -159,11 +161,12 @@ class SceneParams:
     textures: tuple[str, ...] = TEXTURES
     background: str = "gradient"
     color_levels: int = 0
+    max_rotation: float = 360.0
 
     @classmethod
     def from_config(cls, cfg: ShapesConfig) -> SceneParams:
         return cls(cfg.num_classes, float(cfg.tail_alpha), cfg.min_objects, cfg.max_objects, tuple(cfg.textures),
-                   cfg.background, cfg.color_levels)
+                   cfg.background, cfg.color_levels, float(cfg.max_rotation))
 
     def hashed(self) -> dict[str, Any]:
         """The knobs as a fingerprint holds them: the style knobs only where they differ from the
@@ -176,6 +179,8 @@ class SceneParams:
             out["background"] = self.background
         if self.color_levels:
             out["color_levels"] = self.color_levels
+        if self.max_rotation != 360.0:
+            out["max_rotation"] = self.max_rotation
         return out
 
 
@@ -194,10 +199,13 @@ class ShapesConfig(DataConfig):
     background: str = field(default="gradient", metadata={"choices": BACKGROUNDS})
     # colours per RGB channel: 0 = any of 0-255; L >= 2 = L evenly spaced values (2: 8 colours)
     color_levels: int = 0
+    # the main object turns by U[0, max_rotation) degrees: 360 = any angle, 0 = always upright
+    max_rotation: float = 360.0
 
     # generated data has no "all": both splits need a size
     RANGES: ClassVar[dict[str, str]] = {**DataConfig.RANGES, "train_size": "[1, inf)", "val_size": "[1, inf)",
-                                        "tail_alpha": "[0, inf)", "color_levels": "[0, 256]"}
+                                        "tail_alpha": "[0, inf)", "color_levels": "[0, 256]",
+                                        "max_rotation": "[0, 360]"}
 
     def check(self) -> None:
         super().check()
@@ -222,6 +230,8 @@ def check_scene(image_size: int, scene: SceneParams, name: str = "shapes") -> No
         raise ValueError(f"data.background must be one of {list(BACKGROUNDS)} for {name!r}, got {scene.background!r}")
     if scene.color_levels == 1 or not 0 <= scene.color_levels <= 256:
         raise ValueError(f"data.color_levels must be 0 (any colour) or in [2, 256] for {name!r}, got {scene.color_levels}")
+    if not 0.0 <= scene.max_rotation <= 360.0:
+        raise ValueError(f"data.max_rotation must be in [0, 360] degrees for {name!r}, got {scene.max_rotation}")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
