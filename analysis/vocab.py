@@ -24,6 +24,18 @@ from analysis.style import (
 TITLE = "Vocabulary scaling"
 
 
+def label_vocab_ticks(ax, sizes: np.ndarray) -> None:
+    """Every vocabulary size run, as an x tick: a power of two as 2^k on the first line, any other
+    size (FSQ's 1,000 or 15,360 codes) as its number on a second line, so the two never overlap
+    where the sizes sit close (1,000 beside 2^10)."""
+    sizes = np.unique(sizes)
+    exponents = np.log2(sizes)
+    powers = np.isclose(exponents, np.round(exponents))
+    ax.set_xticks(sizes[powers], [f"$2^{{{int(round(e))}}}$" for e in exponents[powers]])
+    ax.set_xticks(sizes[~powers], [f"{int(round(v)):,}" for v in sizes[~powers]], minor=True)
+    ax.tick_params(axis="x", which="minor", pad=14, labelsize=7)
+
+
 def vocab_figure(runs: pd.DataFrame) -> Figure:
     """Families with runs at ≥2 values of ``tok/vocab_size``, each at its largest LM size."""
     if "tok/vocab_size" not in runs:
@@ -49,8 +61,7 @@ def vocab_figure(runs: pd.DataFrame) -> Figure:
             if yerr is not None:
                 axis.errorbar(x, at["mean"], yerr=yerr, fmt="none", ecolor=color, elinewidth=1.0, capsize=2.5)
     ax.set_xscale("log", base=2)
-    ticks = np.unique(runs["tok/vocab_size"].dropna().to_numpy(float))
-    ax.set_xticks(ticks, [f"$2^{{{int(round(np.log2(t)))}}}$" for t in ticks])
+    label_vocab_ticks(ax, runs["tok/vocab_size"].dropna().to_numpy(float))
     ax.set_xlabel("vocabulary size (codes per token)")
     ax.set_ylabel(f"{r_label} (solid)")
     twin.set_ylabel(f"{g_label} (dashed)")

@@ -35,6 +35,7 @@ from analysis.samples import first_grid_row
 from analysis.scaling import power_law
 from analysis.style import FigureSkipped, label_colors
 from analysis.tradeoff import dominated, pareto_front
+from analysis.vocab import label_vocab_ticks
 from lmgen.cli import main
 from lmgen.stage1 import to_grid
 from lmgen.tokenizers import TOKENIZERS, tokenizer_config_class
@@ -151,6 +152,21 @@ def test_colours_are_per_family_and_consistent(data):
     assert colors["vq 1k f4"] != colors["vq 4k f4"]  # two presets: two shades
     again = label_colors(data.runs[data.runs["tokenizer"].isin(["vq", "jpeg"])])
     assert again["jpeg q25"] == colors["jpeg q25"]  # a family's colour does not depend on who else is plotted
+
+
+def test_vocab_ticks_name_powers_of_two_and_other_sizes_on_their_own_line():
+    """FSQ's 1,000 and 15,360 codes sit beside 2^10 and 2^14: they are written as numbers on a
+    second line (minor ticks), not rounded to a power of two over the first."""
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.set_xscale("log", base=2)
+    label_vocab_ticks(ax, np.array([1024.0, 64.0, 1000.0, 16384.0, 15360.0, 1024.0]))
+    majors = {t.get_loc(): t.label1.get_text() for t in ax.xaxis.get_major_ticks()}
+    minors = {t.get_loc(): t.label1.get_text() for t in ax.xaxis.get_minor_ticks()}
+    assert majors == {64.0: "$2^{6}$", 1024.0: "$2^{10}$", 16384.0: "$2^{14}$"}
+    assert minors == {1000.0: "1,000", 15360.0: "15,360"}
+    minor_pad = ax.xaxis.get_minor_ticks()[0].get_pad()
+    assert minor_pad > ax.xaxis.get_major_ticks()[0].get_pad()
 
 
 def test_pareto_front_and_power_law_known_answers():
