@@ -33,7 +33,7 @@ def label_vocab_ticks(ax, sizes: np.ndarray) -> None:
     powers = np.isclose(exponents, np.round(exponents))
     ax.set_xticks(sizes[powers], [f"$2^{{{int(round(e))}}}$" for e in exponents[powers]])
     ax.set_xticks(sizes[~powers], [f"{int(round(v)):,}" for v in sizes[~powers]], minor=True)
-    ax.tick_params(axis="x", which="minor", pad=14, labelsize=7)
+    ax.tick_params(axis="x", which="minor", pad=18, labelsize=7)
 
 
 def vocab_figure(runs: pd.DataFrame) -> Figure:
