@@ -491,7 +491,7 @@ SPEED_KEYS = ("train.compile", "train.fused_adamw", "train.peak_flops", "train.m
 UNHASHED_SECTIONS = ("tracking", "preset")
 # Keys added after runs were logged, left out of the hash at their default (what every earlier run
 # did), so the runs logged before a key existed keep their hash and a sweep rerun still finds them.
-ADDED_DEFAULTS = {"lm.attention": "causal", "tokenizer.restart_pool": 0}
+ADDED_DEFAULTS = {"lm.attention": "causal", "tokenizer.restart_pool": 0, "data.max_rotation": 360.0}
 
 
 def without_added_defaults(section: str, values: Any) -> Any:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lmgen.config import load_config, run_config_hash
 from lmgen.datasets import (
     DATASETS,
     ImageBatch,
@@ -237,6 +238,10 @@ def test_shapes_max_rotation_turns_only_the_main_object_by_at_most_that() -> Non
             assert main.rotation == pytest.approx(main_t.rotation * limit / 360.0)
             assert (main.center, main.size, main.colors) == (main_t.center, main_t.size, main_t.colors)
             assert s.objects[:-1] == t.objects[:-1]  # distractors still turn freely
+    # runs logged before the knob existed keep their hash at its default; upright is another point
+    base = load_config("experiments/findings.yaml")
+    assert run_config_hash(load_config("experiments/findings.yaml", ["data.max_rotation=360"])) == run_config_hash(base)
+    assert run_config_hash(load_config("experiments/findings.yaml", ["data.max_rotation=0"])) != run_config_hash(base)
     upright = ShapesDataset("train", 48, seed=0, scene=SceneParams(max_rotation=0.0))
     assert all(upright.scene(i).objects[-1].rotation == 0.0 for i in range(len(upright)))
     assert not torch.equal(upright[0][0], turned[0][0])
