@@ -9,7 +9,8 @@ images seen, lr, sampling) and the measurements with their intervals (probe clas
 samples and its 95% bootstrap interval, probe FD and its interval, the probe's accuracy on the
 tokenizer's reconstructions, the bits per image the class token saves, val bits per image, LM
 training minutes). The data knobs an override can change without changing the preset's name
-(``data.max_rotation``, ``data.tail_alpha``) are read from each run's resolved ``config.yaml``.
+(``data.max_rotation``, ``data.tail_alpha``) come from each run's resolved config, which
+``load_runs`` reads; runs logged before ``data.max_rotation`` existed drew at its default.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
 import pandas as pd
-import yaml
 
-from analysis.runs import load_runs, resolve_tracking_uri
+from analysis.runs import load_runs
+from lmgen.datasets.shapes import ShapesConfig
 
-SETTINGS = {"preset.data": "data", "data.color_levels": "color_levels", "preset.tokenizer": "tokenizer",
+SETTINGS = {"preset.data": "data", "data.color_levels": "color_levels", "data.max_rotation": "max_rotation",
+            "data.tail_alpha": "tail_alpha", "preset.tokenizer": "tokenizer",
             "tok/tokens_per_image": "tokens_per_image", "stage1.steps": "stage1_steps", "lm.size": "lm",
             "resolved.images": "images", "train.lr": "lr", "sample.cfg_scale": "cfg_scale",
             "sample.temperature": "temperature", "sample.top_p": "top_p", "sample.num_samples": "samples"}
@@ -33,16 +34,6 @@ MEASURED = {"gen/class_accuracy": "class_accuracy", "gen/class_accuracy_ci_low":
             "tok/class_accuracy": "recon_class_accuracy", "tok/psnr": "recon_psnr",
             "lm/val_label_bits": "label_bits", "lm/val_bits_per_image": "val_bits_per_image",
             "gen/decode_valid_rate": "decode_valid_rate"}
-# data knobs only a run's config.yaml holds (LM runs log a budget of params), with their defaults
-CONFIG_DATA = {"max_rotation": 360.0, "tail_alpha": 1.5}
-
-
-def config_data(run_id: str, uri: str | None) -> dict[str, float]:
-    """``CONFIG_DATA`` as the run resolved them (its ``config.yaml`` artifact)."""
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml",
-                                                tracking_uri=resolve_tracking_uri(uri))
-    data = (yaml.safe_load(Path(path).read_text()) or {}).get("data", {})
-    return {k: float(data.get(k, default)) for k, default in CONFIG_DATA.items()}
 
 
 def main() -> None:
@@ -51,17 +42,11 @@ def main() -> None:
     parser.add_argument("--experiment", default="findings")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("budget_search.csv"))
     args = parser.parse_args()
-    frames = []
-    for uri in args.uri or [None]:
-        runs = load_runs(args.experiment, uri)
-        knobs = pd.DataFrame([config_data(r, uri) for r in runs["run_id"]], index=runs.index, columns=list(CONFIG_DATA))
-        frames.append(pd.concat([runs, knobs], axis=1))
-    runs = pd.concat(frames).sort_values("start_time")
+    runs = pd.concat([load_runs(args.experiment, uri) for uri in args.uri or [None]]).sort_values("start_time")
     table = runs.reindex(columns=[*SETTINGS, *MEASURED]).rename(columns={**SETTINGS, **MEASURED})
     table.insert(0, "run", runs["run_name"].values)
     table.insert(1, "run_id", runs["run_id"].str[:8].values)
-    table.insert(4, "max_rotation", runs["max_rotation"].values)
-    table.insert(5, "tail_alpha", runs["tail_alpha"].values)
+    table["max_rotation"] = table["max_rotation"].fillna(ShapesConfig.max_rotation)
     table["lm_minutes"] = (runs["lm/train_seconds"] / 60).values
     table.to_csv(args.out, index=False, float_format="%.4g")
     print(f"{len(table)} runs -> {args.out}")
