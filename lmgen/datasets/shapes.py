@@ -92,7 +92,7 @@ def _contrasting_colors(candidates: np.ndarray, avoid: np.ndarray) -> np.ndarray
 def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int],
             fills: tuple[str, ...] = TEXTURES, max_rotation: float = 360.0) -> ShapeObject:
     """An object from 7 uniforms ``u`` in [0, 1) and its two colours; a main object is filled
-    with one of ``fills`` and turned by up to ``max_rotation`` degrees."""
+    with one of ``fills``; either is turned by up to ``max_rotation`` degrees (distractors by any)."""
     lo, hi = MAIN_SIZE if role == "main" else DISTRACTOR_SIZE
     size = lo + (hi - lo) * u[0]
     # the main object stays inside the frame; distractors may be cut by the border
@@ -104,7 +104,7 @@ def _object(role: str, shape: str, u: list[float], c0: list[int], c1: list[int],
         shape=shape,
         center=(margin + (1 - 2 * margin) * u[1], margin + (1 - 2 * margin) * u[2]),
         size=size,
-        rotation=(max_rotation if role == "main" else 360.0) * u[3],
+        rotation=max_rotation * u[3],
         colors=((c0[0], c0[1], c0[2]), (c1[0], c1[1], c1[2])),
         texture=textures[int(u[4] * len(textures))],
         texture_angle=180.0 * u[5],
